@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# fpy3 developer entry point. Each command first sets everything up, idempotently:
+# system packages (Debian 12 + bookworm-backports), a Python >= 3.12, .venv, the package.
+#
+#   ./dev.sh run     serve the bundled example app (config/fpy3.toml) on https://127.0.0.1:8443
+#   ./dev.sh test    run the whole test suite
+#   ./dev.sh bench   run the benchmarks in bench/
+#   ./dev.sh setup   only set up
+set -euo pipefail
+shopt -s nullglob
+cd "$(dirname "$0")"
+ROOT=$PWD
+VENV=$ROOT/.venv
+
+log() { printf '\033[1m[fpy3]\033[0m %s\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        log "need root for: $*"; exit 1; fi
+}
+
+# Debian packages: build toolchain and the C libraries the native module links.
+APT_PACKAGES=(build-essential pkg-config ca-certificates libgnutls28-dev)
+# For the test suite and benchmarks.
+APT_TEST_PACKAGES=(wrk)
+
+setup_system() {
+    local want=("${APT_PACKAGES[@]}")
+    if [ "${1:-}" = test ]; then want+=("${APT_TEST_PACKAGES[@]}"); fi
+    if ! command -v apt-get >/dev/null; then
+        log "not a Debian system: install the equivalents of ${want[*]} yourself"
+        return
+    fi
+    local missing=()
+    for p in "${want[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return
+    local codename
+    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+    if [ "$codename" = bookworm ] && ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        log "adding bookworm-backports"
+        echo "deb http://deb.debian.org/debian bookworm-backports main" |
+            as_root tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null
+    fi
+    log "installing ${missing[*]}"
+    as_root apt-get update -qq
+    local target=()
+    [ "$codename" = bookworm ] && target=(-t bookworm-backports)
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${target[@]}" "${missing[@]}" >/dev/null
+}
+
+is_py312() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; }
+
+find_python() {
+    local c
+    # A pyenv shim for a version that is not selected fails here, so each candidate is run.
+    for c in "${FPY3_PYTHON:-}" python3.14 python3.13 python3.12 python3; do
+        [ -n "$c" ] && command -v "$c" >/dev/null && is_py312 "$c" && { command -v "$c"; return; }
+    done
+    local root=${PYENV_ROOT:-$HOME/.pyenv}
+    for c in "$root"/versions/3.1[2-9]*/bin/python3 /usr/local/bin/python3.1[2-9] /usr/bin/python3.1[2-9] /opt/python*/bin/python3; do
+        [ -x "$c" ] && is_py312 "$c" && { echo "$c"; return; }
+    done
+    return 1
+}
+
+setup_venv() {
+    local extras=$1 py
+    # One installer at a time (parallel test runs share .venv).
+    exec 9>"$ROOT/.venv.lock"
+    flock 9
+    if [ ! -x "$VENV/bin/python" ] || ! is_py312 "$VENV/bin/python"; then
+        py=$(find_python) || { log "no Python >= 3.12 found; set FPY3_PYTHON to one"; exit 1; }
+        log "creating .venv with $py ($("$py" -V 2>&1))"
+        rm -rf "$VENV"
+        "$py" -m venv "$VENV"
+        "$VENV/bin/python" -m pip install -q --upgrade pip
+    fi
+    # Reinstall only when the package's sources or metadata changed.
+    local stamp=$VENV/.fpy3-installed sum
+    sum=$( (echo "$extras"; cat pyproject.toml setup.py native/*.c native/*.h native/*.cdef native/build.py) | sha256sum | cut -d' ' -f1)
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$sum" ]; then
+        log "installing fpy3[$extras] into .venv"
+        "$VENV/bin/python" -m pip install -q -e ".[$extras]"
+        echo "$sum" >"$stamp"
+    fi
+}
+
+cmd=${1:-setup}
+shift || true
+case "$cmd" in
+setup)
+    setup_system test
+    setup_venv test
+    ;;
+run)
+    setup_system
+    setup_venv test
+    exec "$VENV/bin/fpy3-master" --config config/fpy3.toml "$@"
+    ;;
+test)
+    setup_system test
+    setup_venv test
+    exec "$VENV/bin/pytest" "$@"
+    ;;
+bench)
+    setup_system test
+    setup_venv "test,bench"
+    exec "$VENV/bin/python" bench/run.py "$@"
+    ;;
+*)
+    echo "usage: $0 {setup|run|test|bench} [args...]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,1 @@
+"""Example ASGI apps bundled with fpy3."""

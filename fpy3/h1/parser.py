@@ -1,0 +1,142 @@
+"""HTTP/1.1 request head parser and chunked body decoder (thin wrapper over native/h1.c).
+
+One native call per request head: C writes every bytes field NUL-separated into a
+module-level buffer (NUL is invalid in a head) and the integers into a struct.
+Module state is not thread-safe; each worker parses on its event loop thread only.
+"""
+
+from fpy3._native import ffi as _ffi
+from fpy3._native import lib as _lib
+
+__all__ = [
+    "CHUNKED",
+    "EXPECT_CONTINUE",
+    "KEEP_ALIVE",
+    "UPGRADE",
+    "ChunkedDecoder",
+    "ParseError",
+    "parse_head",
+]
+
+KEEP_ALIVE = 1
+CHUNKED = 2
+EXPECT_CONTINUE = 4
+UPGRADE = 8
+
+
+class ParseError(Exception):
+    """Malformed or unacceptable request; answer with ``status`` and close."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.reason}"
+
+
+_head = _ffi.new("fpy3_h1_head *")
+# The six int64 fields of fpy3_h1_head, read with one unpack.
+_ints = _ffi.cast("int64_t *", _head)
+_fields = _ffi.new("char[]", 1)
+_cap = 0
+_cap_for = -1
+
+
+def _grow(max_size: int) -> None:
+    # Output never exceeds 2 * max_size + 2 bytes (see h1.h).
+    global _fields, _cap, _cap_for
+    _cap = 2 * max_size + 64
+    _fields = _ffi.new("char[]", _cap)
+    _cap_for = max_size
+
+
+def _error(status: int, reason) -> ParseError:
+    return ParseError(status, _ffi.string(reason).decode("ascii", "replace"))
+
+
+def parse_head(buf, start: int, max_size: int, max_count: int):
+    """Parse the request head at ``buf[start:]``; None while incomplete.
+
+    Returns (end, method, raw_path, query_string, path, http_minor, headers,
+    content_length, flags, upgrade); raises ParseError.
+    """
+    if max_size > _cap_for:
+        _grow(max_size)
+    # bytes goes to const char * without a copy; anything else through the buffer protocol.
+    src = buf if buf.__class__ is bytes else _ffi.from_buffer(buf)
+    r = _lib.fpy3_h1_parse_head(src, len(buf), start, max_size, max_count, _head, _fields, _cap)
+    if r > 0:
+        end, minor, nh, cl, flags, up = _ffi.unpack(_ints, 6)
+        # The decoded path is last, so a NUL from %00 cannot shift the other fields.
+        parts = _ffi.unpack(_fields, r).split(b"\0", 3 + 2 * nh)
+        it = iter(parts)
+        method = next(it)
+        raw_path = next(it)
+        query = next(it)
+        path = parts[-1].decode("utf-8", "replace")
+        del parts[-1]
+        headers = list(zip(it, it, strict=True))
+        return (
+            end,
+            method,
+            raw_path,
+            query,
+            path,
+            minor,
+            headers,
+            cl,
+            flags,
+            headers[up][1] if up >= 0 else None,
+        )
+    if r == 0:
+        return None
+    raise _error(-r, _head.reason)
+
+
+_MAX_SPANS = 64
+_spans = _ffi.new("int64_t[]", 2 * _MAX_SPANS)
+
+
+class ChunkedDecoder:
+    """Decodes one chunked request body; feed it every received buffer in order."""
+
+    __slots__ = ("_st",)
+
+    def __init__(self) -> None:
+        # Owned by this object; freed with it.
+        self._st = _ffi.new("fpy3_h1_chunked *")
+
+    @property
+    def done(self) -> bool:
+        return bool(self._st.done)
+
+    def feed(self, buf, start: int) -> tuple[int, list, bool]:
+        """Decode ``buf[start:]``: (consumed, data memoryviews into buf, done)."""
+        st = self._st
+        src = buf if buf.__class__ is bytes else _ffi.from_buffer(buf)
+        n = len(buf)
+        chunks = []
+        mv = None
+        pos = start
+        while True:
+            r = _lib.fpy3_h1_chunked_feed(st, src, n, pos, _spans, _MAX_SPANS)
+            if r < 0:
+                raise _error(-r, st.reason)
+            k = st.nspans
+            if k:
+                if mv is None:
+                    mv = memoryview(buf)
+                if k == 1:
+                    a, b = _ffi.unpack(_spans, 2)
+                    chunks.append(mv[a:b])
+                else:
+                    sp = _ffi.unpack(_spans, 2 * k)
+                    for i in range(0, 2 * k, 2):
+                        chunks.append(mv[sp[i] : sp[i + 1]])
+            pos = r
+            # A full span array means C stopped early; anything else means it is finished.
+            if k < _MAX_SPANS:
+                break
+        return pos - start, chunks, bool(st.done)

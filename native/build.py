@@ -1,0 +1,71 @@
+"""cffi builder for fpy3._native.
+
+Every ``native/*.c`` file is compiled in. Each C room declares what Python may call
+in its own ``<room>.cdef`` file and its C prototypes in ``<room>.h``.
+System libraries are found with pkg-config; a missing one stops the build with the
+Debian package that provides it.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+
+# pkg-config name -> Debian package that provides it.
+LIBRARIES = {
+    "gnutls": "libgnutls28-dev",
+}
+
+
+def _pkg_config(name: str, debian_pkg: str) -> tuple[list[str], list[str]]:
+    if shutil.which("pkg-config") is None:
+        sys.exit("fpy3 build: pkg-config not found; install the Debian package pkg-config")
+    try:
+        cflags = subprocess.check_output(["pkg-config", "--cflags", name], text=True).split()
+        libs = subprocess.check_output(["pkg-config", "--libs", name], text=True).split()
+    except subprocess.CalledProcessError:
+        sys.exit(
+            f"fpy3 build: the C library '{name}' was not found by pkg-config; "
+            f"install the Debian package {debian_pkg} (apt-get install {debian_pkg})"
+        )
+    return cflags, libs
+
+
+def _builder() -> FFI:
+    cflags: list[str] = []
+    libs: list[str] = []
+    for name, pkg in LIBRARIES.items():
+        c, ll = _pkg_config(name, pkg)
+        cflags += c
+        libs += ll
+
+    ffi = FFI()
+    for cdef in sorted(HERE.glob("*.cdef")):
+        ffi.cdef(cdef.read_text())
+    headers = "\n".join(f'#include "{h.name}"' for h in sorted(HERE.glob("*.h")))
+    sources = [str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
+               for p in sorted(HERE.glob("*.c")) if p.name != "_native.c"]
+    extra = ["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"]
+    if os.environ.get("FPY3_SANITIZE"):
+        extra += ["-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
+        libs += ["-fsanitize=address,undefined"]
+    ffi.set_source(
+        "fpy3._native",
+        headers,
+        sources=sources,
+        include_dirs=[str(HERE)],
+        extra_compile_args=cflags + extra,
+        extra_link_args=libs,
+    )
+    return ffi
+
+
+ffibuilder = _builder()
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=str(HERE), verbose=True)
