@@ -20,9 +20,11 @@ as_root() {
 }
 
 # Debian packages: build toolchain and the C libraries the native module links.
-APT_PACKAGES=(build-essential pkg-config ca-certificates libgnutls28-dev)
-# For the test suite and benchmarks.
-APT_TEST_PACKAGES=(wrk)
+# ngtcp2 and nghttp3 come from bookworm-backports (1.x).
+APT_PACKAGES=(build-essential pkg-config ca-certificates libgnutls28-dev
+    libngtcp2-dev libngtcp2-crypto-gnutls-dev libnghttp3-dev)
+# For the test suite and benchmarks: load generators and independent HTTP/3 peers.
+APT_TEST_PACKAGES=(wrk libcurl4-gnutls-dev libcurl3-gnutls ngtcp2-client ngtcp2-server)
 
 setup_system() {
     local want=("${APT_PACKAGES[@]}")
@@ -35,6 +37,9 @@ setup_system() {
     for p in "${want[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
     done
+    # bookworm's own ngtcp2/nghttp3 are 0.x: those count as missing.
+    pkg-config --atleast-version=1.4 libngtcp2 2>/dev/null || missing+=(libngtcp2-dev libngtcp2-crypto-gnutls-dev)
+    pkg-config --atleast-version=1.2 libnghttp3 2>/dev/null || missing+=(libnghttp3-dev)
     [ ${#missing[@]} -eq 0 ] && return
     local codename
     codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from . import __version__, config
@@ -59,6 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     settings = load_settings(args)
     configure_error_log(settings.logging, settings.server.debug)
     settings, listeners = prepare(settings)
+    if settings.workers.count > 1 or settings.reload.enabled:
+        # Several workers or hot reload need a master: become one.
+        from .supervisor.master import Arbiter
+
+        sys.exit(Arbiter(args, settings, listeners).run())
     from . import worker
 
     code = worker.run(settings, listeners)

@@ -29,8 +29,13 @@ class ASGIServer:
     puts tracebacks in 500 bodies.
     """
 
-    def __init__(self, app, loop: asyncio.AbstractEventLoop | None = None, debug: bool = False,
-                 settings: Settings | None = None):
+    def __init__(
+        self,
+        app,
+        loop: asyncio.AbstractEventLoop | None = None,
+        debug: bool = False,
+        settings: Settings | None = None,
+    ):
         self.app = app
         self.loop = loop
         self.debug = debug
@@ -41,8 +46,14 @@ class ASGIServer:
         if debug:
             logging.getLogger("fpy3").setLevel(logging.DEBUG)
 
-    def start(self, host: str = "127.0.0.1", port: int = 8000, *, certfile: str | None = None,
-              keyfile: str | None = None) -> asyncio.Task:
+    def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+    ) -> asyncio.Task:
         if self._started is not None:
             raise RuntimeError("server already started")
         loop = self.loop or asyncio.get_running_loop()
@@ -56,8 +67,8 @@ class ASGIServer:
         )
         if certfile:
             settings = dataclasses.replace(
-                settings, tls=dataclasses.replace(settings.tls, cert=certfile,
-                                                  key=keyfile or certfile)
+                settings,
+                tls=dataclasses.replace(settings.tls, cert=certfile, key=keyfile or certfile),
             )
         self.settings = settings
         ssl_context = server_context(settings) if certfile else None
@@ -68,8 +79,9 @@ class ASGIServer:
     async def _start(self, sock, ssl_context) -> None:
         self.lifespan = Lifespan(self.app, self.loop)
         await self.lifespan.startup()
-        self.service = HTTPService(self.app, self.loop, self.settings, state=self.lifespan.state,
-                                   debug=self.debug)
+        self.service = HTTPService(
+            self.app, self.loop, self.settings, state=self.lifespan.state, debug=self.debug
+        )
         self.service.start()
         await self.service.listen(sock, ssl_context)
 

@@ -19,7 +19,9 @@ def import_app(spec: str, app_dir: str = ""):
         obj = importlib.import_module(module_name)
     except Exception as exc:
         if isinstance(exc, ModuleNotFoundError) and exc.name and module_name.startswith(exc.name):
-            raise AppImportError(f"cannot import app {spec!r}: no module named {exc.name!r}") from None
+            raise AppImportError(
+                f"cannot import app {spec!r}: no module named {exc.name!r}"
+            ) from None
         raise AppImportError(f"cannot import app {spec!r}: {type(exc).__name__}: {exc}") from exc
     for attr in attrs.split("."):
         try:

@@ -97,7 +97,7 @@ class AccessLog:
             line = json.dumps(
                 {
                     "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-                    + ".%03dZ" % int(now % 1 * 1000),
+                    + f".{int(now % 1 * 1000):03d}Z",
                     "remote_addr": host,
                     "method": method,
                     "path": path,

@@ -57,7 +57,9 @@ class HTTPService:
             static += b'alt-svc: h3=":%d"; ma=86400\r\n' % settings.udp_port
         self._static_headers = static
         self.header_prefix = b""  # date + static headers, refreshed every tick
-        self._tick_interval = max(0.1, min(1.0, self.header_timeout / 4, self.keepalive_timeout / 4))
+        self._tick_interval = max(
+            0.1, min(1.0, self.header_timeout / 4, self.keepalive_timeout / 4)
+        )
         self._ticker: asyncio.TimerHandle | None = None
         self._second = 0
         self._drained: asyncio.Future | None = None

@@ -16,15 +16,27 @@ from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
 
-# pkg-config name -> Debian package that provides it.
+# pkg-config name -> (Debian package, minimum version). ngtcp2/nghttp3 1.x are in
+# bookworm-backports; bookworm itself has 0.x, whose API differs.
 LIBRARIES = {
-    "gnutls": "libgnutls28-dev",
+    "gnutls": ("libgnutls28-dev", "3.7"),
+    "libngtcp2": ("libngtcp2-dev", "1.4"),
+    "libngtcp2_crypto_gnutls": ("libngtcp2-crypto-gnutls-dev", "1.4"),
+    "libnghttp3": ("libnghttp3-dev", "1.2"),
 }
 
 
-def _pkg_config(name: str, debian_pkg: str) -> tuple[list[str], list[str]]:
+def _pkg_config(name: str, debian_pkg: str, minimum: str) -> tuple[list[str], list[str]]:
     if shutil.which("pkg-config") is None:
         sys.exit("fpy3 build: pkg-config not found; install the Debian package pkg-config")
+    if subprocess.call(["pkg-config", "--exists", name]) == 0 and subprocess.call(
+        ["pkg-config", f"--atleast-version={minimum}", name]
+    ):
+        found = subprocess.check_output(["pkg-config", "--modversion", name], text=True).strip()
+        sys.exit(
+            f"fpy3 build: '{name}' is {found}, fpy3 needs >= {minimum}; install the Debian "
+            f"package {debian_pkg} from bookworm-backports (apt-get install -t bookworm-backports {debian_pkg})"
+        )
     try:
         cflags = subprocess.check_output(["pkg-config", "--cflags", name], text=True).split()
         libs = subprocess.check_output(["pkg-config", "--libs", name], text=True).split()
@@ -39,8 +51,8 @@ def _pkg_config(name: str, debian_pkg: str) -> tuple[list[str], list[str]]:
 def _builder() -> FFI:
     cflags: list[str] = []
     libs: list[str] = []
-    for name, pkg in LIBRARIES.items():
-        c, ll = _pkg_config(name, pkg)
+    for name, (pkg, minimum) in LIBRARIES.items():
+        c, ll = _pkg_config(name, pkg, minimum)
         cflags += c
         libs += ll
 

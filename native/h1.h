@@ -22,15 +22,17 @@ typedef struct {
     int64_t flags;          /* FPY3_H1_* bits */
     int64_t upgrade;        /* header index of Upgrade when upgrading, else -1 */
     const char *reason;     /* static text, set when an error is returned */
+    char *fields;           /* caller's output buffer; fewer call arguments make the call cheaper */
+    size_t cap;             /* its size: must be >= 2 * max_size + 64 */
 } fpy3_h1_head;
 
 /* Parses the request head at buf[start:len].
- * Returns > 0: bytes written to fields (cap >= 2 * max_size + 64 always suffices):
+ * Returns > 0: bytes written to out->fields:
  *   method \0 raw_path \0 query \0 (name \0 value \0)* path
  *   names lowercased, path percent-decoded and last (it may hold a NUL byte).
  * Returns 0: head incomplete. Returns < 0: -(HTTP status); out->reason says why. */
 int64_t fpy3_h1_parse_head(const char *buf, size_t len, size_t start, size_t max_size,
-                           size_t max_count, fpy3_h1_head *out, char *fields, size_t cap);
+                           size_t max_count, fpy3_h1_head *out);
 
 /* Chunked transfer-coding decoder state; zero-initialised means "before the first chunk". */
 typedef struct {

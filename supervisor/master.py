@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fnmatch
 import logging
 import os
 import select
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -65,6 +67,8 @@ class Arbiter:
         self.ever_ready = False
         self.crashes: list[float] = []
         self.exit_code = 0
+        self.previous: config.Settings | None = None  # the generation a reload replaces
+        self.watcher: FileWatcher | None = None
 
     # -- signals: queue and wake ------------------------------------------------------------
 
@@ -84,9 +88,15 @@ class Arbiter:
     def run(self) -> int:
         setproctitle(f"fpy3: master [{self.settings.config_file or self.settings.server.app}]")
         self._install_signals()
-        logger.info("fpy3 %s master %d starting %d worker(s)", __version__, os.getpid(),
-                    self.settings.workers.count)
+        logger.info(
+            "fpy3 %s master %d starting %d worker(s)",
+            __version__,
+            os.getpid(),
+            self.settings.workers.count,
+        )
         self._spawn_generation()
+        if self.settings.reload.enabled:
+            self.watcher = FileWatcher(self.settings, self._on_signal)
         while True:
             self._wait(1.0)
             while self.signals:
@@ -99,6 +109,8 @@ class Arbiter:
                     self._kill_all(signal.SIGKILL)
             else:
                 self._maintain()
+        if self.watcher is not None:
+            self.watcher.stop()
         self.listeners.close()
         logger.info("master %d exiting", os.getpid())
         return self.exit_code
@@ -190,11 +202,14 @@ class Arbiter:
             if self.stopping or worker.generation != self.generation:
                 logger.info("worker %d exited (%d)", pid, code)
                 continue
-            if code == EXIT_STARTUP and not self.ever_ready:
-                logger.error("worker %d could not start the app; stopping", pid)
-                self.exit_code = EXIT_STARTUP
-                self._stop("fast")
-                continue
+            if code == EXIT_STARTUP and not worker.ready:
+                if self._rollback():
+                    continue
+                if not self.ever_ready:
+                    logger.error("worker %d could not start the app; stopping", pid)
+                    self.exit_code = EXIT_STARTUP
+                    self._stop("fast")
+                    continue
             how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
             logger.error("worker %d (number %d) %s; replacing it", pid, worker.number, how)
             self.crashes.append(time.monotonic())
@@ -222,8 +237,9 @@ class Arbiter:
         if len(current) >= self.settings.workers.count and all(w.ready for w in current):
             old = [w for w in self.workers.values() if w.generation != self.generation]
             if old:
-                logger.info("generation %d ready; draining %d old worker(s)",
-                            self.generation, len(old))
+                logger.info(
+                    "generation %d ready; draining %d old worker(s)", self.generation, len(old)
+                )
             for w in old:
                 self._signal(w.pid, signal.SIGTERM)
 
@@ -231,13 +247,17 @@ class Arbiter:
 
     def _reload(self) -> None:
         try:
-            settings = config.load(self.args.config, overrides=config.overrides_from_args(self.args))
+            settings = config.load(
+                self.args.config, overrides=config.overrides_from_args(self.args)
+            )
         except config.ConfigError as exc:
             logger.error("reload refused, keeping the running workers: %s", exc)
             return
         old = self.settings
         if (settings.server.host, settings.server.port, settings.server.http_port) != (
-            old.server.host, old.server.port, old.server.http_port
+            old.server.host,
+            old.server.port,
+            old.server.http_port,
         ):
             logger.error("reload refused: server.host/port/http_port changes need a restart")
             return
@@ -250,10 +270,28 @@ class Arbiter:
             logger.error("reload refused, keeping the running workers: tls.cert: %s", exc)
             return
         configure_error_log(settings.logging, settings.server.debug)
+        self.previous = self.settings
         self.settings = settings
         self.generation += 1
         logger.info("reloading: starting generation %d", self.generation)
         self._spawn_generation()
+
+    def _rollback(self) -> bool:
+        """A new generation failed to start: keep the one that is serving."""
+        serving = [w for w in self.workers.values() if w.generation < self.generation and w.ready]
+        if not serving or self.previous is None:
+            return False
+        failed = self.generation
+        self.generation = max(w.generation for w in serving)
+        self.settings = self.previous
+        self.previous = None
+        logger.error(
+            "generation %d failed to start; generation %d keeps serving", failed, self.generation
+        )
+        for w in list(self.workers.values()):
+            if w.generation == failed:
+                self._signal(w.pid, signal.SIGQUIT)
+        return True
 
     def _stop(self, how: str) -> None:
         if self.stopping == "fast" or self.stopping == how:
@@ -274,6 +312,46 @@ class Arbiter:
         except OSError as exc:
             if exc.errno != errno.ESRCH:
                 raise
+
+
+class FileWatcher:
+    """Dev hot reload: a thread waits on watchfiles and queues a HUP for the loop."""
+
+    def __init__(self, settings: config.Settings, notify):
+        self.stop_event = threading.Event()
+        reload = settings.reload
+        paths = list(reload.dirs) or [settings.server.app_dir or os.getcwd()]
+        if settings.config_file:
+            paths.append(settings.config_file)
+        self.paths = [p for p in paths if os.path.exists(p)]
+        self.include = reload.include
+        self.exclude = reload.exclude
+        self.notify = notify
+        self.thread = threading.Thread(target=self._run, name="fpy3-reload", daemon=True)
+        self.thread.start()
+        logger.info("watching %s for changes", ", ".join(self.paths))
+
+    def _wanted(self, change, path: str) -> bool:
+        parts = path.split(os.sep)
+        if any(fnmatch.fnmatch(p, pat) for p in parts for pat in self.exclude):
+            return False
+        return any(fnmatch.fnmatch(parts[-1], pat) for pat in self.include)
+
+    def _run(self) -> None:
+        import watchfiles
+
+        for changes in watchfiles.watch(
+            *self.paths,
+            watch_filter=self._wanted,
+            stop_event=self.stop_event,
+            raise_interrupt=False,
+        ):
+            names = sorted({os.path.relpath(p) for _, p in changes})
+            logger.info("changed: %s; reloading", ", ".join(names[:5]))
+            self.notify(signal.SIGHUP, None)
+
+    def stop(self) -> None:
+        self.stop_event.set()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -218,16 +218,16 @@ async def h_cl_less(scope, receive, send):
 async def h_slow_consumer(scope, receive, send):
     # Reads nothing until the test creates the flag, so the upload must stall.
     name = query(scope).get("flag", "consume")
-    record("slow-consumer", "waiting")
+    record("slow-consumer", "waiting " + name)
     if not await wait_for_file(name, timeout=90):
         await respond(send, b"flag never came", status=500)
         return
-    record("slow-consumer", "reading")
+    record("slow-consumer", "reading " + name)
     h, n = hashlib.sha256(), 0
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            record("slow-consumer", "disconnect")
+            record("slow-consumer", "disconnect " + name)
             return
         body = message.get("body", b"")
         h.update(body)

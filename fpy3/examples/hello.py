@@ -37,8 +37,13 @@ async def app(scope, receive, send):
         body = b"".join(chunks)
         ctype = b"application/octet-stream"
     elif path == "/stream":
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/plain")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/plain")],
+            }
+        )
         for i in range(10):
             await send({"type": "http.response.body", "body": b"chunk %d\n" % i, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
@@ -46,6 +51,11 @@ async def app(scope, receive, send):
     else:
         body = PAGE % ("HTTP/" + scope["http_version"]).encode()
         ctype = b"text/html; charset=utf-8"
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", ctype), (b"content-length", b"%d" % len(body))]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", ctype), (b"content-length", b"%d" % len(body))],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

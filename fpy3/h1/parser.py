@@ -37,18 +37,22 @@ class ParseError(Exception):
 
 
 _head = _ffi.new("fpy3_h1_head *")
-# The six int64 fields of fpy3_h1_head, read with one unpack.
+# The first six int64 fields of fpy3_h1_head, read with one unpack.
 _ints = _ffi.cast("int64_t *", _head)
-_fields = _ffi.new("char[]", 1)
-_cap = 0
+_fields = _ffi.new("char[]", 64)
+_head.fields = _fields
+_head.cap = len(_fields)
 _cap_for = -1
+_parse = _lib.fpy3_h1_parse_head
+_unpack = _ffi.unpack
 
 
 def _grow(max_size: int) -> None:
-    # Output never exceeds 2 * max_size + 2 bytes (see h1.h).
-    global _fields, _cap, _cap_for
-    _cap = 2 * max_size + 64
-    _fields = _ffi.new("char[]", _cap)
+    # C needs cap >= 2 * max_size + 64 (see h1.h); _fields keeps the buffer alive.
+    global _fields, _cap_for
+    _fields = _ffi.new("char[]", 2 * max_size + 64)
+    _head.fields = _fields
+    _head.cap = len(_fields)
     _cap_for = max_size
 
 
@@ -64,20 +68,21 @@ def parse_head(buf, start: int, max_size: int, max_count: int):
     """
     if max_size > _cap_for:
         _grow(max_size)
-    # bytes goes to const char * without a copy; anything else through the buffer protocol.
-    src = buf if buf.__class__ is bytes else _ffi.from_buffer(buf)
-    r = _lib.fpy3_h1_parse_head(src, len(buf), start, max_size, max_count, _head, _fields, _cap)
+    try:
+        # bytes reaches const char * without a copy
+        r = _parse(buf, len(buf), start, max_size, max_count, _head)
+    except TypeError:
+        r = _parse(_ffi.from_buffer(buf), len(buf), start, max_size, max_count, _head)
     if r > 0:
-        end, minor, nh, cl, flags, up = _ffi.unpack(_ints, 6)
-        # The decoded path is last, so a NUL from %00 cannot shift the other fields.
-        parts = _ffi.unpack(_fields, r).split(b"\0", 3 + 2 * nh)
+        end, minor, nh, cl, flags, up = _unpack(_ints, 6)
+        # The decoded path is last: maxsplit keeps a NUL from %00 inside it.
+        parts = _unpack(_fields, r).split(b"\0", 3 + 2 * nh)
+        path = parts.pop().decode("utf-8", "replace")
         it = iter(parts)
         method = next(it)
         raw_path = next(it)
         query = next(it)
-        path = parts[-1].decode("utf-8", "replace")
-        del parts[-1]
-        headers = list(zip(it, it, strict=True))
+        headers = [*zip(it, it)]  # noqa: B905 (one iterator, pairs by construction)
         return (
             end,
             method,

@@ -35,10 +35,11 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
-def _check_header(name: bytes, value: bytes) -> None:
-    # A CR or LF from the app would let it split the response.
-    if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name or b":" in name:
-        raise RuntimeError(f"invalid response header {name!r}: {value!r}")
+def _find_bad_header(headers) -> tuple:
+    for name, value in headers:
+        if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name:
+            return name, value
+    return b"", b""
 
 
 class H1Connection(asyncio.Protocol):
@@ -382,11 +383,10 @@ class H1Connection(asyncio.Protocol):
 
     def _serialize_head(self, data: bytes, more: bool) -> bytes:
         status, headers = self.resp_head
-        svc = self.svc
         line = _STATUS_LINES.get(status) if self.minor else None
         if line is None:
             line = _status_line(status, self.minor)
-        parts = [line, svc.header_prefix]
+        app_parts = []
         declared = -1
         chunked = False
         for name, value in headers:
@@ -400,28 +400,35 @@ class H1Connection(asyncio.Protocol):
             elif lname == b"transfer-encoding":
                 chunked = True
                 continue
-            _check_header(name, value)
-            parts += (name, b": ", value, b"\r\n")
-        no_body = status in _NO_BODY_STATUS or status < 200
-        if no_body:
-            pass
+            app_parts += (name, b": ", value, b"\r\n")
+        app_block = b"".join(app_parts)
+        # Each app header is one CRLF-terminated line; any other CR or LF would split
+        # the response. Two scans of the block instead of checks per header.
+        lines = len(app_parts) >> 2
+        if app_block.count(b"\n") != lines or app_block.count(b"\r") != lines:
+            name, value = _find_bad_header(headers)
+            raise RuntimeError(f"invalid response header {name!r}: {value!r}")
+        if status in _NO_BODY_STATUS or status < 200:
+            framing = b""
         elif declared >= 0:
             self.resp_left = declared
+            framing = b""
         elif not more and not chunked:
             # The whole body is here: give it a length instead of chunking.
-            parts.append(b"content-length: %d\r\n" % len(data))
+            framing = b"content-length: %d\r\n" % len(data)
         elif self.minor:
             self.resp_chunked = True
-            parts.append(b"transfer-encoding: chunked\r\n")
+            framing = b"transfer-encoding: chunked\r\n"
         else:
             self.keep_alive = False  # HTTP/1.0: the body ends at close
+            framing = b""
         if not self.keep_alive:
-            parts.append(b"connection: close\r\n\r\n")
+            end = b"connection: close\r\n\r\n"
         elif not self.minor:
-            parts.append(b"connection: keep-alive\r\n\r\n")
+            end = b"connection: keep-alive\r\n\r\n"
         else:
-            parts.append(b"\r\n")
-        return b"".join(parts)
+            end = b"\r\n"
+        return b"".join((line, self.svc.header_prefix, app_block, framing, end))
 
     def _response_done(self) -> None:
         svc = self.svc
