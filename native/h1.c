@@ -171,7 +171,7 @@ int64_t fpy3_h1_parse_head(const char *buf, size_t len, size_t start, size_t max
     int in_request_line = 1;
 
     /* Output is at most head + path + 1 bytes, so no write below needs a bound check. */
-    if (out->cap < 2 * max_size + 64)
+    if (max_size > (SIZE_MAX - 64) / 2 || out->cap < 2 * max_size + 64)
         ERR(500, "parser output buffer too small");
     if (start > len)
         ERR(500, "start beyond buffer");
@@ -510,7 +510,7 @@ int64_t fpy3_h1_chunked_feed(fpy3_h1_chunked *st, const char *buf, size_t len, s
                 p++;
                 break;
             }
-            st->count = 0;
+            st->count = 1; /* the extension bound counts from this byte */
             if (c == '\r')
                 st->state = CS_SIZE_LF;
             else if (c == ';')

@@ -224,16 +224,21 @@ async def h_slow_consumer(scope, receive, send):
         return
     record("slow-consumer", "reading " + name)
     h, n = hashlib.sha256(), 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            record("slow-consumer", "disconnect " + name)
-            return
-        body = message.get("body", b"")
-        h.update(body)
-        n += len(body)
-        if not message.get("more_body", False):
-            break
+    fd = os.open(shared_dir() / (name + "-received"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                record("slow-consumer", "disconnect " + name)
+                return
+            body = message.get("body", b"")
+            h.update(body)
+            n += len(body)
+            os.pwrite(fd, b"%15d" % n, 0)  # lets a failing test say where it stopped
+            if not message.get("more_body", False):
+                break
+    finally:
+        os.close(fd)
     await respond_json(send, {"len": n, "sha256": h.hexdigest()})
 
 
@@ -375,6 +380,13 @@ async def lifespan_failed_app(scope, receive, send):
 async def lifespan_unsupported_app(scope, receive, send):
     if scope["type"] != "http":
         raise RuntimeError("lifespan not supported here")
+    await _http(scope, receive, send)
+
+
+async def lifespan_returns_app(scope, receive, send):
+    """Returns at once on the lifespan scope, as many minimal apps do."""
+    if scope["type"] != "http":
+        return
     await _http(scope, receive, send)
 
 

@@ -232,13 +232,34 @@ class RawConn:
         return True
 
     def readable_within(self, seconds: float) -> bool:
-        """True if bytes (or EOF) arrive within ``seconds``; consumes nothing."""
-        if self.buf or self.eof:
-            return True
-        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
-            return True
-        r, _, _ = select.select([self.sock], [], [], seconds)
-        return bool(r)
+        """True if bytes (or EOF) arrive within ``seconds``; they stay in the buffer."""
+        deadline = time.monotonic() + seconds
+        while not (self.buf or self.eof):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if not isinstance(self.sock, ssl.SSLSocket):
+                r, _, _ = select.select([self.sock], [], [], remaining)
+                return bool(r)
+            if not self.sock.pending():
+                r, _, _ = select.select([self.sock], [], [], remaining)
+                if not r:
+                    return False
+            # A TLS record may be a handshake message (a TLS 1.3 ticket), not data.
+            self.sock.setblocking(False)
+            try:
+                data = self.sock.recv(256 * 1024)
+                if data:
+                    self.buf += data
+                else:
+                    self.eof = True
+            except ssl.SSLWantReadError:
+                continue
+            except (ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                self.eof = True
+            finally:
+                self.sock.settimeout(self.timeout)
+        return True
 
     def read_until_close(self, timeout: float = 10.0) -> bytes:
         """Everything up to EOF; fails if the server keeps the connection open."""

@@ -130,3 +130,20 @@ def test_access_log_line_per_pipelined_request(start_server):
         for _ in range(3):
             assert conn.read_response().status == 200
     wait_until(lambda: len(access_lines(srv.stdout(), '"GET /id?id=a HTTP/1.1"')) == 3)
+
+
+def test_http10_request_logged_with_its_protocol(start_server):
+    srv = start_server(config={"logging": {"access_format": "json"}})
+    with srv.connect() as conn:
+        conn.send(b"GET /hello?v=10 HTTP/1.0\r\n\r\n")
+        assert conn.read_response().status == 200
+
+    def entry():
+        for line in srv.stdout().splitlines():
+            if '"v=10"' in line and line.rstrip().endswith("}"):
+                return json.loads(line)
+        return None
+
+    obj = wait_until(entry, message=lambda: srv.stdout()[-2000:])
+    assert obj["protocol"] == "HTTP/1.0"
+    assert obj["user_agent"] in ("", "-", None)

@@ -45,12 +45,18 @@ BAD_REQUESTS = {
     "bad-request-line": b"GARBAGE\r\n" + H + b"\r\n",
     "space-in-target": b"GET /a b HTTP/1.1\r\n" + H + b"\r\n",
     "bad-version": b"GET / HTTP/1.x\r\n" + H + b"\r\n",
-    "te-chunked-not-last": b"POST /echo HTTP/1.1\r\n"
-    + H
-    + b"Transfer-Encoding: chunked, identity\r\n\r\n"
-    b"0\r\n\r\n",
     "te-obfuscated": b"POST /echo HTTP/1.1\r\n" + H + b"Transfer-Encoding : chunked\r\n\r\n"
     b"0\r\n\r\n",
+}
+
+# Unusable framing where 400 and 501 are both fair answers; either way: closed.
+BAD_FRAMING = {
+    "te-chunked-not-last": b"POST /echo HTTP/1.1\r\n"
+    + H
+    + b"Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+    "te-chunked-twice": b"POST /echo HTTP/1.1\r\n"
+    + H
+    + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
 }
 
 # Requests that carry a second request in what the server must not treat as a body.
@@ -85,6 +91,15 @@ def test_malformed_cleartext_gets_400_and_close(server, raw):
         conn.try_send(raw)
         resp, rest = read_single_response_then_close(conn)
     assert resp.status == 400
+    assert b"HTTP/" not in rest
+
+
+@pytest.mark.parametrize("raw", BAD_FRAMING.values(), ids=BAD_FRAMING.keys())
+def test_bad_framing_rejected_and_closed(server, raw):
+    with server.connect() as conn:
+        conn.try_send(raw)
+        resp, rest = read_single_response_then_close(conn)
+    assert resp.status in (400, 501)
     assert b"HTTP/" not in rest
 
 

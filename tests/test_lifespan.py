@@ -44,6 +44,12 @@ def test_app_without_lifespan_support_still_serves(start_server):
     assert srv.stop() == 0
 
 
+def test_app_returning_on_lifespan_still_serves(start_server):
+    srv = start_server(app="apps:lifespan_returns_app")
+    assert srv.get("/hello").text == "Hello, world!"
+    assert srv.stop() == 0
+
+
 def test_requests_wait_for_startup(start_server):
     srv = start_server(app="apps:lifespan_slow_startup_app", wait=False)
     srv.wait_record("lifespan", "startup-begin", timeout=20)
