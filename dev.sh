@@ -87,7 +87,12 @@ setup_venv() {
     sum=$( (echo "$extras"; cat pyproject.toml setup.py native/*.c native/*.h native/*.cdef native/build.py) | sha256sum | cut -d' ' -f1)
     if [ "$(cat "$stamp" 2>/dev/null)" != "$sum" ]; then
         log "installing fpy3[$extras] into .venv"
-        "$VENV/bin/python" -m pip install -q -e ".[$extras]"
+        # The build is chatty; show its log only when it fails.
+        if ! "$VENV/bin/python" -m pip install -e ".[$extras]" >"$VENV/install.log" 2>&1; then
+            tail -n 40 "$VENV/install.log" >&2
+            log "installing fpy3 failed; the whole log is in .venv/install.log"
+            exit 1
+        fi
         echo "$sum" >"$stamp"
     fi
 }

@@ -432,24 +432,30 @@ class Server:
         return self.proc is not None and self.proc.poll() is None
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        last_error = "no attempt"
-        while time.monotonic() < deadline:
+        last_error = ["no attempt"]
+
+        def ready() -> bool:
             if self.proc.poll() is not None:
                 raise ServerDied(
                     f"server exited with {self.proc.returncode} before serving:\n{self.stderr()}"
                 )
-            if self.cafile.exists():
-                try:
-                    with self.client(timeout=2.0) as c:
-                        if c.get("/__ready__").status_code == 200:
-                            return
-                except (httpx.HTTPError, ssl.SSLError, OSError) as e:
-                    last_error = repr(e)
-            time.sleep(0.05)
-        pytest.fail(
-            f"server not ready within {timeout}s (last error: {last_error})\n"
-            f"stderr:\n{self.stderr()}\nstdout:\n{self.stdout()[-2000:]}"
+            if not self.cafile.exists():
+                return False
+            try:
+                with self.client(timeout=2.0) as c:
+                    return c.get("/__ready__").status_code == 200
+            except (httpx.HTTPError, ssl.SSLError, OSError) as e:
+                last_error[0] = repr(e)
+                return False
+
+        wait_until(
+            ready,
+            timeout,
+            interval=0.05,
+            message=lambda: (
+                f"server not ready (last error: {last_error[0]})\n"
+                f"stderr:\n{self.stderr()}\nstdout:\n{self.stdout()[-2000:]}"
+            ),
         )
 
     def wait_exit(self, timeout: float = STOP_TIMEOUT) -> int:
