@@ -60,8 +60,11 @@ def _builder() -> FFI:
     for cdef in sorted(HERE.glob("*.cdef")):
         ffi.cdef(cdef.read_text())
     headers = "\n".join(f'#include "{h.name}"' for h in sorted(HERE.glob("*.h")))
-    sources = [str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
-               for p in sorted(HERE.glob("*.c")) if p.name != "_native.c"]
+    sources = [
+        str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
+        for p in sorted(HERE.glob("*.c"))
+        if p.name != "_native.c"
+    ]
     extra = ["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"]
     if os.environ.get("FPY3_SANITIZE"):
         extra += ["-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
