@@ -71,6 +71,13 @@ class HTTP1Settings:
 class HTTP3Settings:
     enabled: bool = True
     port: int = 0  # UDP port; 0 = server.port
+    max_concurrent_streams: int = 100  # request streams a client may open at once
+    idle_timeout: float = 30.0  # seconds without packets before a connection is dropped
+    max_udp_payload: int = 1452  # bytes per UDP datagram we send
+    initial_max_data: int = 8 * 1024 * 1024  # connection flow-control window, bytes
+    initial_max_stream_data: int = 1024 * 1024  # per-stream flow-control window, bytes
+    retry: bool = False  # address validation with Retry before accepting a connection
+    qlog_dir: str = ""  # write a qlog file per connection here; "" = off
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +158,7 @@ _PATHS = frozenset(
         "logging.access_log_file",
         "logging.error_log_file",
         "reload.dirs",
+        "http3.qlog_dir",
     }
 )
 
@@ -231,6 +239,11 @@ _CHECKS: dict[str, Callable[[typing.Any], None]] = {
     "http1.header_timeout": _positive,
     "http1.backlog": _between(1, 65535),
     "http3.port": _between(0, 65535),
+    "http3.max_concurrent_streams": _between(1, 100000),
+    "http3.idle_timeout": _positive,
+    "http3.max_udp_payload": _between(1200, 65527),
+    "http3.initial_max_data": _at_least(65536),
+    "http3.initial_max_stream_data": _at_least(16384),
     "limits.max_header_size": _at_least(1024),
     "limits.max_header_count": _between(1, 10000),
     "limits.max_body_size": _at_least(0),

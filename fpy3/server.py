@@ -48,6 +48,7 @@ class HTTPService:
         self.root_path = settings.server.root_path
         self.connections: set[H1Connection] = set()
         self.servers: list[asyncio.AbstractServer] = []
+        self.h3_servers: list = []
         self.draining = False
         self.requests_served = 0
         static = b""
@@ -81,6 +82,11 @@ class HTTPService:
         )
         self.servers.append(server)
 
+    def serve_h3(self, sock: socket.socket, cert: str, key: str, worker_id: int = 0) -> None:
+        from .h3.protocol import H3Server
+
+        self.h3_servers.append(H3Server(self, sock, cert, key, worker_id))
+
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish, then close what is left."""
         self.draining = True
@@ -88,15 +94,20 @@ class HTTPService:
             server.close()
         for conn in list(self.connections):
             conn.close_if_idle()
+        await asyncio.gather(
+            self._drain_h1(timeout), *(h3.drain(timeout) for h3 in self.h3_servers)
+        )
+        for conn in list(self.connections):
+            conn.abort()
+        self.close()
+
+    async def _drain_h1(self, timeout: float) -> None:
         if self.connections:
             self._drained = self.loop.create_future()
             try:
                 await asyncio.wait_for(asyncio.shield(self._drained), timeout)
             except TimeoutError:
                 logger.warning("drain timeout: closing %d connection(s)", len(self.connections))
-        for conn in list(self.connections):
-            conn.abort()
-        self.close()
 
     def forget(self, conn: H1Connection) -> None:
         """A connection closed."""
@@ -110,6 +121,9 @@ class HTTPService:
             self._ticker = None
         for server in self.servers:
             server.close()
+        for h3 in self.h3_servers:
+            h3.close()
+        self.h3_servers.clear()
         if self.access_log is not None:
             self.access_log.flush()
 
@@ -131,6 +145,12 @@ class HTTPService:
         self._second = second
         date = email.utils.formatdate(second, usegmt=True).encode("ascii")
         self.header_prefix = b"date: " + date + b"\r\n" + self._static_headers
+        # The same fields for HTTP/3 header blocks ("name\0value\0"), without Alt-Svc.
+        fields = b"date\0" + date + b"\0"
+        if self.settings.server.server_header:
+            fields += b"server\0" + self.settings.server.server_header.encode("latin-1") + b"\0"
+        self.h3_static_fields = fields
+        self.h3_static_count = fields.count(b"\0")
 
     # -- canned responses ---------------------------------------------------------------------
 

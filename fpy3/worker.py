@@ -57,6 +57,12 @@ class Worker:
         await service.listen(self.listeners.tls, server_context(settings))
         if self.listeners.http is not None:
             await service.listen(self.listeners.http, None)
+        if self.listeners.udp is not None:
+            try:
+                service.serve_h3(self.listeners.udp, settings.tls.cert, settings.tls.key)
+            except OSError as exc:
+                logger.error("%s", exc)
+                return EXIT_STARTUP
         self._install_signals()
         self._report_ready()
         fast = await self.stopping

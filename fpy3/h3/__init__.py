@@ -1,0 +1,1 @@
+"""HTTP/3 protocol adapter over the native QUIC engine and nghttp3."""

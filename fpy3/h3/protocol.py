@@ -1,0 +1,347 @@
+"""HTTP/3 protocol adapter: native event batches to ASGI cycles and back.
+
+The native side (``native/h3.c`` over a QUIC engine) owns the UDP socket, QUIC,
+QPACK and every byte buffer. Python is called once per readiness or timer round
+with a batch of events, and answers through a few native calls. Writes made by
+the app outside a round are flushed once per loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from urllib.parse import unquote_to_bytes
+
+from fpy3._native import ffi, lib
+
+from ..asgi.http import ASGI_VERSION, HTTPCycle
+
+logger = logging.getLogger("fpy3.error")
+
+REQUEST = lib.FPY3_H3_REQUEST
+DATA = lib.FPY3_H3_DATA
+END = lib.FPY3_H3_END
+RESET = lib.FPY3_H3_RESET
+WRITABLE = lib.FPY3_H3_WRITABLE
+CLOSED = lib.FPY3_H3_CLOSED
+
+# A stream's unacknowledged response bytes above which send() waits for WRITABLE.
+SEND_HIGH_WATER = 256 * 1024
+
+# Connection-specific fields are forbidden in HTTP/3 (RFC 9114, 4.2).
+_HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+
+
+class H3Stream:
+    """One request stream: the adapter the ASGI core sees."""
+
+    __slots__ = ("server", "conn", "stream", "cycle", "head", "credit", "waiter", "closed")
+
+    def __init__(self, server: H3Server, conn: int, stream: int):
+        self.server = server
+        self.conn = conn
+        self.stream = stream
+        self.cycle: HTTPCycle | None = None
+        self.head = None  # (status, headers) held until the first body
+        self.credit = 0  # body bytes fed but not yet given back as flow-control credit
+        self.waiter: asyncio.Future | None = None
+        self.closed = False
+
+    def want_body(self) -> None:
+        # The app took every queued chunk: give that much window back to the peer.
+        if self.credit and not self.closed:
+            lib.fpy3_h3_consume(self.server.srv, self.conn, self.stream, self.credit)
+            self.credit = 0
+            self.server.schedule_flush()
+
+    def write_head(self, status: int, headers) -> None:
+        self.head = (status, headers)
+
+    def write_body(self, data: bytes, more: bool):
+        if self.closed:
+            return None
+        server = self.server
+        if self.head is not None:
+            status, headers = self.head
+            self.head = None
+            block = server.header_block(headers)
+            end = not more and not data
+            rv = lib.fpy3_h3_respond(
+                server.srv, self.conn, self.stream, status, block, len(block), end
+            )
+            if rv < 0 or end:
+                server.schedule_flush()
+                return None
+        pending = lib.fpy3_h3_send(server.srv, self.conn, self.stream, data, len(data), not more)
+        server.schedule_flush()
+        if pending < 0 or not more or pending <= SEND_HIGH_WATER:
+            return None  # C sends WRITABLE once it falls to a quarter of the mark
+        waiter = self.waiter
+        if waiter is None:
+            waiter = self.waiter = server.loop.create_future()
+        return waiter
+
+    def abort(self) -> None:
+        if not self.closed:
+            lib.fpy3_h3_reset(self.server.srv, self.conn, self.stream, lib.FPY3_H3_INTERNAL_ERROR)
+            self.server.schedule_flush()
+
+    def cycle_done(self, cycle: HTTPCycle) -> None:
+        self.cycle = None
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class H3Server:
+    """The HTTP/3 listener of one worker, on a UDP socket it was handed."""
+
+    def __init__(self, service, sock: socket.socket, cert: str, key: str, worker_id: int = 0):
+        self.svc = service
+        self.loop = service.loop
+        self.sock = sock
+        settings = service.settings
+        h3 = settings.http3
+        limits = settings.limits
+        err = ffi.new("char[]", 256)
+        cfg = ffi.new("fpy3_h3_config *")
+        # cfg points into these; they live as long as this object.
+        self._strings = [
+            ffi.new("char[]", cert.encode()),
+            ffi.new("char[]", key.encode()),
+            ffi.new("char[]", h3.qlog_dir.encode()),
+        ]
+        cfg.cert_file, cfg.key_file, cfg.qlog_dir = self._strings
+        cfg.worker_id = worker_id
+        secret = os.urandom(32)
+        ffi.memmove(cfg.static_secret, secret, 32)
+        cfg.retry = h3.retry
+        cfg.idle_timeout_ms = int(h3.idle_timeout * 1000)
+        cfg.max_streams_bidi = h3.max_concurrent_streams
+        cfg.max_udp_payload = h3.max_udp_payload
+        cfg.initial_max_data = h3.initial_max_data
+        cfg.initial_max_stream_data = h3.initial_max_stream_data
+        cfg.max_header_size = limits.max_header_size
+        cfg.max_header_count = limits.max_header_count
+        cfg.send_high_water = SEND_HIGH_WATER
+        srv = lib.fpy3_h3_server_new(sock.fileno(), cfg, err, 256)
+        if srv == ffi.NULL:
+            raise OSError(f"HTTP/3: {ffi.string(err).decode()}")
+        self.srv = ffi.gc(srv, lib.fpy3_h3_server_free)
+        self._count = ffi.new("size_t *")
+        self.streams: dict[tuple[int, int], H3Stream] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = -1.0
+        self._flush_scheduled = False
+        self._writer = False
+        self._drained: asyncio.Future | None = None
+        self.fd = sock.fileno()
+        self.server_addr = _addr(sock.getsockname())
+        self.loop.add_reader(self.fd, self._on_readable)
+
+    # -- rounds ---------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        if lib.fpy3_h3_read(self.srv) > 0:
+            self._handle_batch()
+        self._round()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = -1.0
+        if lib.fpy3_h3_expire(self.srv) > 0:
+            self._handle_batch()
+        self._round()
+
+    def _on_writable(self) -> None:
+        self.loop.remove_writer(self.fd)
+        self._writer = False
+        self._round()
+
+    def _round(self) -> None:
+        """After a batch: flush what the app wrote, watch the socket, re-arm the timer."""
+        self._flush_scheduled = False
+        # Events a flush raises (resets, closes) come with the next read/expire round;
+        # the timer is armed at 0 until then.
+        lib.fpy3_h3_flush(self.srv)
+        if not self._writer and lib.fpy3_h3_want_write(self.srv):
+            # The socket buffer is full: resume when it drains.
+            self._writer = True
+            self.loop.add_writer(self.fd, self._on_writable)
+        self._arm_timer()
+        if self._drained is not None and not lib.fpy3_h3_connection_count(self.srv):
+            if not self._drained.done():
+                self._drained.set_result(None)
+
+    def _handle_batch(self) -> None:
+        """The events of the last read or expire call (valid until the next one)."""
+        events = lib.fpy3_h3_events(self.srv, self._count)
+        count = self._count[0]
+        i = 0
+        while i < count:
+            ev = events[i]
+            if ev.type == REQUEST:
+                # A request without a body ends in the same batch: start it complete.
+                fin = False
+                if i + 1 < count:
+                    nxt = events[i + 1]
+                    fin = nxt.type == END and nxt.stream == ev.stream and nxt.conn == ev.conn
+                self._start_request(ev, fin)
+                i += 2 if fin else 1
+                continue
+            self._handle(ev)
+            i += 1
+
+    def schedule_flush(self) -> None:
+        """The app wrote outside a round: flush once, at the end of this loop iteration."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_scheduled:
+            self._round()
+
+    def _arm_timer(self) -> None:
+        ms = lib.fpy3_h3_next_timeout_ms(self.srv)
+        if ms < 0:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            return
+        when = self.loop.time() + ms / 1000
+        if self._timer is not None:
+            if abs(when - self._timer_at) < 0.001:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._on_timer)
+
+    # -- events -----------------------------------------------------------------------------
+
+    def _handle(self, ev) -> None:
+        kind = ev.type
+        key = (ev.conn, ev.stream)
+        stream = self.streams.get(key)
+        if stream is None:
+            return
+        if kind == DATA:
+            data = ffi.unpack(ffi.cast("char *", ev.data), ev.len)
+            stream.credit += len(data)
+            if stream.cycle is not None:
+                stream.cycle.feed_body(data, True)
+            else:
+                stream.want_body()  # nobody reads it any more: give the window back
+        elif kind == END:
+            if stream.cycle is not None:
+                stream.cycle.feed_body(b"", False)
+        elif kind == WRITABLE:
+            stream.wake()
+        elif kind in (RESET, CLOSED):
+            if kind == CLOSED:
+                stream.closed = True
+                del self.streams[key]
+            if stream.cycle is not None:
+                stream.cycle.feed_disconnect()
+            stream.wake()
+
+    def _start_request(self, ev, fin: bool) -> None:
+        key = (ev.conn, ev.stream)
+        svc = self.svc
+        fields = ffi.unpack(ffi.cast("char *", ev.data), ev.len).split(b"\0")
+        it = iter(fields[:-1] if fields and fields[-1] == b"" else fields)
+        headers = []
+        method = target = scheme = authority = b""
+        for name, value in zip(it, it, strict=False):
+            if name[:1] == b":":
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    target = value
+                elif name == b":scheme":
+                    scheme = value
+                elif name == b":authority":
+                    authority = value
+            else:
+                headers.append((name, value))
+        if authority and not any(n == b"host" for n, _ in headers):
+            headers.insert(0, (b"host", authority))
+        raw_path, _, query = target.partition(b"?")
+        path = (
+            unquote_to_bytes(raw_path).decode("utf-8", "replace")
+            if b"%" in raw_path
+            else (raw_path.decode("latin-1"))
+        )
+        root = svc.root_path
+        client = ffi.string(ev.peer).decode() if ev.peer != ffi.NULL else ""
+        scope = {
+            "type": "http",
+            "asgi": ASGI_VERSION.copy(),
+            "http_version": "3",
+            "server": self.server_addr,
+            "client": [client, ev.peer_port] if client else None,
+            "scheme": scheme.decode("latin-1") or "https",
+            "method": method.decode("latin-1"),
+            "root_path": root,
+            "path": root + path if root else path,
+            "raw_path": raw_path,
+            "query_string": query,
+            "headers": headers,
+            "state": svc.state.copy(),
+        }
+        stream = H3Stream(self, ev.conn, ev.stream)
+        self.streams[key] = stream
+        more = not fin
+        cycle = stream.cycle = HTTPCycle(scope, stream, self.loop, more, svc.debug)
+        cycle.task = asyncio.Task(cycle.run(svc.app), loop=self.loop, eager_start=True)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def header_block(self, headers) -> bytes:
+        """Response fields as "name\\0value\\0..." with lowercased names."""
+        parts = [self.svc.h3_static_fields]
+        for name, value in headers:
+            lname = name.lower()
+            if lname in _HOP_BY_HOP:
+                continue
+            parts += (lname, b"\0", value, b"\0")
+        block = b"".join(parts)
+        if block.count(b"\0") != self.svc.h3_static_count + 2 * ((len(parts) - 1) >> 2):
+            raise RuntimeError("invalid response header: NUL in a name or value")
+        return block
+
+    async def drain(self, timeout: float) -> None:
+        """GOAWAY on every connection, then wait until they are gone (or the timeout)."""
+        self._drained = self.loop.create_future()
+        lib.fpy3_h3_shutdown(self.srv)
+        self._round()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._drained), timeout)
+        except TimeoutError:
+            logger.warning(
+                "HTTP/3 drain timeout: dropping %d connection(s)",
+                lib.fpy3_h3_connection_count(self.srv),
+            )
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.fd)
+        if self._writer:
+            self.loop.remove_writer(self.fd)
+        if self._timer is not None:
+            self._timer.cancel()
+        for stream in list(self.streams.values()):
+            if stream.cycle is not None:
+                stream.cycle.feed_disconnect()
+        self.streams.clear()
+
+
+def _addr(addr):
+    return [addr[0], addr[1]] if isinstance(addr, tuple) else None

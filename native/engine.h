@@ -1,0 +1,115 @@
+/* engine: the QUIC engine interface that h3.c sits on.
+ *
+ * An engine owns QUIC connections on one UDP socket (or, for MsQuic, on its own
+ * threads, which only enqueue and wake the loop through an eventfd). It knows no
+ * HTTP: per connection it hands stream bytes up and pulls stream bytes down
+ * through the callbacks in fpy3_engine_app. Everything runs on the loop thread;
+ * a callback never re-enters fpy3_engine_read/expire/flush.
+ *
+ * Stream data ownership: bytes given to the engine by `pull` stay owned by the
+ * app and must stay valid until `acked` covers them, or the stream or the
+ * connection closes (the engine keeps pointers, never copies).
+ *
+ * The write path is pulled (ngtcp2 builds packets on demand). An engine with a
+ * push API (MsQuic) drains `pull` at flush time into StreamSend calls, reports
+ * each as `written`, and maps SEND_COMPLETE to `acked`.
+ */
+#ifndef FPY3_ENGINE_H
+#define FPY3_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct sockaddr;
+typedef struct fpy3_engine fpy3_engine;
+typedef struct fpy3_qconn fpy3_qconn; /* one QUIC connection inside an engine */
+
+/* Same layout as ngtcp2_vec and nghttp3_vec, so both cast to it. */
+typedef struct {
+    uint8_t *base;
+    size_t len;
+} fpy3_vec;
+
+#define FPY3_SHUT_RD 1 /* STOP_SENDING */
+#define FPY3_SHUT_WR 2 /* RESET_STREAM */
+
+/* Strings are read during fpy3_engine_new only. */
+typedef struct {
+    const char *cert_file; /* PEM chain */
+    const char *key_file;  /* PEM key */
+    const char *alpn;      /* the one protocol offered, e.g. "h3" */
+    const char *qlog_dir;  /* NULL or "" = no qlog */
+    uint32_t worker_id;    /* bytes 1-4 of every server connection id */
+    uint8_t static_secret[32];
+    int retry;             /* address validation with Retry before any state */
+    uint64_t idle_timeout_ms;
+    uint64_t max_streams_bidi;
+    uint64_t max_streams_uni;
+    uint64_t initial_max_data;
+    uint64_t initial_max_stream_data;
+    size_t max_udp_payload;
+} fpy3_engine_config;
+
+/* Engine -> app. `ac` is what conn_open returned. A callback returning < 0
+ * closes the connection; call fpy3_engine_conn_error first to choose the
+ * application error code sent in CONNECTION_CLOSE. */
+typedef struct {
+    /* 1-RTT keys are in place: the app may open streams. NULL refuses (close). */
+    void *(*conn_open)(void *app, fpy3_qconn *qc);
+    /* The connection can do no more I/O (closed, idle, failed): drop app state.
+     * qc stays valid only during the call. */
+    void (*conn_close)(void *ac);
+    int (*recv)(void *ac, int64_t sid, const uint8_t *data, size_t len, int fin);
+    int (*acked)(void *ac, int64_t sid, uint64_t n);
+    int (*stream_close)(void *ac, int64_t sid, uint64_t app_error); /* 0: closed cleanly */
+    int (*peer_reset)(void *ac, int64_t sid, uint64_t app_error); /* peer's RESET_STREAM */
+    /* We stop reading sid (STOP_SENDING goes out): drop what it still receives. A peer's
+     * STOP_SENDING shows up as shut_wr (the engine resets the stream itself). */
+    int (*stop_reading)(void *ac, int64_t sid);
+    int (*unblocked)(void *ac, int64_t sid); /* the peer gave stream credit */
+    void (*max_streams)(void *ac, uint64_t max_bidi); /* peer may now open this many in all */
+    /* Write path, pulled while packets are built: the next stream data to send.
+     * Returns the number of vecs filled (0 with *sid = -1 when idle) or < 0. */
+    long (*pull)(void *ac, int64_t *sid, int *fin, fpy3_vec *vec, size_t veccnt);
+    int (*written)(void *ac, int64_t sid, size_t n); /* n pulled bytes are in packets */
+    void (*blocked)(void *ac, int64_t sid);          /* stream flow-control blocked */
+    void (*shut_wr)(void *ac, int64_t sid);          /* stream cannot be written any more */
+} fpy3_engine_app;
+
+/* fd: a bound, non-blocking UDP socket; the engine never closes it. */
+fpy3_engine *fpy3_engine_new(int fd, const fpy3_engine_config *cfg, const fpy3_engine_app *cb,
+                             void *app, char *err, size_t errlen);
+void fpy3_engine_free(fpy3_engine *e); /* closes every connection (conn_close called) */
+
+int fpy3_engine_read(fpy3_engine *e);   /* socket readable: receive a bounded batch, process, send */
+int fpy3_engine_expire(fpy3_engine *e); /* the timer fired */
+int fpy3_engine_flush(fpy3_engine *e);  /* send what marked connections have */
+int64_t fpy3_engine_next_timeout_ms(fpy3_engine *e); /* -1 none, 0 now */
+int fpy3_engine_want_write(fpy3_engine *e); /* packets wait for the socket to be writable */
+void fpy3_engine_stop_accepting(fpy3_engine *e);
+size_t fpy3_engine_conn_count(fpy3_engine *e); /* not closing or draining */
+/* Visit every connection's app state (those past conn_open). */
+void fpy3_engine_each(fpy3_engine *e, void (*fn)(void *ac, void *arg), void *arg);
+
+/* Connections. A handle is a 64-bit counter value, unique for the engine's life. */
+uint64_t fpy3_engine_conn_handle(fpy3_qconn *qc);
+void *fpy3_engine_conn_find(fpy3_engine *e, uint64_t handle); /* app state or NULL */
+/* Addresses as sockaddr (sockaddr_in or sockaddr_in6) with lengths. */
+const struct sockaddr *fpy3_engine_conn_peer(fpy3_qconn *qc, uint32_t *len);
+const struct sockaddr *fpy3_engine_conn_local(fpy3_qconn *qc, uint32_t *len);
+void fpy3_engine_mark(fpy3_qconn *qc); /* has something to send: the next flush writes it */
+/* The app will flush soon (it queued events for this connection): fpy3_engine_read
+ * leaves the connection's packets to that flush, saving a send. */
+void fpy3_engine_defer(fpy3_qconn *qc);
+int fpy3_engine_open_uni(fpy3_qconn *qc, int64_t *sid);
+/* Flow-control credit for n consumed bytes: the stream's (sid >= 0) and the connection's. */
+void fpy3_engine_extend(fpy3_qconn *qc, int64_t sid, uint64_t n);
+void fpy3_engine_extend_streams_bidi(fpy3_qconn *qc, uint64_t n);
+uint64_t fpy3_engine_max_streams_bidi(fpy3_qconn *qc);
+int fpy3_engine_shutdown_stream(fpy3_qconn *qc, int64_t sid, uint64_t app_error, int how);
+/* Inside a callback: the application error to close with when the callback fails. */
+void fpy3_engine_conn_error(fpy3_qconn *qc, uint64_t app_error);
+/* Outside callbacks: close now with an application error (conn_close is called). */
+void fpy3_engine_conn_close(fpy3_qconn *qc, uint64_t app_error);
+
+#endif

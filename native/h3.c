@@ -1,0 +1,1221 @@
+/* h3: nghttp3 per connection over engine.h; fills the event batch for Python.
+ * See h3.h for the API contract. Knows nothing of the engine underneath. */
+#include "h3.h"
+
+#include "engine.h"
+
+#include <arpa/inet.h>
+#include <nghttp3/nghttp3.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+_Static_assert(sizeof(fpy3_vec) == sizeof(nghttp3_vec), "fpy3_vec must match nghttp3_vec");
+
+#define CHUNK_SIZE 16384       /* response body buffer unit (header included) */
+#define CHUNK_POOL_MAX 1024    /* idle chunks kept for reuse (16 MiB) */
+#define STREAM_POOL_MAX 4096   /* idle stream objects kept for reuse */
+#define ARENA_BLOCK 65536      /* event data arena unit */
+#define ARENA_KEEP (1u << 20)  /* arena bytes kept between batches */
+#define HEAD_INITIAL 512       /* first request-head buffer of a stream */
+#define NV_STACK 64
+
+/* Stream flags. */
+#define S_SURFACED 0x01 /* REQUEST emitted: Python knows the stream */
+#define S_DISCARD 0x02  /* never surfaced: malformed or answered 431 by C */
+#define S_TOO_LARGE 0x04
+#define S_RESPONDED 0x08
+#define S_FIN 0x10      /* Python sent the last body byte */
+#define S_WANT_WRITABLE 0x20
+#define S_RESET_DONE 0x40 /* RESET emitted, or Python reset it itself: no RESET event */
+#define S_WR_SHUT 0x80    /* the write side is gone (peer STOP_SENDING or reset) */
+
+typedef struct chunk {
+    struct chunk *next;
+    uint32_t len; /* bytes filled */
+    uint8_t data[];
+} chunk;
+#define CHUNK_CAP (CHUNK_SIZE - offsetof(chunk, data))
+
+typedef struct h3conn h3conn;
+
+typedef struct stream {
+    int64_t id;
+    h3conn *c;
+    struct stream *prev, *next; /* the connection's live streams; next also links pools */
+    uint32_t flags;
+    /* Request head "name\0value\0...": owned by the stream object and kept with it
+     * in the pool; an event points here until the object is reused (next batch). */
+    uint8_t *hbuf;
+    uint32_t hlen, hcap;
+    uint32_t hcount;
+    uint64_t hsize;
+    uint64_t unconsumed; /* body bytes handed to Python, credit not yet given back */
+    /* Response body chain. Owner: this stream, from fpy3_h3_send until the bytes are
+     * acked (freed in chain_ack) or the stream/connection closes (stream_release). */
+    chunk *head, *tail, *rd;
+    uint32_t rd_off;   /* next byte of rd to hand to nghttp3 */
+    uint32_t head_off; /* first unacked byte of head */
+    uint64_t buffered; /* appended and not yet acked */
+} stream;
+
+typedef struct {
+    stream **slots;
+    uint32_t cap, n;
+} smap;
+
+struct h3conn {
+    fpy3_h3_server *s;
+    fpy3_qconn *qc; /* NULL once the engine closed the connection */
+    nghttp3_conn *h3;
+    uint64_t handle;
+    smap streams;
+    stream *live;
+    h3conn *next; /* zombie list / pending-close list */
+    uint64_t close_code;
+    int close_pending;
+    int goaway;      /* we sent GOAWAY */
+    int peer_goaway; /* the client sent GOAWAY */
+    int peer_port, local_port;
+    char peer[INET6_ADDRSTRLEN];
+    char local[INET6_ADDRSTRLEN];
+};
+
+typedef struct ablock {
+    struct ablock *next;
+    size_t used, cap;
+    uint8_t data[];
+} ablock;
+
+struct fpy3_h3_server {
+    fpy3_engine *e;
+    size_t max_header_size, max_header_count;
+    uint64_t max_streams_bidi;
+    size_t high_water, low_water;
+    int shutting_down;
+
+    fpy3_h3_event *ev; /* the batch Python reads */
+    size_t nev, evcap;
+    /* Events raised while flushing (resets, closes; they carry no bytes) wait here
+     * for the next read/expire batch, so a flush never invalidates or extends the
+     * batch Python may still be reading. */
+    fpy3_h3_event *pend;
+    size_t npend, pendcap;
+    int in_flush;
+    ablock *arena;      /* current block first */
+    ablock *arena_full; /* filled blocks of this batch */
+
+    stream *free_streams, *zombie_streams;
+    size_t nfree_streams;
+    chunk *free_chunks;
+    size_t nfree_chunks;
+    h3conn *zombie_conns;
+    h3conn *pending_close;
+    nghttp3_nv *nv; /* scratch for respond() with many fields */
+    size_t nvcap;
+};
+
+/* --- pools ------------------------------------------------------------------------- */
+
+static chunk *chunk_get(fpy3_h3_server *s)
+{
+    chunk *ch = s->free_chunks;
+    if (ch) {
+        s->free_chunks = ch->next;
+        s->nfree_chunks--;
+    } else if (!(ch = malloc(CHUNK_SIZE))) {
+        return NULL;
+    }
+    ch->next = NULL;
+    ch->len = 0;
+    return ch;
+}
+
+static void chunk_put(fpy3_h3_server *s, chunk *ch)
+{
+    if (s->nfree_chunks >= CHUNK_POOL_MAX) {
+        free(ch);
+        return;
+    }
+    ch->next = s->free_chunks;
+    s->free_chunks = ch;
+    s->nfree_chunks++;
+}
+
+static stream *stream_get(fpy3_h3_server *s)
+{
+    stream *st = s->free_streams;
+    if (st) {
+        s->free_streams = st->next;
+        s->nfree_streams--;
+        uint8_t *hbuf = st->hbuf;
+        uint32_t hcap = st->hcap;
+        memset(st, 0, sizeof(*st));
+        st->hbuf = hbuf;
+        st->hcap = hcap;
+        return st;
+    }
+    return calloc(1, sizeof(*st));
+}
+
+static void stream_free_now(fpy3_h3_server *s, stream *st)
+{
+    if (s->nfree_streams >= STREAM_POOL_MAX || st->hcap > 4 * HEAD_INITIAL) {
+        free(st->hbuf);
+        st->hbuf = NULL;
+        st->hcap = 0;
+    }
+    if (s->nfree_streams >= STREAM_POOL_MAX) {
+        free(st);
+        return;
+    }
+    st->next = s->free_streams;
+    s->free_streams = st;
+    s->nfree_streams++;
+}
+
+/* --- per-connection stream map (client bidi ids are 0, 4, 8...: dense) ----------- */
+
+static stream *smap_find(const smap *m, int64_t id)
+{
+    if (!m->cap)
+        return NULL;
+    uint32_t mask = m->cap - 1;
+    for (uint32_t i = (uint32_t)((uint64_t)id >> 2) & mask;; i = (i + 1) & mask) {
+        stream *st = m->slots[i];
+        if (!st)
+            return NULL;
+        if (st->id == id)
+            return st;
+    }
+}
+
+static int smap_put(smap *m, stream *st)
+{
+    if ((m->n + 1) * 2 > m->cap) {
+        uint32_t ncap = m->cap ? m->cap * 2 : 16;
+        stream **ns = calloc(ncap, sizeof(*ns));
+        if (!ns)
+            return -1;
+        for (uint32_t i = 0; i < m->cap; i++) {
+            stream *o = m->slots[i];
+            if (!o)
+                continue;
+            uint32_t j = (uint32_t)((uint64_t)o->id >> 2) & (ncap - 1);
+            while (ns[j])
+                j = (j + 1) & (ncap - 1);
+            ns[j] = o;
+        }
+        free(m->slots);
+        m->slots = ns;
+        m->cap = ncap;
+    }
+    uint32_t mask = m->cap - 1, i = (uint32_t)((uint64_t)st->id >> 2) & mask;
+    while (m->slots[i])
+        i = (i + 1) & mask;
+    m->slots[i] = st;
+    m->n++;
+    return 0;
+}
+
+static void smap_del(smap *m, const stream *st)
+{
+    if (!m->cap)
+        return;
+    uint32_t mask = m->cap - 1, i = (uint32_t)((uint64_t)st->id >> 2) & mask;
+    for (;; i = (i + 1) & mask) {
+        if (!m->slots[i])
+            return;
+        if (m->slots[i] == st)
+            break;
+    }
+    m->slots[i] = NULL;
+    m->n--;
+    for (uint32_t j = (i + 1) & mask; m->slots[j]; j = (j + 1) & mask) {
+        uint32_t home = (uint32_t)((uint64_t)m->slots[j]->id >> 2) & mask;
+        if (((j - home) & mask) >= ((j - i) & mask)) {
+            m->slots[i] = m->slots[j];
+            m->slots[j] = NULL;
+            i = j;
+        }
+    }
+}
+
+/* --- event batch ------------------------------------------------------------------- */
+
+static int ev_reserve(fpy3_h3_event **arr, size_t *cap, size_t need)
+{
+    if (need <= *cap)
+        return 0;
+    size_t ncap = *cap ? *cap : 256;
+    while (ncap < need)
+        ncap *= 2;
+    fpy3_h3_event *n = realloc(*arr, ncap * sizeof(*n));
+    if (!n)
+        return -1;
+    *arr = n;
+    *cap = ncap;
+    return 0;
+}
+
+static fpy3_h3_event *ev_push(fpy3_h3_server *s, int type, h3conn *c, int64_t sid)
+{
+    fpy3_h3_event *ev;
+    if (s->in_flush) {
+        if (ev_reserve(&s->pend, &s->pendcap, s->npend + 1) < 0)
+            return NULL;
+        ev = &s->pend[s->npend++];
+    } else {
+        if (ev_reserve(&s->ev, &s->evcap, s->nev + 1) < 0)
+            return NULL;
+        ev = &s->ev[s->nev++];
+    }
+    memset(ev, 0, sizeof(*ev));
+    ev->type = type;
+    ev->conn = c->handle;
+    ev->stream = sid;
+    if (c->qc)
+        fpy3_engine_defer(c->qc); /* Python will flush after this batch */
+    return ev;
+}
+
+/* n bytes in the batch arena, valid until the next batch begins. */
+static uint8_t *arena_alloc(fpy3_h3_server *s, size_t n)
+{
+    ablock *b = s->arena;
+    if (b && b->cap - b->used >= n) {
+        uint8_t *p = b->data + b->used;
+        b->used += n;
+        return p;
+    }
+    size_t cap = n > ARENA_BLOCK ? n : ARENA_BLOCK;
+    ablock *nb = malloc(sizeof(ablock) + cap);
+    if (!nb)
+        return NULL;
+    nb->cap = cap;
+    nb->used = n;
+    if (b) {
+        s->arena = b->next; /* unlink current, park it as full */
+        b->next = s->arena_full;
+        s->arena_full = b;
+    }
+    nb->next = s->arena;
+    s->arena = nb;
+    return nb->data;
+}
+
+/* Start of read/expire: the last batch is done with; events a flush raised lead. */
+static void batch_begin(fpy3_h3_server *s)
+{
+    s->nev = 0;
+    if (s->npend && ev_reserve(&s->ev, &s->evcap, s->npend) == 0) {
+        memcpy(s->ev, s->pend, s->npend * sizeof(*s->ev));
+        s->nev = s->npend;
+    }
+    s->npend = 0;
+    /* Arena: keep up to ARENA_KEEP bytes of blocks, emptied. */
+    size_t kept = 0;
+    ablock *all = s->arena_full, *keep = NULL;
+    if (s->arena) {
+        ablock *t = s->arena;
+        while (t->next)
+            t = t->next;
+        t->next = all;
+        all = s->arena;
+    }
+    while (all) {
+        ablock *b = all;
+        all = b->next;
+        if (b->cap == ARENA_BLOCK && kept + b->cap <= ARENA_KEEP) {
+            b->used = 0;
+            b->next = keep;
+            keep = b;
+            kept += b->cap;
+        } else {
+            free(b);
+        }
+    }
+    s->arena = keep;
+    s->arena_full = NULL;
+    /* Objects events of the last batch pointed into can go now. */
+    while (s->zombie_streams) {
+        stream *st = s->zombie_streams;
+        s->zombie_streams = st->next;
+        stream_free_now(s, st);
+    }
+    while (s->zombie_conns) {
+        h3conn *c = s->zombie_conns;
+        s->zombie_conns = c->next;
+        free(c->streams.slots);
+        free(c);
+    }
+}
+
+static void emit_data(fpy3_h3_server *s, h3conn *c, stream *st, const uint8_t *data, size_t len)
+{
+    /* Extend the previous DATA event when its bytes end where the arena is. */
+    if (s->nev) {
+        fpy3_h3_event *last = &s->ev[s->nev - 1];
+        ablock *b = s->arena;
+        if (last->type == FPY3_H3_DATA && last->conn == c->handle && last->stream == st->id && b &&
+            last->data + last->len == b->data + b->used && b->cap - b->used >= len) {
+            memcpy(b->data + b->used, data, len);
+            b->used += len;
+            last->len += len;
+            return;
+        }
+    }
+    uint8_t *p = arena_alloc(s, len);
+    fpy3_h3_event *ev = p ? ev_push(s, FPY3_H3_DATA, c, st->id) : NULL;
+    if (!ev)
+        return;
+    memcpy(p, data, len);
+    ev->data = p;
+    ev->len = len;
+}
+
+/* --- response body chain ----------------------------------------------------------- */
+
+static int chain_append(fpy3_h3_server *s, stream *st, const uint8_t *data, size_t len)
+{
+    while (len) {
+        chunk *t = st->tail;
+        if (!t || t->len == CHUNK_CAP) {
+            chunk *n = chunk_get(s);
+            if (!n)
+                return -1;
+            if (t)
+                t->next = n;
+            else
+                st->head = n;
+            st->tail = t = n;
+            if (!st->rd) {
+                st->rd = n;
+                st->rd_off = 0;
+            }
+        }
+        size_t n = CHUNK_CAP - t->len;
+        if (n > len)
+            n = len;
+        memcpy(t->data + t->len, data, n);
+        t->len += (uint32_t)n;
+        data += n;
+        len -= n;
+        st->buffered += n;
+    }
+    return 0;
+}
+
+static void chain_ack(fpy3_h3_server *s, stream *st, uint64_t n)
+{
+    st->buffered -= n < st->buffered ? n : st->buffered;
+    while (n && st->head) {
+        chunk *h = st->head;
+        uint64_t avail = h->len - st->head_off;
+        if (n < avail) {
+            st->head_off += (uint32_t)n;
+            return;
+        }
+        n -= avail;
+        /* Wholly acked, so wholly handed out: rd is at or past its end. */
+        st->head = h->next;
+        if (st->rd == h) {
+            st->rd = h->next;
+            st->rd_off = 0;
+        }
+        if (st->tail == h)
+            st->tail = NULL;
+        st->head_off = 0;
+        chunk_put(s, h);
+    }
+}
+
+static void chain_free(fpy3_h3_server *s, stream *st)
+{
+    while (st->head) {
+        chunk *h = st->head;
+        st->head = h->next;
+        chunk_put(s, h);
+    }
+    st->tail = st->rd = NULL;
+    st->buffered = 0;
+}
+
+static nghttp3_ssize read_data(nghttp3_conn *h3, int64_t sid, nghttp3_vec *vec, size_t veccnt,
+                               uint32_t *pflags, void *cud, void *sud)
+{
+    (void)h3;
+    (void)sid;
+    (void)cud;
+    stream *st = sud;
+    size_t n = 0;
+    while (st->rd && n < veccnt) {
+        chunk *r = st->rd;
+        if (st->rd_off < r->len) {
+            vec[n].base = r->data + st->rd_off;
+            vec[n].len = r->len - st->rd_off;
+            n++;
+            st->rd_off = r->len;
+        }
+        if (!r->next)
+            break;
+        st->rd = r->next;
+        st->rd_off = 0;
+    }
+    if (st->flags & S_FIN) {
+        chunk *r = st->rd;
+        if (!r || (st->rd_off == r->len && !r->next))
+            *pflags |= NGHTTP3_DATA_FLAG_EOF;
+    } else if (n == 0) {
+        return NGHTTP3_ERR_WOULDBLOCK;
+    }
+    return (nghttp3_ssize)n;
+}
+
+static const nghttp3_data_reader body_reader = {.read_data = read_data};
+
+/* --- stream lifecycle -------------------------------------------------------------- */
+
+static void stream_unlink(h3conn *c, stream *st)
+{
+    if (st->prev)
+        st->prev->next = st->next;
+    else
+        c->live = st->next;
+    if (st->next)
+        st->next->prev = st->prev;
+    st->prev = st->next = NULL;
+    smap_del(&c->streams, st);
+}
+
+/* The stream is gone: tell Python (if it knows it), give back unconsumed credit,
+ * free its body buffers, and park the object until the next batch. */
+static void stream_release(h3conn *c, stream *st, uint64_t code)
+{
+    fpy3_h3_server *s = c->s;
+    if (st->flags & S_SURFACED) {
+        if (!(st->flags & (S_RESET_DONE | S_FIN))) {
+            fpy3_h3_event *ev = ev_push(s, FPY3_H3_RESET, c, st->id);
+            if (ev)
+                ev->code = code;
+        }
+        ev_push(s, FPY3_H3_CLOSED, c, st->id);
+    }
+    if (c->qc && st->unconsumed)
+        fpy3_engine_extend(c->qc, -1, st->unconsumed); /* connection window only */
+    chain_free(s, st);
+    stream_unlink(c, st);
+    st->next = s->zombie_streams;
+    s->zombie_streams = st;
+}
+
+static h3conn *conn_of(fpy3_h3_server *s, uint64_t handle)
+{
+    h3conn *c = fpy3_engine_conn_find(s->e, handle);
+    return c && c->qc ? c : NULL;
+}
+
+static stream *stream_of(fpy3_h3_server *s, uint64_t handle, int64_t sid, h3conn **pc)
+{
+    h3conn *c = conn_of(s, handle);
+    if (!c)
+        return NULL;
+    stream *st = smap_find(&c->streams, sid);
+    if (!st || !(st->flags & S_SURFACED))
+        return NULL;
+    *pc = c;
+    return st;
+}
+
+/* An error outside engine callbacks: close on the next flush (not now, so the
+ * batch Python is reading is not appended to). */
+static void conn_close_later(h3conn *c, uint64_t code)
+{
+    if (c->close_pending)
+        return;
+    c->close_pending = 1;
+    c->close_code = code;
+    c->next = c->s->pending_close;
+    c->s->pending_close = c;
+}
+
+/* --- nghttp3 callbacks -------------------------------------------------------------- */
+
+static int h_begin_headers(nghttp3_conn *h3, int64_t sid, void *cud, void *sud)
+{
+    h3conn *c = cud;
+    (void)sud;
+    stream *st = stream_get(c->s);
+    if (!st)
+        return NGHTTP3_ERR_CALLBACK_FAILURE;
+    st->id = sid;
+    st->c = c;
+    if (smap_put(&c->streams, st) < 0) {
+        stream_free_now(c->s, st);
+        return NGHTTP3_ERR_CALLBACK_FAILURE;
+    }
+    st->next = c->live;
+    if (c->live)
+        c->live->prev = st;
+    c->live = st;
+    nghttp3_conn_set_stream_user_data(h3, sid, st);
+    return 0;
+}
+
+static int head_append(stream *st, const uint8_t *p, size_t n)
+{
+    if (st->hlen + n + 1 > st->hcap) {
+        size_t ncap = st->hcap ? st->hcap : HEAD_INITIAL;
+        while (ncap < st->hlen + n + 1)
+            ncap *= 2;
+        uint8_t *nb = realloc(st->hbuf, ncap);
+        if (!nb)
+            return -1;
+        st->hbuf = nb;
+        st->hcap = (uint32_t)ncap;
+    }
+    memcpy(st->hbuf + st->hlen, p, n);
+    st->hbuf[st->hlen + n] = 0;
+    st->hlen += (uint32_t)(n + 1);
+    return 0;
+}
+
+static int h_recv_header(nghttp3_conn *h3, int64_t sid, int32_t token, nghttp3_rcbuf *name,
+                         nghttp3_rcbuf *value, uint8_t flags, void *cud, void *sud)
+{
+    h3conn *c = cud;
+    stream *st = sud;
+    (void)h3;
+    (void)sid;
+    (void)token;
+    (void)flags;
+    if (!st || (st->flags & S_TOO_LARGE))
+        return 0;
+    nghttp3_vec n = nghttp3_rcbuf_get_buf(name), v = nghttp3_rcbuf_get_buf(value);
+    st->hcount++;
+    st->hsize += n.len + v.len + 32;
+    if (st->hcount > c->s->max_header_count || st->hsize > c->s->max_header_size) {
+        st->flags |= S_TOO_LARGE;
+        return 0;
+    }
+    if (head_append(st, n.base, n.len) < 0 || head_append(st, v.base, v.len) < 0)
+        return NGHTTP3_ERR_CALLBACK_FAILURE;
+    return 0;
+}
+
+static int h_end_headers(nghttp3_conn *h3, int64_t sid, int fin, void *cud, void *sud)
+{
+    h3conn *c = cud;
+    stream *st = sud;
+    if (!st || (st->flags & S_DISCARD))
+        return 0;
+    if (st->flags & S_TOO_LARGE) {
+        /* Answered here; Python never sees it. */
+        static const nghttp3_nv nv[] = {
+            {(uint8_t *)":status", (uint8_t *)"431", 7, 3, NGHTTP3_NV_FLAG_NONE},
+            {(uint8_t *)"content-length", (uint8_t *)"0", 14, 1, NGHTTP3_NV_FLAG_NONE},
+        };
+        st->flags |= S_DISCARD | S_RESPONDED | S_FIN;
+        int rv = nghttp3_conn_submit_response(h3, sid, nv, 2, NULL);
+        if (rv != 0)
+            return rv == NGHTTP3_ERR_NOMEM ? NGHTTP3_ERR_CALLBACK_FAILURE : 0;
+        if (!fin)
+            fpy3_engine_shutdown_stream(c->qc, sid, FPY3_H3_NO_ERROR, FPY3_SHUT_RD);
+        fpy3_engine_mark(c->qc);
+        return 0;
+    }
+    fpy3_h3_event *ev = ev_push(c->s, FPY3_H3_REQUEST, c, sid);
+    if (!ev)
+        return NGHTTP3_ERR_CALLBACK_FAILURE;
+    st->flags |= S_SURFACED;
+    ev->data = st->hbuf;
+    ev->len = st->hlen;
+    ev->peer = c->peer;
+    ev->peer_port = c->peer_port;
+    ev->local = c->local;
+    ev->local_port = c->local_port;
+    return 0;
+}
+
+static int h_recv_data(nghttp3_conn *h3, int64_t sid, const uint8_t *data, size_t len, void *cud,
+                       void *sud)
+{
+    h3conn *c = cud;
+    stream *st = sud;
+    (void)h3;
+    if (!st || !(st->flags & S_SURFACED)) {
+        fpy3_engine_extend(c->qc, sid, len); /* nobody will consume it */
+        return 0;
+    }
+    st->unconsumed += len;
+    emit_data(c->s, c, st, data, len);
+    return 0;
+}
+
+static int h_deferred_consume(nghttp3_conn *h3, int64_t sid, size_t n, void *cud, void *sud)
+{
+    h3conn *c = cud;
+    (void)h3;
+    (void)sud;
+    fpy3_engine_extend(c->qc, sid, n);
+    return 0;
+}
+
+static int h_end_stream(nghttp3_conn *h3, int64_t sid, void *cud, void *sud)
+{
+    h3conn *c = cud;
+    stream *st = sud;
+    (void)h3;
+    if (st && (st->flags & S_SURFACED))
+        ev_push(c->s, FPY3_H3_END, c, sid);
+    return 0;
+}
+
+static int h_acked(nghttp3_conn *h3, int64_t sid, uint64_t n, void *cud, void *sud)
+{
+    h3conn *c = cud;
+    stream *st = sud;
+    (void)h3;
+    if (!st)
+        return 0;
+    chain_ack(c->s, st, n);
+    if ((st->flags & S_WANT_WRITABLE) && st->buffered <= c->s->low_water) {
+        st->flags &= ~S_WANT_WRITABLE;
+        ev_push(c->s, FPY3_H3_WRITABLE, c, sid);
+    }
+    return 0;
+}
+
+static int h_stream_close(nghttp3_conn *h3, int64_t sid, uint64_t code, void *cud, void *sud)
+{
+    h3conn *c = cud;
+    stream *st = sud;
+    (void)h3;
+    if (st)
+        stream_release(c, st, code);
+    if ((sid & 0x3) == 0) /* client bidi: let the peer open another */
+        fpy3_engine_extend_streams_bidi(c->qc, 1);
+    return 0;
+}
+
+/* nghttp3 asks us to send STOP_SENDING / RESET_STREAM (e.g. a malformed request). */
+static int h_stop_sending(nghttp3_conn *h3, int64_t sid, uint64_t code, void *cud, void *sud)
+{
+    h3conn *c = cud;
+    stream *st = sud;
+    (void)h3;
+    if (st && !(st->flags & S_SURFACED))
+        st->flags |= S_DISCARD;
+    fpy3_engine_shutdown_stream(c->qc, sid, code, FPY3_SHUT_RD);
+    return 0;
+}
+
+static int h_reset_stream(nghttp3_conn *h3, int64_t sid, uint64_t code, void *cud, void *sud)
+{
+    h3conn *c = cud;
+    stream *st = sud;
+    (void)h3;
+    if (st) {
+        if (!(st->flags & S_SURFACED))
+            st->flags |= S_DISCARD;
+        st->flags |= S_WR_SHUT;
+    }
+    fpy3_engine_shutdown_stream(c->qc, sid, code, FPY3_SHUT_WR);
+    return 0;
+}
+
+static int h_shutdown(nghttp3_conn *h3, int64_t id, void *cud)
+{
+    h3conn *c = cud;
+    (void)h3;
+    (void)id;
+    c->peer_goaway = 1; /* the client is going away; its open streams finish normally */
+    return 0;
+}
+
+static const nghttp3_callbacks h3_callbacks = {
+    .acked_stream_data = h_acked,
+    .stream_close = h_stream_close,
+    .recv_data = h_recv_data,
+    .deferred_consume = h_deferred_consume,
+    .begin_headers = h_begin_headers,
+    .recv_header = h_recv_header,
+    .end_headers = h_end_headers,
+    .stop_sending = h_stop_sending,
+    .end_stream = h_end_stream,
+    .reset_stream = h_reset_stream,
+    .shutdown = h_shutdown,
+};
+
+/* --- engine callbacks --------------------------------------------------------------- */
+
+static void addr_text(const struct sockaddr *sa, char *out, size_t outlen, int *port)
+{
+    out[0] = 0;
+    *port = 0;
+    if (!sa)
+        return;
+    if (sa->sa_family == AF_INET) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)sa;
+        inet_ntop(AF_INET, &sin->sin_addr, out, (socklen_t)outlen);
+        *port = ntohs(sin->sin_port);
+    } else if (sa->sa_family == AF_INET6) {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)sa;
+        if (IN6_IS_ADDR_V4MAPPED(&sin6->sin6_addr)) /* show IPv4 peers as IPv4 */
+            inet_ntop(AF_INET, &sin6->sin6_addr.s6_addr[12], out, (socklen_t)outlen);
+        else
+            inet_ntop(AF_INET6, &sin6->sin6_addr, out, (socklen_t)outlen);
+        *port = ntohs(sin6->sin6_port);
+    }
+}
+
+static void *e_conn_open(void *app, fpy3_qconn *qc)
+{
+    fpy3_h3_server *s = app;
+    h3conn *c = calloc(1, sizeof(*c));
+    if (!c)
+        return NULL;
+    c->s = s;
+    c->qc = qc;
+    c->handle = fpy3_engine_conn_handle(qc);
+    uint32_t len;
+    addr_text(fpy3_engine_conn_peer(qc, &len), c->peer, sizeof(c->peer), &c->peer_port);
+    addr_text(fpy3_engine_conn_local(qc, &len), c->local, sizeof(c->local), &c->local_port);
+
+    nghttp3_settings settings;
+    nghttp3_settings_default(&settings);
+    settings.max_field_section_size = s->max_header_size;
+    settings.qpack_max_dtable_capacity = 4096;
+    settings.qpack_blocked_streams = 100;
+    if (nghttp3_conn_server_new(&c->h3, &h3_callbacks, &settings, nghttp3_mem_default(), c) != 0) {
+        free(c);
+        return NULL;
+    }
+    nghttp3_conn_set_max_client_streams_bidi(c->h3, fpy3_engine_max_streams_bidi(qc));
+    nghttp3_conn_set_max_concurrent_streams(c->h3, (size_t)s->max_streams_bidi);
+    int64_t ctrl, qenc, qdec;
+    if (fpy3_engine_open_uni(qc, &ctrl) < 0 || fpy3_engine_open_uni(qc, &qenc) < 0 ||
+        fpy3_engine_open_uni(qc, &qdec) < 0 || nghttp3_conn_bind_control_stream(c->h3, ctrl) != 0 ||
+        nghttp3_conn_bind_qpack_streams(c->h3, qenc, qdec) != 0) {
+        nghttp3_conn_del(c->h3);
+        free(c);
+        return NULL;
+    }
+    if (s->shutting_down) {
+        nghttp3_conn_shutdown(c->h3);
+        c->goaway = 1;
+    }
+    return c;
+}
+
+static void e_conn_close(void *ac)
+{
+    h3conn *c = ac;
+    fpy3_h3_server *s = c->s;
+    while (c->live)
+        stream_release(c, c->live, FPY3_H3_REQUEST_CANCELLED);
+    c->qc = NULL;
+    nghttp3_conn_del(c->h3);
+    c->h3 = NULL;
+    if (c->close_pending) {
+        /* Unlink from the pending list; it is short. */
+        for (h3conn **p = &s->pending_close; *p; p = &(*p)->next)
+            if (*p == c) {
+                *p = c->next;
+                break;
+            }
+    }
+    c->next = s->zombie_conns; /* REQUEST events may still point at c->peer */
+    s->zombie_conns = c;
+}
+
+static int fail(h3conn *c, long rv)
+{
+    fpy3_engine_conn_error(c->qc, nghttp3_err_infer_quic_app_error_code((int)rv));
+    return -1;
+}
+
+static int e_recv(void *ac, int64_t sid, const uint8_t *data, size_t len, int fin)
+{
+    h3conn *c = ac;
+    nghttp3_ssize n = nghttp3_conn_read_stream(c->h3, sid, data, len, fin);
+    if (n < 0)
+        return fail(c, n);
+    fpy3_engine_extend(c->qc, sid, (uint64_t)n); /* framing; body credit waits for consume() */
+    return 0;
+}
+
+static int e_acked(void *ac, int64_t sid, uint64_t n)
+{
+    h3conn *c = ac;
+    int rv = nghttp3_conn_add_ack_offset(c->h3, sid, n);
+    return rv ? fail(c, rv) : 0;
+}
+
+static int e_stream_close(void *ac, int64_t sid, uint64_t code)
+{
+    h3conn *c = ac;
+    int rv = nghttp3_conn_close_stream(c->h3, sid, code ? code : NGHTTP3_H3_NO_ERROR);
+    if (rv == NGHTTP3_ERR_STREAM_NOT_FOUND) {
+        if ((sid & 0x3) == 0) /* a request stream nghttp3 never saw */
+            fpy3_engine_extend_streams_bidi(c->qc, 1);
+        return 0;
+    }
+    return rv ? fail(c, rv) : 0;
+}
+
+static int e_peer_reset(void *ac, int64_t sid, uint64_t code)
+{
+    h3conn *c = ac;
+    int rv = nghttp3_conn_shutdown_stream_read(c->h3, sid);
+    if (rv)
+        return fail(c, rv);
+    stream *st = smap_find(&c->streams, sid);
+    if (st && (st->flags & S_SURFACED) && !(st->flags & S_RESET_DONE)) {
+        st->flags |= S_RESET_DONE;
+        fpy3_h3_event *ev = ev_push(c->s, FPY3_H3_RESET, c, sid);
+        if (ev)
+            ev->code = code;
+    }
+    return 0;
+}
+
+static int e_stop_reading(void *ac, int64_t sid)
+{
+    h3conn *c = ac;
+    int rv = nghttp3_conn_shutdown_stream_read(c->h3, sid);
+    return rv ? fail(c, rv) : 0;
+}
+
+static int e_unblocked(void *ac, int64_t sid)
+{
+    h3conn *c = ac;
+    int rv = nghttp3_conn_unblock_stream(c->h3, sid);
+    return rv ? fail(c, rv) : 0;
+}
+
+static void e_max_streams(void *ac, uint64_t n)
+{
+    h3conn *c = ac;
+    nghttp3_conn_set_max_client_streams_bidi(c->h3, n);
+}
+
+static long e_pull(void *ac, int64_t *sid, int *fin, fpy3_vec *vec, size_t veccnt)
+{
+    h3conn *c = ac;
+    nghttp3_ssize n = nghttp3_conn_writev_stream(c->h3, sid, fin, (nghttp3_vec *)vec, veccnt);
+    if (n < 0)
+        return fail(c, n);
+    return (long)n;
+}
+
+static int e_written(void *ac, int64_t sid, size_t n)
+{
+    h3conn *c = ac;
+    if (sid < 0)
+        return 0;
+    int rv = nghttp3_conn_add_write_offset(c->h3, sid, n);
+    return rv ? fail(c, rv) : 0;
+}
+
+static void e_blocked(void *ac, int64_t sid)
+{
+    h3conn *c = ac;
+    nghttp3_conn_block_stream(c->h3, sid);
+}
+
+/* The write side is gone: the peer sent STOP_SENDING (the engine reset the stream). */
+static void e_shut_wr(void *ac, int64_t sid)
+{
+    h3conn *c = ac;
+    nghttp3_conn_shutdown_stream_write(c->h3, sid);
+    stream *st = smap_find(&c->streams, sid);
+    if (!st)
+        return;
+    st->flags |= S_WR_SHUT;
+    if ((st->flags & S_SURFACED) && !(st->flags & S_RESET_DONE)) {
+        st->flags |= S_RESET_DONE;
+        fpy3_h3_event *ev = ev_push(c->s, FPY3_H3_RESET, c, sid);
+        if (ev)
+            ev->code = FPY3_H3_REQUEST_CANCELLED;
+    }
+}
+
+static const fpy3_engine_app engine_app = {
+    .conn_open = e_conn_open,
+    .conn_close = e_conn_close,
+    .recv = e_recv,
+    .acked = e_acked,
+    .stream_close = e_stream_close,
+    .peer_reset = e_peer_reset,
+    .stop_reading = e_stop_reading,
+    .unblocked = e_unblocked,
+    .max_streams = e_max_streams,
+    .pull = e_pull,
+    .written = e_written,
+    .blocked = e_blocked,
+    .shut_wr = e_shut_wr,
+};
+
+/* --- public API -------------------------------------------------------------------- */
+
+fpy3_h3_server *fpy3_h3_server_new(int fd, const fpy3_h3_config *cfg, char *err, size_t errlen)
+{
+    fpy3_h3_server *s = calloc(1, sizeof(*s));
+    if (!s) {
+        if (err && errlen)
+            snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    s->max_header_size = cfg->max_header_size ? cfg->max_header_size : 65536;
+    s->max_header_count = cfg->max_header_count ? cfg->max_header_count : 100;
+    s->max_streams_bidi = cfg->max_streams_bidi ? cfg->max_streams_bidi : 100;
+    s->high_water = cfg->send_high_water ? cfg->send_high_water : 256 * 1024;
+    s->low_water = s->high_water / 4;
+
+    fpy3_engine_config ec = {
+        .cert_file = cfg->cert_file,
+        .key_file = cfg->key_file,
+        .alpn = "h3",
+        .qlog_dir = cfg->qlog_dir,
+        .worker_id = cfg->worker_id,
+        .retry = cfg->retry,
+        .idle_timeout_ms = cfg->idle_timeout_ms ? cfg->idle_timeout_ms : 30000,
+        .max_streams_bidi = s->max_streams_bidi,
+        .max_streams_uni = 3,
+        .initial_max_data = cfg->initial_max_data ? cfg->initial_max_data : 4 * 1024 * 1024,
+        .initial_max_stream_data =
+            cfg->initial_max_stream_data ? cfg->initial_max_stream_data : 1024 * 1024,
+        .max_udp_payload = cfg->max_udp_payload,
+    };
+    memcpy(ec.static_secret, cfg->static_secret, sizeof(ec.static_secret));
+    s->e = fpy3_engine_new(fd, &ec, &engine_app, s, err, errlen);
+    if (!s->e) {
+        free(s);
+        return NULL;
+    }
+    return s;
+}
+
+void fpy3_h3_server_free(fpy3_h3_server *s)
+{
+    if (!s)
+        return;
+    fpy3_engine_free(s->e); /* conn_close for each: streams and conns become zombies */
+    s->e = NULL;
+    batch_begin(s);
+    while (s->arena) {
+        ablock *b = s->arena;
+        s->arena = b->next;
+        free(b);
+    }
+    while (s->free_streams) {
+        stream *st = s->free_streams;
+        s->free_streams = st->next;
+        free(st->hbuf);
+        free(st);
+    }
+    while (s->free_chunks) {
+        chunk *ch = s->free_chunks;
+        s->free_chunks = ch->next;
+        free(ch);
+    }
+    free(s->ev);
+    free(s->pend);
+    free(s->nv);
+    free(s);
+}
+
+static void drain_check(void *ac, void *arg)
+{
+    h3conn *c = ac;
+    (void)arg;
+    if (c->qc && c->h3 && nghttp3_conn_is_drained(c->h3))
+        conn_close_later(c, FPY3_H3_NO_ERROR);
+}
+
+/* Closes connections queued by conn_close_later (and drained ones when shutting down). */
+static void close_pending(fpy3_h3_server *s)
+{
+    if (s->shutting_down)
+        fpy3_engine_each(s->e, drain_check, NULL);
+    while (s->pending_close) {
+        h3conn *c = s->pending_close;
+        s->pending_close = c->next;
+        c->close_pending = 0;
+        if (c->qc)
+            fpy3_engine_conn_close(c->qc, c->close_code);
+    }
+}
+
+int fpy3_h3_read(fpy3_h3_server *s)
+{
+    batch_begin(s);
+    fpy3_engine_read(s->e);
+    if (s->pending_close || s->shutting_down) {
+        close_pending(s);
+        fpy3_engine_flush(s->e);
+    }
+    return (int)s->nev;
+}
+
+int fpy3_h3_expire(fpy3_h3_server *s)
+{
+    batch_begin(s);
+    fpy3_engine_expire(s->e);
+    if (s->pending_close || s->shutting_down) {
+        close_pending(s);
+        fpy3_engine_flush(s->e);
+    }
+    return (int)s->nev;
+}
+
+int fpy3_h3_flush(fpy3_h3_server *s)
+{
+    s->in_flush = 1;
+    close_pending(s);
+    int rv = fpy3_engine_flush(s->e);
+    s->in_flush = 0;
+    return rv;
+}
+
+int64_t fpy3_h3_next_timeout_ms(fpy3_h3_server *s)
+{
+    if (s->pending_close || s->npend)
+        return 0; /* expire() delivers them */
+    return fpy3_engine_next_timeout_ms(s->e);
+}
+
+const fpy3_h3_event *fpy3_h3_events(fpy3_h3_server *s, size_t *count)
+{
+    *count = s->nev;
+    return s->ev;
+}
+
+int fpy3_h3_respond(fpy3_h3_server *s, uint64_t conn, int64_t sid, int status,
+                    const char *headers, size_t len, int end_stream)
+{
+    h3conn *c;
+    stream *st = stream_of(s, conn, sid, &c);
+    if (!st || (st->flags & (S_RESPONDED | S_WR_SHUT)) || status < 100 || status > 999)
+        return -1;
+    size_t nfields = 0;
+    for (size_t i = 0; i < len; i++)
+        nfields += headers[i] == 0;
+    if (nfields & 1)
+        return -1; /* names and values must pair up */
+    nfields /= 2;
+    nghttp3_nv stack_nv[NV_STACK], *nv = stack_nv;
+    if (nfields + 1 > NV_STACK) {
+        if (s->nvcap < nfields + 1) {
+            nghttp3_nv *n = realloc(s->nv, (nfields + 1) * sizeof(*n));
+            if (!n)
+                return -1;
+            s->nv = n;
+            s->nvcap = nfields + 1;
+        }
+        nv = s->nv;
+    }
+    char code[4] = {(char)('0' + status / 100), (char)('0' + status / 10 % 10),
+                    (char)('0' + status % 10), 0};
+    nv[0] = (nghttp3_nv){(uint8_t *)":status", (uint8_t *)code, 7, 3, NGHTTP3_NV_FLAG_NONE};
+    const char *p = headers;
+    for (size_t i = 1; i <= nfields; i++) {
+        size_t nl = strlen(p);
+        const char *v = p + nl + 1;
+        size_t vl = strlen(v);
+        nv[i] = (nghttp3_nv){(uint8_t *)p, (uint8_t *)v, nl, vl, NGHTTP3_NV_FLAG_NONE};
+        p = v + vl + 1;
+    }
+    /* nghttp3 copies the fields: nv and the strings need not outlive this call. */
+    int rv = nghttp3_conn_submit_response(c->h3, sid, nv, nfields + 1,
+                                          end_stream ? NULL : &body_reader);
+    if (rv != 0) {
+        if (nghttp3_err_is_fatal(rv))
+            conn_close_later(c, FPY3_H3_INTERNAL_ERROR);
+        return -1;
+    }
+    st->flags |= S_RESPONDED | (end_stream ? S_FIN : 0);
+    fpy3_engine_mark(c->qc);
+    return 0;
+}
+
+int64_t fpy3_h3_send(fpy3_h3_server *s, uint64_t conn, int64_t sid, const uint8_t *data,
+                     size_t len, int fin)
+{
+    h3conn *c;
+    stream *st = stream_of(s, conn, sid, &c);
+    if (!st || !(st->flags & S_RESPONDED) || (st->flags & (S_FIN | S_WR_SHUT)))
+        return -1;
+    if (len && chain_append(s, st, data, len) < 0) {
+        conn_close_later(c, FPY3_H3_INTERNAL_ERROR);
+        return -1;
+    }
+    if (fin)
+        st->flags |= S_FIN;
+    if (nghttp3_conn_resume_stream(c->h3, sid) != 0) {
+        conn_close_later(c, FPY3_H3_INTERNAL_ERROR);
+        return -1;
+    }
+    fpy3_engine_mark(c->qc);
+    if (st->buffered > s->high_water && !fin)
+        st->flags |= S_WANT_WRITABLE;
+    return (int64_t)st->buffered;
+}
+
+int fpy3_h3_consume(fpy3_h3_server *s, uint64_t conn, int64_t sid, size_t n)
+{
+    h3conn *c;
+    stream *st = stream_of(s, conn, sid, &c);
+    if (!st)
+        return -1;
+    if (n > st->unconsumed)
+        n = (size_t)st->unconsumed;
+    if (!n)
+        return 0;
+    st->unconsumed -= n;
+    fpy3_engine_extend(c->qc, sid, n);
+    fpy3_engine_mark(c->qc);
+    return 0;
+}
+
+int fpy3_h3_reset(fpy3_h3_server *s, uint64_t conn, int64_t sid, uint64_t h3_error)
+{
+    h3conn *c;
+    stream *st = stream_of(s, conn, sid, &c);
+    if (!st)
+        return -1;
+    st->flags |= S_RESET_DONE | S_WR_SHUT;
+    if (nghttp3_conn_shutdown_stream_read(c->h3, sid) != 0)
+        conn_close_later(c, FPY3_H3_INTERNAL_ERROR);
+    nghttp3_conn_shutdown_stream_write(c->h3, sid);
+    fpy3_engine_shutdown_stream(c->qc, sid, h3_error, FPY3_SHUT_RD | FPY3_SHUT_WR);
+    return 0;
+}
+
+int fpy3_h3_want_write(fpy3_h3_server *s) { return fpy3_engine_want_write(s->e); }
+
+static void goaway(void *ac, void *arg)
+{
+    h3conn *c = ac;
+    (void)arg;
+    if (c->qc && c->h3 && !c->goaway) {
+        c->goaway = 1;
+        if (nghttp3_conn_shutdown(c->h3) != 0)
+            conn_close_later(c, FPY3_H3_INTERNAL_ERROR);
+        fpy3_engine_mark(c->qc);
+    }
+}
+
+void fpy3_h3_shutdown(fpy3_h3_server *s)
+{
+    if (s->shutting_down)
+        return;
+    s->shutting_down = 1;
+    fpy3_engine_stop_accepting(s->e);
+    fpy3_engine_each(s->e, goaway, NULL);
+}
+
+size_t fpy3_h3_connection_count(fpy3_h3_server *s) { return fpy3_engine_conn_count(s->e); }

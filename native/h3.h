@@ -1,0 +1,88 @@
+/* h3: HTTP/3 server over the QUIC engine interface (engine.h), with nghttp3.
+ *
+ * Python drives it from the event loop, single-threaded: read() when the UDP fd
+ * is readable, expire() when the timer fires, then it reads the event batch,
+ * calls respond/send/consume/reset, and flush() once. No C callback calls Python.
+ *
+ * Events (fpy3_h3_events) stay valid until the next read/expire call: their
+ * bytes live in a per-server arena and in stream objects whose release is
+ * deferred to the start of that next call. flush() never touches the batch;
+ * events it raises (a peer's STOP_SENDING seen while writing, connections it
+ * closes) lead the next read/expire batch, and next_timeout_ms() is 0 until then.
+ *
+ * Request heads over max_header_size (sum of name + value + 32 per field, as
+ * SETTINGS_MAX_FIELD_SECTION_SIZE counts) or max_header_count fields get a 431
+ * response from C (and STOP_SENDING H3_NO_ERROR for any body); Python never sees
+ * them. Malformed requests (nghttp3's checks) are reset with H3_MESSAGE_ERROR.
+ */
+#ifndef FPY3_H3_H
+#define FPY3_H3_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define FPY3_H3_REQUEST 1  /* head complete: data = "name\0value\0..." (pseudo first) */
+#define FPY3_H3_DATA 2     /* request body bytes; consume() them to give credit back */
+#define FPY3_H3_END 3      /* request body finished */
+#define FPY3_H3_RESET 4    /* peer reset / stop_sending / connection lost: code set */
+#define FPY3_H3_WRITABLE 5 /* unacked response bytes fell to send_high_water / 4 */
+#define FPY3_H3_CLOSED 6   /* stream gone; its last event */
+
+#define FPY3_H3_NO_ERROR 0x100
+#define FPY3_H3_INTERNAL_ERROR 0x102
+#define FPY3_H3_EXCESSIVE_LOAD 0x107
+#define FPY3_H3_REQUEST_CANCELLED 0x10c
+#define FPY3_H3_MESSAGE_ERROR 0x10e
+
+typedef struct {
+    const char *cert_file;
+    const char *key_file;
+    uint32_t worker_id;
+    uint8_t static_secret[32];
+    int retry;
+    uint64_t idle_timeout_ms;
+    uint64_t max_streams_bidi;
+    size_t max_udp_payload;
+    uint64_t initial_max_data;
+    uint64_t initial_max_stream_data;
+    size_t max_header_size;
+    size_t max_header_count;
+    const char *qlog_dir;   /* NULL or "" = off */
+    size_t send_high_water; /* send() above it: wait for WRITABLE; 0 = 256 KiB */
+} fpy3_h3_config;
+
+typedef struct {
+    int type;
+    int peer_port;  /* REQUEST */
+    int local_port; /* REQUEST */
+    uint64_t conn;  /* connection handle */
+    int64_t stream;
+    const uint8_t *data;
+    size_t len;
+    uint64_t code;     /* RESET: HTTP/3 error code */
+    const char *peer;  /* REQUEST: peer IP as text */
+    const char *local; /* REQUEST: local IP as text */
+} fpy3_h3_event;
+
+typedef struct fpy3_h3_server fpy3_h3_server;
+
+fpy3_h3_server *fpy3_h3_server_new(int fd, const fpy3_h3_config *cfg, char *err, size_t errlen);
+void fpy3_h3_server_free(fpy3_h3_server *s);
+int fpy3_h3_read(fpy3_h3_server *s);
+int fpy3_h3_expire(fpy3_h3_server *s);
+int64_t fpy3_h3_next_timeout_ms(fpy3_h3_server *s);
+const fpy3_h3_event *fpy3_h3_events(fpy3_h3_server *s, size_t *count);
+int fpy3_h3_respond(fpy3_h3_server *s, uint64_t conn, int64_t stream, int status,
+                    const char *headers, size_t len, int end_stream);
+int64_t fpy3_h3_send(fpy3_h3_server *s, uint64_t conn, int64_t stream, const uint8_t *data,
+                     size_t len, int fin);
+int fpy3_h3_consume(fpy3_h3_server *s, uint64_t conn, int64_t stream, size_t n);
+int fpy3_h3_reset(fpy3_h3_server *s, uint64_t conn, int64_t stream, uint64_t h3_error);
+int fpy3_h3_flush(fpy3_h3_server *s); /* 0, or -1: the socket is full (want_write) */
+int fpy3_h3_want_write(fpy3_h3_server *s);
+void fpy3_h3_shutdown(fpy3_h3_server *s);
+/* Connections that can still carry requests (those in their closing period are
+ * only timers and do not count). */
+size_t fpy3_h3_connection_count(fpy3_h3_server *s);
+
+#endif
