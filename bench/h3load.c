@@ -16,6 +16,7 @@
 #include <inttypes.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -112,7 +113,7 @@ typedef struct slot {
 typedef struct {
   uint64_t done, ok, err_transfer, err_status, err_body, err_proto, bytes;
   uint64_t connects;    // CURLINFO_NUM_CONNECTS summed over every transfer, warmup too
-  uint64_t conns_used;  // distinct CURLINFO_CONN_ID seen while measuring
+  uint64_t conns_used;  // connections that delivered a response while measuring
   uint64_t by_code[CURL_LAST + 1];
   char first_error[CURL_ERROR_SIZE + 64];
   long first_bad_status;
@@ -142,8 +143,13 @@ typedef struct {
 
 static int64_t t_measure, t_end;  // set before the threads start, read-only after
 static int is_head;               // HEAD: Content-Length describes a body never sent
-static _Atomic int aborted;       // a fatal error: every thread stops
-static char abort_reason[CURL_ERROR_SIZE + 64];
+static atomic_int aborted;        // a fatal error: every thread stops
+static char abort_reason[CURL_ERROR_SIZE + 144];  // written once, by whoever set aborted
+
+static void abort_run(const char *what, const char *detail) {
+  if (!atomic_exchange(&aborted, 1))
+    snprintf(abort_reason, sizeof abort_reason, "%s: %s", what, detail);
+}
 
 /* A failed transfer is retried after this pause, so a dead server does not make the
  * client spin at 100% CPU counting errors. */
@@ -168,7 +174,6 @@ static size_t on_body(char *p, size_t sz, size_t n, void *ud) {
   return sz * n;
 }
 
-
 /* Check one finished transfer; record it if it ended inside the measured window.
  * Latency is recorded for every response (any status), not for transfer errors. */
 static void finish(worker_t *w, slot_t *s, CURLcode rc, int64_t end) {
@@ -177,10 +182,10 @@ static void finish(worker_t *w, slot_t *s, CURLcode rc, int64_t end) {
   curl_off_t cl = -1, conn_id = -1;
   curl_easy_getinfo(s->easy, CURLINFO_NUM_CONNECTS, &nc);
   st->connects += (uint64_t)nc;
-  if (rc != CURLE_OK && is_fatal(rc) && !aborted) {
-    snprintf(abort_reason, sizeof abort_reason, "curl error %d (%s): %s", (int)rc,
-             curl_easy_strerror(rc), s->errbuf);
-    aborted = 1;
+  if (rc != CURLE_OK && is_fatal(rc)) {
+    char what[128];
+    snprintf(what, sizeof what, "curl error %d (%s)", (int)rc, curl_easy_strerror(rc));
+    abort_run(what, s->errbuf);
   }
   if (!w->measuring) return;
   st->done++;
@@ -225,8 +230,7 @@ static void perform(worker_t *w, group_t *g) {
   CURLMcode mc = curl_multi_perform(g->multi, &running);
   int64_t now = now_ns();  // completion time of whatever finished in there
   if (mc != CURLM_OK) {
-    fprintf(stderr, "h3load: curl_multi_perform: %s\n", curl_multi_strerror(mc));
-    aborted = 1;
+    abort_run("curl_multi_perform", curl_multi_strerror(mc));
     return;
   }
   CURLMsg *msg;

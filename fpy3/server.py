@@ -82,10 +82,12 @@ class HTTPService:
         )
         self.servers.append(server)
 
-    def serve_h3(self, sock: socket.socket, cert: str, key: str, worker_id: int = 0) -> None:
+    def serve_h3(
+        self, sock: socket.socket, cert: str, key: str, worker_id: int = 0, secret=None
+    ) -> None:
         from .h3.protocol import H3Server
 
-        self.h3_servers.append(H3Server(self, sock, cert, key, worker_id))
+        self.h3_servers.append(H3Server(self, sock, cert, key, worker_id, secret))
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish, then close what is left."""

@@ -30,10 +30,19 @@ EXIT_STARTUP = 3  # the app could not be imported or its lifespan startup failed
 
 
 class Worker:
-    def __init__(self, settings: Settings, listeners: Listeners, ready_fd: int | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        listeners: Listeners,
+        ready_fd: int | None = None,
+        worker_id: int = 0,
+        quic_secret: bytes | None = None,
+    ):
         self.settings = settings
         self.listeners = listeners
         self.ready_fd = ready_fd
+        self.worker_id = worker_id  # carried in the QUIC connection ids this worker issues
+        self.quic_secret = quic_secret
         self.loop = asyncio.get_running_loop()
         self.stopping: asyncio.Future = self.loop.create_future()
 
@@ -59,7 +68,13 @@ class Worker:
             await service.listen(self.listeners.http, None)
         if self.listeners.udp is not None:
             try:
-                service.serve_h3(self.listeners.udp, settings.tls.cert, settings.tls.key)
+                service.serve_h3(
+                    self.listeners.udp,
+                    settings.tls.cert,
+                    settings.tls.key,
+                    self.worker_id,
+                    self.quic_secret,
+                )
             except OSError as exc:
                 logger.error("%s", exc)
                 return EXIT_STARTUP
@@ -103,14 +118,20 @@ class Worker:
                 pass
 
 
-def run(settings: Settings, listeners: Listeners, ready_fd: int | None = None) -> int:
+def run(
+    settings: Settings,
+    listeners: Listeners,
+    ready_fd: int | None = None,
+    worker_id: int = 0,
+    quic_secret: bytes | None = None,
+) -> int:
     """Run a worker to the end; returns the process exit code."""
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.set_exception_handler(_exception_handler)
 
     async def main() -> int:
-        return await Worker(settings, listeners, ready_fd).main()
+        return await Worker(settings, listeners, ready_fd, worker_id, quic_secret).main()
 
     try:
         return loop.run_until_complete(main())

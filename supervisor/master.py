@@ -14,6 +14,7 @@ loop in ``Arbiter.run`` does all the work (as gunicorn's arbiter does).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import fnmatch
 import logging
@@ -68,6 +69,7 @@ class Arbiter:
         self.crashes: list[float] = []
         self.exit_code = 0
         self.previous: config.Settings | None = None  # the generation a reload replaces
+        self.quic_secret = os.urandom(32)  # stateless-reset key shared by every worker
         self.watcher: FileWatcher | None = None
 
     # -- signals: queue and wake ------------------------------------------------------------
@@ -178,7 +180,13 @@ class Arbiter:
             setproctitle(f"fpy3: worker {number} gen {self.generation}")
             from fpy3 import worker
 
-            code = worker.run(self.settings, self.listeners, ready_fd)
+            listeners = self.listeners
+            if number != 1 and listeners.udp is not None:
+                # Several processes reading one UDP socket would split QUIC connections
+                # between them, so one worker serves HTTP/3 until packets are steered by
+                # connection id.
+                listeners = dataclasses.replace(listeners, udp=None)
+            code = worker.run(self.settings, listeners, ready_fd, number, self.quic_secret)
         except BaseException:
             logger.exception("worker %d crashed", os.getpid())
         finally:

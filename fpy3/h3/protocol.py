@@ -39,9 +39,22 @@ _HOP_BY_HOP = frozenset(
 class H3Stream:
     """One request stream: the adapter the ASGI core sees."""
 
-    __slots__ = ("server", "conn", "stream", "cycle", "head", "credit", "waiter", "closed")
+    __slots__ = (
+        "server",
+        "conn",
+        "stream",
+        "cycle",
+        "head",
+        "credit",
+        "waiter",
+        "closed",
+        "no_body",
+        "status",
+        "sent",
+        "started_at",
+    )
 
-    def __init__(self, server: H3Server, conn: int, stream: int):
+    def __init__(self, server: H3Server, conn: int, stream: int, no_body: bool):
         self.server = server
         self.conn = conn
         self.stream = stream
@@ -50,6 +63,10 @@ class H3Stream:
         self.credit = 0  # body bytes fed but not yet given back as flow-control credit
         self.waiter: asyncio.Future | None = None
         self.closed = False
+        self.no_body = no_body  # HEAD: the app's body is not sent
+        self.status = 0
+        self.sent = 0
+        self.started_at = 0.0
 
     def want_body(self) -> None:
         # The app took every queued chunk: give that much window back to the peer.
@@ -65,9 +82,13 @@ class H3Stream:
         if self.closed:
             return None
         server = self.server
+        self.sent += len(data)
+        if self.no_body:
+            data = b""
         if self.head is not None:
             status, headers = self.head
             self.head = None
+            self.status = status
             block = server.header_block(headers)
             end = not more and not data
             rv = lib.fpy3_h3_respond(
@@ -75,9 +96,13 @@ class H3Stream:
             )
             if rv < 0 or end:
                 server.schedule_flush()
+                if end and server.access_log is not None:
+                    server.log_access(self)
                 return None
         pending = lib.fpy3_h3_send(server.srv, self.conn, self.stream, data, len(data), not more)
         server.schedule_flush()
+        if not more and server.access_log is not None:
+            server.log_access(self)
         if pending < 0 or not more or pending <= SEND_HIGH_WATER:
             return None  # C sends WRITABLE once it falls to a quarter of the mark
         waiter = self.waiter
@@ -104,10 +129,19 @@ class H3Stream:
 class H3Server:
     """The HTTP/3 listener of one worker, on a UDP socket it was handed."""
 
-    def __init__(self, service, sock: socket.socket, cert: str, key: str, worker_id: int = 0):
+    def __init__(
+        self,
+        service,
+        sock: socket.socket,
+        cert: str,
+        key: str,
+        worker_id: int = 0,
+        secret: bytes | None = None,
+    ):
         self.svc = service
         self.loop = service.loop
         self.sock = sock
+        self.access_log = service.access_log
         settings = service.settings
         h3 = settings.http3
         limits = settings.limits
@@ -121,8 +155,8 @@ class H3Server:
         ]
         cfg.cert_file, cfg.key_file, cfg.qlog_dir = self._strings
         cfg.worker_id = worker_id
-        secret = os.urandom(32)
-        ffi.memmove(cfg.static_secret, secret, 32)
+        # Shared by all workers of a master, so any of them can reset another's connections.
+        ffi.memmove(cfg.static_secret, secret or os.urandom(32), 32)
         cfg.retry = h3.retry
         cfg.idle_timeout_ms = int(h3.idle_timeout * 1000)
         cfg.max_streams_bidi = h3.max_concurrent_streams
@@ -297,13 +331,33 @@ class H3Server:
             "headers": headers,
             "state": svc.state.copy(),
         }
-        stream = H3Stream(self, ev.conn, ev.stream)
+        stream = H3Stream(self, ev.conn, ev.stream, scope["method"] == "HEAD")
+        if self.access_log is not None:
+            stream.started_at = self.loop.time()
         self.streams[key] = stream
         more = not fin
         cycle = stream.cycle = HTTPCycle(scope, stream, self.loop, more, svc.debug)
         cycle.task = asyncio.Task(cycle.run(svc.app), loop=self.loop, eager_start=True)
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def log_access(self, stream: H3Stream) -> None:
+        scope = stream.cycle.scope if stream.cycle is not None else None
+        if scope is None:
+            return
+        target = scope["raw_path"].decode("latin-1")
+        if scope["query_string"]:
+            target += "?" + scope["query_string"].decode("latin-1")
+        self.access_log.log(
+            scope["client"],
+            scope["method"],
+            target,
+            "HTTP/3",
+            stream.status,
+            stream.sent,
+            self.loop.time() - stream.started_at,
+            scope["headers"],
+        )
 
     def header_block(self, headers) -> bytes:
         """Response fields as "name\\0value\\0..." with lowercased names."""
