@@ -290,24 +290,23 @@ class H3Server:
     def _start_request(self, ev, fin: bool) -> None:
         key = (ev.conn, ev.stream)
         svc = self.svc
-        fields = ffi.unpack(ffi.cast("char *", ev.data), ev.len).split(b"\0")
-        it = iter(fields[:-1] if fields and fields[-1] == b"" else fields)
-        headers = []
-        method = target = scheme = authority = b""
-        for name, value in zip(it, it, strict=False):
-            if name[:1] == b":":
-                if name == b":method":
-                    method = value
-                elif name == b":path":
-                    target = value
-                elif name == b":scheme":
-                    scheme = value
-                elif name == b":authority":
-                    authority = value
-            else:
-                headers.append((name, value))
-        if authority and not any(n == b"host" for n, _ in headers):
+        block = ffi.buffer(ev.data, ev.len)[:]
+        fields = block.split(b"\0")
+        end = len(fields) - 1  # the block ends with a NUL
+        # nghttp3 has checked the block: pseudo-header fields come first, once each.
+        pseudo = {}
+        i = 0
+        while i < end and fields[i][:1] == b":":
+            pseudo[fields[i]] = fields[i + 1]
+            i += 2
+        it = iter(fields[i:end])
+        headers = [*zip(it, it)]  # noqa: B905 (pairs by construction)
+        authority = pseudo.get(b":authority")
+        if authority and b"\0host\0" not in block and not block.startswith(b"host\0"):
             headers.insert(0, (b"host", authority))
+        method = pseudo.get(b":method", b"")
+        target = pseudo.get(b":path", b"")
+        scheme = pseudo.get(b":scheme", b"")
         raw_path, _, query = target.partition(b"?")
         path = (
             unquote_to_bytes(raw_path).decode("utf-8", "replace")
