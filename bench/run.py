@@ -1,8 +1,9 @@
 """Benchmark fpy3 against other ASGI servers with a hello-world app (see bench/README.md).
 
 Each (server, mode) pair gets a fresh server process with one worker on a free loopback
-port, a short unmeasured warmup, then one measured load run (per --rounds). A server that
-fails to start or serve becomes a "failed: <reason>" row; the other rows still run.
+port, in a network namespace of its own when allowed, a short unmeasured warmup, then one
+measured load run (per --rounds). A server that fails to start or serve becomes a
+"failed: <reason>" row; the other rows still run.
 
 Adding a server or a mode is one entry in SERVERS or MODES below.
 """
@@ -10,6 +11,9 @@ Adding a server or a mode is one entry in SERVERS or MODES below.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import fcntl
+import json
 import os
 import re
 import shlex
@@ -17,11 +21,13 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import metadata
@@ -50,6 +56,7 @@ class LoadResult:
     p99_ms: float
     requests: int
     errors: dict[str, int] = field(default_factory=dict)  # kind -> count, only nonzero
+    notes: list[str] = field(default_factory=list)  # anything else worth a look
 
 
 @dataclass
@@ -58,6 +65,9 @@ class LoadOpts:
     connections: int
     threads: int
     cpus: str | None  # taskset CPU list for the load generator, None = unpinned
+    h3_connections: int = 10
+    h3_streams: int = 10  # concurrent requests per HTTP/3 connection
+    h3_threads: int = 1
 
 
 class LoadGen(Protocol):
@@ -125,6 +135,166 @@ def parse_wrk(out: str) -> LoadResult:
     )
 
 
+class H3Load:
+    """HTTP/3 load from bench/h3load.c (libcurl + ngtcp2), built on first use."""
+
+    name = "h3load"
+    script = BENCH_DIR / "build_h3load.sh"
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.build_error: str | None = None
+
+    def build(self) -> None:
+        """Run build_h3load.sh once; a failure becomes the reason of every h3 row."""
+        if self.path or self.build_error:
+            return
+        try:
+            p = subprocess.run(
+                ["sh", str(self.script)], capture_output=True, text=True, timeout=300
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            self.build_error = f"h3load build failed: {e}"
+            return
+        lines = p.stdout.strip().splitlines()
+        if p.returncode != 0 or not lines:
+            self.build_error = f"h3load build failed: {tail(p.stderr or p.stdout)}"
+        else:
+            self.path = lines[-1]
+
+    def version(self) -> str:
+        if not self.path:
+            return "not built"
+        try:
+            p = subprocess.run([self.path, "--version"], capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            return "unknown"
+        return p.stdout.splitlines()[0] if p.stdout else "unknown"
+
+    def cmd(self, url: str, conns: int, streams: int, threads: int, secs: float) -> list[str]:
+        path = self.path or str(BENCH_DIR / ".build" / "h3load")
+        # -k: the certificate is a throwaway self-signed one.
+        argv = [path, "-c", str(conns), "-m", str(streams), "-T", str(threads)]
+        return [*argv, "-d", f"{secs:g}", "-k", "--json", url]
+
+    def argv(self, url: str, o: LoadOpts) -> list[str]:
+        cmd = self.cmd(url, o.h3_connections, o.h3_streams, o.h3_threads, o.duration)
+        return ["taskset", "-c", o.cpus, *cmd] if o.cpus else cmd
+
+    def missing(self) -> str | None:
+        self.build()
+        return self.build_error
+
+    def _run(self, argv: list[str], timeout: float) -> dict:
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise BenchError(f"h3load did not finish within {timeout:.0f}s") from e
+        try:
+            return json.loads(p.stdout)
+        except ValueError:
+            raise BenchError(
+                f"h3load exited {p.returncode}: {tail(p.stderr or p.stdout)}"
+            ) from None
+
+    def run(self, url: str, o: LoadOpts) -> LoadResult:
+        # Bounded: h3load stops itself after -d; the margin covers its 10 s connect timeout.
+        d = self._run(self.argv(url, o), o.duration + 30)
+        if d["aborted"] or not d["ok"]:
+            raise BenchError(f"h3load: no successful request: {d['first_error']}")
+        kinds = {"transfer": "errors_transfer", "non-200": "errors_status"}
+        kinds |= {"body length": "errors_body", "not HTTP/3": "errors_proto"}
+        errors = {k: d[f] for k, f in kinds.items() if d[f]}
+        notes = []
+        if d["connections_used"] < d["connections"]:
+            # A connection that answered nothing in the whole run: a stall, not just slowness.
+            notes.append(f"only {d['connections_used']} of {d['connections']} connections answered")
+        if errors and d["first_error"]:
+            notes.append(f"first error: {d['first_error']}")
+        # Near 100% means the client, not the server, set the pace.
+        notes.append(f"h3load CPU {d['client_cpu_pct']:.0f}%")
+        return LoadResult(d["rps"], d["latency_ms"]["p99"], d["requests"], errors, notes)
+
+    def probe(self, url: str, timeout: float) -> None:
+        """One short HTTP/3 run; raises like http1_probe."""
+        if self.missing():
+            raise BenchError(self.build_error or "h3load missing")
+        argv = self.cmd(url, 1, 1, 1, 0.5)
+        argv[-2:-2] = [
+            "--connect-timeout",
+            f"{timeout:g}",
+            "--expect-bytes",
+            str(len(EXPECTED_BODY)),
+        ]
+        d = self._run(argv, timeout + 10)
+        if d["errors_status"] or d["errors_body"] or d["errors_proto"]:
+            raise BenchError(f"bad HTTP/3 probe response: {d['first_error']}")
+        if d["aborted"]:
+            raise BenchError(f"h3load: {d['first_error']}")
+        if not d["ok"]:
+            raise ConnectionError(d["first_error"] or "no HTTP/3 response")
+
+
+H3LOAD = H3Load()
+
+
+# --- network namespace -------------------------------------------------------------
+
+
+def loopback_up() -> None:
+    """ip link set lo up, without needing iproute2."""
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH", fcntl.ioctl(s, siocgifflags, req)[:18])[1]
+        fcntl.ioctl(s, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
+
+
+@contextmanager
+def own_netns(enabled: bool) -> Iterator[bool]:
+    """Run the block (and the processes it starts) in a fresh network namespace.
+
+    Then /proc/net/snmp counts only this row's traffic: other jobs on the machine use
+    UDP on loopback too. Yields False, staying put, when it is off or not permitted.
+    """
+    if not enabled:
+        yield False
+        return
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        try:
+            os.unshare(os.CLONE_NEWNET)
+        except OSError:
+            yield False
+            return
+        try:
+            loopback_up()
+            yield True
+        finally:
+            os.setns(home, os.CLONE_NEWNET)
+    finally:
+        os.close(home)
+
+
+def netns_problem() -> str | None:
+    """Why rows cannot get a namespace of their own (tried once, up front), or None."""
+    try:
+        with own_netns(True) as ok:
+            return None if ok else "unshare(CLONE_NEWNET) not permitted (needs root)"
+    except OSError as e:
+        return f"network namespace: {e}"
+
+
+def udp_counters() -> dict[str, int]:
+    """The Udp line of /proc/net/snmp, for the calling thread's network namespace."""
+    rows = [
+        ln.split()[1:]
+        for ln in Path("/proc/thread-self/net/snmp").read_text().splitlines()
+        if ln.startswith("Udp:")
+    ]
+    return dict(zip(rows[0], map(int, rows[1]), strict=True))
+
+
 # --- modes -------------------------------------------------------------------------
 
 
@@ -153,13 +323,15 @@ class Mode:
     name: str
     scheme: str
     tls: bool
-    loadgen: LoadGen  # an HTTP/3 client (libcurl) plugs in here as another LoadGen
+    loadgen: LoadGen
     probe: Callable[[str, float], None] = http1_probe
+    quic: bool = False  # HTTP/3 over UDP: the server must listen on UDP too
 
 
 MODES = {
     "http": Mode("http", "http", tls=False, loadgen=Wrk()),
     "https": Mode("https", "https", tls=True, loadgen=Wrk()),
+    "h3": Mode("h3", "https", tls=True, loadgen=H3LOAD, probe=H3LOAD.probe, quic=True),
 }
 
 
@@ -183,7 +355,7 @@ class Launch:
 class Server:
     name: str
     launch: Callable[[Mode, Tls], Launch]
-    package: str  # distribution name, for the version line
+    packages: tuple[str, ...]  # distribution names for the version line, server first
     modes: frozenset[str] = frozenset(MODES)
 
 
@@ -224,6 +396,19 @@ def granian(mode: Mode, tls: Tls) -> Launch:
     return Launch([*argv, APP], port)
 
 
+def hypercorn(mode: Mode, tls: Tls) -> Launch:
+    port = free_port()
+    # Access log is off by default.
+    argv = [tool("hypercorn"), "--worker-class", "uvloop", "--workers", "1"]
+    argv += ["--log-level", "warning"]
+    argv += ["--bind", f"127.0.0.1:{port}"]
+    if mode.tls:
+        argv += ["--certfile", tls.cert, "--keyfile", tls.key]
+    if mode.quic:
+        argv += ["--quic-bind", f"127.0.0.1:{port}"]  # same port number, UDP
+    return Launch([*argv, APP], port)
+
+
 def fpy3(mode: Mode, tls: Tls) -> Launch:
     tls_port, http_port = free_port(), free_port()
     argv = [tool("fpy3"), "run", APP, "--port", str(tls_port), "--http-port", str(http_port)]
@@ -231,13 +416,18 @@ def fpy3(mode: Mode, tls: Tls) -> Launch:
     # Always given: --port is TLS in every mode, and fpy3 would otherwise make a dev cert.
     argv += ["--certfile", tls.cert, "--keyfile", tls.key]
     port = tls_port if mode.tls else http_port
-    return Launch(argv, port, env={"FPY3_HTTP3__ENABLED": "false"})
+    # HTTP/3 (UDP on --port) only in h3 mode: in the others fpy3 then sends no Alt-Svc
+    # header, and serves TCP alone like the servers it is compared with.
+    h3 = "true" if mode.quic else "false"
+    return Launch(argv, port, env={"FPY3_HTTP3__ENABLED": h3})
 
 
+TCP_ONLY = frozenset({"http", "https"})
 SERVERS = {
-    "fpy3": Server("fpy3", fpy3, "fpy3"),
-    "uvicorn": Server("uvicorn", uvicorn, "uvicorn"),
-    "granian": Server("granian", granian, "granian"),
+    "fpy3": Server("fpy3", fpy3, ("fpy3",)),
+    "uvicorn": Server("uvicorn", uvicorn, ("uvicorn",), TCP_ONLY),
+    "granian": Server("granian", granian, ("granian",), TCP_ONLY),
+    "hypercorn": Server("hypercorn", hypercorn, ("hypercorn", "aioquic")),
 }
 
 
@@ -250,8 +440,10 @@ class Row:
     mode: str
     result: LoadResult | None = None
     cpu_pct: float | None = None
+    udp_per_req: float | None = None  # UDP datagrams in the row's namespace per request
     failed: str | None = None
     argv: list[str] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # set for the server on top of ours
     note: str = ""
 
 
@@ -336,17 +528,36 @@ def run_row(server: Server, mode: Mode, args: argparse.Namespace, tls: Tls, tmp:
     try:
         if reason := mode.loadgen.missing():
             raise BenchError(reason)
-        launch = server.launch(mode, tls)
     except BenchError as e:
         row.failed = str(e)
         return row
+    # Everything below, server and load generator alike, runs in the row's namespace.
+    with own_netns(args.netns_problem is None) as isolated:
+        measure(row, server, mode, args, tls, tmp, isolated)
+    return row
+
+
+def measure(
+    row: Row,
+    server: Server,
+    mode: Mode,
+    args: argparse.Namespace,
+    tls: Tls,
+    tmp: Path,
+    isolated: bool,
+) -> None:
+    try:
+        launch = server.launch(mode, tls)
+    except BenchError as e:
+        row.failed = str(e)
+        return
     argv = ["taskset", "-c", args.server_cpus, *launch.argv] if args.server_cpus else launch.argv
-    row.argv = argv
+    row.argv, row.env = argv, launch.env
     url = f"{mode.scheme}://127.0.0.1:{launch.port}/"
     log = tmp / f"{server.name}-{mode.name}.log"
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": pythonpath, **launch.env}
-    opts = LoadOpts(args.duration, args.connections, args.threads, args.load_cpus)
+    opts = load_opts(args)
     proc = None
     try:
         with log.open("wb") as out:
@@ -355,16 +566,26 @@ def run_row(server: Server, mode: Mode, args: argparse.Namespace, tls: Tls, tmp:
             )
         wait_ready(proc, log, mode, url, time.monotonic() + args.start_timeout)
         if args.warmup > 0:
-            mode.loadgen.run(url, LoadOpts(args.warmup, args.connections, args.threads, opts.cpus))
+            mode.loadgen.run(url, dataclasses.replace(opts, duration=args.warmup))
+        udp0 = udp_counters()
         before, t0 = cpu_seconds(proc.pid), time.monotonic()
         row.result = mode.loadgen.run(url, opts)
         after, t1 = cpu_seconds(proc.pid), time.monotonic()
+        udp1 = udp_counters()
         used = sum(v - before.get(pid, 0.0) for pid, v in after.items())
         row.cpu_pct = 100.0 * used / (t1 - t0)
         if proc.poll() is not None:
             raise BenchError(
                 f"server died during the run (exit {proc.returncode}): {log_reason(log)}"
             )
+        if mode.quic and isolated and row.result.requests:
+            udp = {k: udp1[k] - udp0[k] for k in udp0}
+            row.udp_per_req = udp["InDatagrams"] / row.result.requests
+            if dropped := udp["InErrors"]:  # includes RcvbufErrors
+                row.result.notes.append(f"{dropped:,} UDP datagrams dropped on receive")
+        elif mode.quic:
+            why = args.netns_problem or "no network namespace of its own"
+            row.result.notes.append(f"no UDP count: {why}")
     except BenchError as e:
         row.failed, row.result = str(e), None
     except OSError as e:
@@ -372,7 +593,6 @@ def run_row(server: Server, mode: Mode, args: argparse.Namespace, tls: Tls, tmp:
     finally:
         if proc is not None:
             stop(proc)
-    return row
 
 
 # --- report ------------------------------------------------------------------------
@@ -442,17 +662,23 @@ def median(runs: list[Row]) -> Row:
     return row
 
 
+def notes(r: Row) -> str:
+    assert r.result
+    return cell("; ".join(filter(None, [fmt_errors(r.result.errors), *r.result.notes, r.note])))
+
+
 def report(rows: list[Row], server_names: list[str]) -> str:
     lines = []
     lines.append(
-        "| server | mode | req/s | p99 latency | server CPU % | req/s per core | fpy3 ÷ server req/s | fpy3 ÷ server per core | notes |"
+        "| server | mode | req/s | p99 latency | server CPU % | req/s per core"
+        " | UDP datagrams / req | fpy3 ÷ server req/s | fpy3 ÷ server per core | notes |"
     )
-    lines.append("|---|---|--:|--:|--:|--:|--:|--:|---|")
+    lines.append("|---|---|--:|--:|--:|--:|--:|--:|--:|---|")
     fpy3_rows = {r.mode: r for r in rows if r.server == "fpy3" and r.result}
     for r in rows:
         if not r.result:
             lines.append(
-                f"| {r.server} | {r.mode} | — | — | — | — | — | — | {status(r.failed or '')} |"
+                f"| {r.server} | {r.mode} | — | — | — | — | — | — | — | {status(r.failed or '')} |"
             )
             continue
         ref = fpy3_rows.get(r.mode)
@@ -460,26 +686,66 @@ def report(rows: list[Row], server_names: list[str]) -> str:
         rps_ratio = "—" if mine else ratio(ref and ref.result.rps, r.result.rps)
         core_ratio = "—" if mine else ratio(ref and per_core(ref), per_core(r))
         pc = per_core(r)
+        udp = "—" if r.udp_per_req is None else f"{r.udp_per_req:.2f}"
         lines.append(
             f"| {r.server} | {r.mode} | {r.result.rps:,.0f} | {r.result.p99_ms:.2f} ms"
-            f" | {r.cpu_pct:.0f}% | {f'{pc:,.0f}' if pc else '—'} | {rps_ratio} | {core_ratio}"
-            f" | {cell('; '.join(filter(None, [fmt_errors(r.result.errors), r.note])))} |"
+            f" | {r.cpu_pct:.0f}% | {f'{pc:,.0f}' if pc else '—'} | {udp} | {rps_ratio}"
+            f" | {core_ratio} | {notes(r)} |"
         )
-    others = [s for s in server_names if s != "fpy3"]
-    if "fpy3" in server_names and others:
+    if any(r.udp_per_req is not None for r in rows):
         lines.append("")
-        for mode in dict.fromkeys(r.mode for r in rows):
-            by = {r.server: r for r in rows if r.mode == mode}
-            me = by.get("fpy3")
-            if not (me and me.result):
-                lines.append(f"- {mode}: fpy3 failed, no ratio")
-                continue
+        lines.append(
+            "UDP datagrams / req: the Udp InDatagrams delta of /proc/net/snmp over the"
+            " measured run ÷ requests done. Each row runs in a network namespace of its own,"
+            " so this counts only client ⇄ server traffic: every datagram the client or the"
+            " server received (both directions together; handshakes and ACKs included)."
+            " libcurl reads with UDP_GRO, so a GSO batch of server packets that reaches it"
+            " whole counts once."
+        )
+    lines.append("")
+    for mode in dict.fromkeys(r.mode for r in rows):
+        by = {r.server: r for r in rows if r.mode == mode}
+        me = by.get("fpy3")
+        others = [s for s in server_names if s != "fpy3" and s in by and mode in SERVERS[s].modes]
+        if not me:
+            continue
+        if not me.result:
+            lines.append(f"- {mode}: fpy3 failed, no ratio")
+            continue
+        parts = []
+        if others:
             rps = ", ".join(
                 f"{ratio(me.result.rps, by[s].result and by[s].result.rps)} {s}" for s in others
             )
             core = ", ".join(f"{ratio(per_core(me), per_core(by[s]))} {s}" for s in others)
-            lines.append(f"- {mode}: fpy3 = {rps} (per core: {core})")
+            parts.append(f"fpy3 = {rps} (per core: {core})")
+        parts.append(f"fpy3 {me.result.rps:,.0f} req/s, p99 {me.result.p99_ms:.2f} ms")
+        if mode == "h3":
+            parts += h3_goals(me, by.get("hypercorn"), fpy3_rows.get("https"))
+        lines.append(f"- {mode}: " + "; ".join(parts))
     return "\n".join(lines) + "\n"
+
+
+def h3_goals(me: Row, hyper: Row | None, https: Row | None) -> list[str]:
+    """The HTTP/3 targets: >= 10x hypercorn with p99 < 20 ms; >= 60% of fpy3's https."""
+    assert me.result
+    parts = []
+    if hyper and hyper.result:
+        x = me.result.rps / hyper.result.rps
+        met = x >= 10 and me.result.p99_ms < 20
+        parts.append(f"goal ≥ 10× hypercorn with p99 < 20 ms: {'met' if met else 'NOT met'}")
+    else:
+        parts.append("goal ≥ 10× hypercorn: no hypercorn h3 result")
+    if https and https.result:
+        pct = 100.0 * me.result.rps / https.result.rps
+        met = pct >= 60
+        parts.append(
+            f"h3 = {pct:.0f}% of fpy3 https ({https.result.rps:,.0f} req/s),"
+            f" goal ≥ 60%: {'met' if met else 'NOT met'}"
+        )
+    else:
+        parts.append("goal h3 ≥ 60% of fpy3 https: no fpy3 https result in this run")
+    return parts
 
 
 def cpu_split(pin: bool) -> tuple[str | None, str | None]:
@@ -501,18 +767,41 @@ def csv(choices: dict) -> Callable[[str], list[str]]:
     return parse
 
 
+def load_opts(args: argparse.Namespace) -> LoadOpts:
+    return LoadOpts(
+        args.duration,
+        args.connections,
+        args.threads,
+        args.load_cpus,
+        args.h3_connections,
+        args.h3_streams,
+        args.h3_threads,
+    )
+
+
 def describe(args: argparse.Namespace) -> list[str]:
     """The report's header: enough to reproduce the run and judge the numbers."""
-    opts = LoadOpts(args.duration, args.connections, args.threads, args.load_cpus)
-    loads = dict.fromkeys(shlex.join(MODES[m].loadgen.argv("URL", opts)) for m in args.modes)
+    loads = dict.fromkeys(
+        shlex.join(MODES[m].loadgen.argv("URL", load_opts(args))) for m in args.modes
+    )
     machine = f"{os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), {cpu_model()}"
     if args.server_cpus:
         machine += f"; pinned: servers on CPU {args.server_cpus}, load on CPU {args.load_cpus}"
     else:
         machine += "; load generator and server share them"
     versions = [f"Python {sys.version.split()[0]}"]
-    versions += [f"{s} {version(SERVERS[s].package)}" for s in args.servers]
-    versions.append(f"wrk {wrk_version()}")
+    for s in args.servers:
+        main_pkg, *deps = SERVERS[s].packages
+        extra = f" ({', '.join(f'{d} {version(d)}' for d in deps)})" if deps else ""
+        versions.append(f"{s} {version(main_pkg)}{extra}")
+    if any(MODES[m].loadgen is not H3LOAD for m in args.modes):
+        versions.append(f"wrk {wrk_version()}")
+    if "h3" in args.modes:
+        versions.append(f"h3load: {H3LOAD.build_error or H3LOAD.version()}")
+    if args.netns_problem:
+        network = f"shared with the rest of the machine ({args.netns_problem})"
+    else:
+        network = "each row in a network namespace of its own (loopback only)"
     return [
         f"# fpy3 benchmark, {datetime.now():%Y-%m-%d %H:%M:%S}",
         "",
@@ -521,6 +810,7 @@ def describe(args: argparse.Namespace) -> list[str]:
         f"- load: {', '.join(f'`{a}`' for a in loads)}; warmup {args.warmup:g} s;"
         f" rounds {args.rounds}",
         f"- versions: {', '.join(versions)}",
+        f"- network: {network}",
     ]
 
 
@@ -529,8 +819,13 @@ def main() -> int:
     ap.add_argument("--servers", type=csv(SERVERS), default=list(SERVERS))
     ap.add_argument("--modes", type=csv(MODES), default=list(MODES))
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured run")
-    ap.add_argument("--connections", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2, help="load generator threads")
+    ap.add_argument("--connections", type=int, default=64, help="wrk connections")
+    ap.add_argument("--threads", type=int, default=2, help="wrk threads")
+    ap.add_argument("--h3-connections", type=int, default=10, help="h3load connections")
+    ap.add_argument(
+        "--h3-streams", type=int, default=10, help="h3load requests in flight per connection"
+    )
+    ap.add_argument("--h3-threads", type=int, default=1, help="h3load threads")
     ap.add_argument("--quick", action="store_true", help="3 s runs (overrides --duration)")
     ap.add_argument(
         "--warmup", type=float, default=1.0, help="unmeasured seconds before each run; 0 = none"
@@ -553,6 +848,12 @@ def main() -> int:
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
     args.server_cpus, args.load_cpus = cpu_split(args.pin)
+    args.netns_problem = netns_problem()
+    if "h3" in args.modes:
+        print("... building h3load", file=sys.stderr, flush=True)
+        H3LOAD.build()
+        if H3LOAD.build_error:
+            print(f"    {H3LOAD.build_error}", file=sys.stderr, flush=True)
 
     header = describe(args)
     print("\n".join(header), flush=True)
@@ -576,7 +877,10 @@ def main() -> int:
     table = [median([r for r in rows if (r.mode, r.server) == k]) for k in keys]
     body = report(table, args.servers)
     body += "\nServer commands (cert/key are per-run temporary files):\n\n"
-    body += "".join(f"- {r.server} / {r.mode}: `{shlex.join(r.argv)}`\n" for r in table if r.argv)
+    for r in table:
+        if r.argv:
+            env = [f"{k}={v}" for k, v in r.env.items()]
+            body += f"- {r.server} / {r.mode}: `{shlex.join([*env, *r.argv])}`\n"
     print("\n" + body, end="")
     if not args.no_save:
         out = BENCH_DIR / "results" / f"{datetime.now():%Y%m%d-%H%M%S}.md"

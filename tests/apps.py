@@ -405,3 +405,56 @@ async def lifespan_slow_startup_app(scope, receive, send):
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     await _http(scope, receive, send)
+
+
+# --- routes for the HTTP/3 suite (tests/test_h3_*.py) ------------------------------
+
+
+async def h_h3_record_receive(scope, receive, send):
+    # Logs every receive() result, so a test can see the disconnect of an aborted upload.
+    name = query(scope).get("name", "receive")
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            record(name, message["type"])
+            return
+        more = message.get("more_body", False)
+        record(name, f"http.request {len(message.get('body', b''))} {more}")
+        if not more:
+            break
+    await respond(send, b"complete")
+
+
+async def h_h3_download(scope, receive, send):
+    # n stream_chunk()s with a content-length, sent in several sends.
+    n = int(query(scope).get("n", "160"))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/octet-stream"),
+                (b"content-length", b"%d" % (n * CHUNK)),
+            ],
+        }
+    )
+    for i in range(n):
+        await send({"type": "http.response.body", "body": stream_chunk(i), "more_body": i < n - 1})
+
+
+async def h_h3_scope_types(scope, receive, send):
+    # The JSON scope dump turns bytes into str; this reports the real types.
+    types = {k: type(v).__name__ for k, v in scope.items()}
+    types["headers[]"] = sorted(
+        {f"{type(n).__name__},{type(v).__name__}" for n, v in scope["headers"]}
+    )
+    await respond_json(send, types)
+
+
+ROUTES.update(
+    {
+        "/h3-record-receive": h_h3_record_receive,
+        "/h3-scope-types": h_h3_scope_types,
+        "/h3-download": h_h3_download,
+    }
+)

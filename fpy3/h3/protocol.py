@@ -52,6 +52,8 @@ class H3Stream:
         "status",
         "sent",
         "started_at",
+        "left",
+        "finished",
     )
 
     def __init__(self, server: H3Server, conn: int, stream: int, no_body: bool):
@@ -67,6 +69,8 @@ class H3Stream:
         self.status = 0
         self.sent = 0
         self.started_at = 0.0
+        self.left = -1  # declared Content-Length still to send; -1 = none declared
+        self.finished = False  # the whole response was handed to C
 
     def want_body(self) -> None:
         # The app took every queued chunk: give that much window back to the peer.
@@ -82,28 +86,48 @@ class H3Stream:
         if self.closed:
             return None
         server = self.server
-        self.sent += len(data)
-        if self.no_body:
-            data = b""
+        n = len(data)
+        self.sent += n
+        block = None
         if self.head is not None:
             status, headers = self.head
             self.head = None
             self.status = status
-            block = server.header_block(headers)
-            end = not more and not data
+            block, self.left = server.header_block(headers)
+        fin = not more
+        if self.left >= 0 and not self.no_body:
+            if n > self.left:
+                raise RuntimeError("response body longer than its Content-Length")
+            self.left -= n
+            if fin and self.left:
+                # Ending the stream here would hand the client a truncated body as complete.
+                logger.error("response body shorter than its Content-Length; resetting the stream")
+                fin = False
+        if self.no_body:
+            data = b""
+        if block is not None:
+            end = fin and not data
             rv = lib.fpy3_h3_respond(
-                server.srv, self.conn, self.stream, status, block, len(block), end
+                server.srv, self.conn, self.stream, self.status, block, len(block), end
             )
-            if rv < 0 or end:
+            if rv < 0:
                 server.schedule_flush()
-                if end and server.access_log is not None:
-                    server.log_access(self)
                 return None
-        pending = lib.fpy3_h3_send(server.srv, self.conn, self.stream, data, len(data), not more)
+        else:
+            end = False
+        pending = 0
+        if not end and (data or fin):
+            pending = lib.fpy3_h3_send(server.srv, self.conn, self.stream, data, n, fin)
         server.schedule_flush()
-        if not more and server.access_log is not None:
-            server.log_access(self)
-        if pending < 0 or not more or pending <= SEND_HIGH_WATER:
+        if not more:
+            if server.access_log is not None:
+                server.log_access(self)
+            if fin:
+                self.finished = True
+            else:
+                self.abort()
+            return None
+        if pending < 0 or pending <= SEND_HIGH_WATER:
             return None  # C sends WRITABLE once it falls to a quarter of the mark
         waiter = self.waiter
         if waiter is None:
@@ -111,7 +135,8 @@ class H3Stream:
         return waiter
 
     def abort(self) -> None:
-        if not self.closed:
+        # A finished response stays intact even if the app misbehaves afterwards.
+        if not self.closed and not self.finished:
             lib.fpy3_h3_reset(self.server.srv, self.conn, self.stream, lib.FPY3_H3_INTERNAL_ERROR)
             self.server.schedule_flush()
 
@@ -358,18 +383,22 @@ class H3Server:
             scope["headers"],
         )
 
-    def header_block(self, headers) -> bytes:
-        """Response fields as "name\\0value\\0..." with lowercased names."""
+    def header_block(self, headers) -> tuple[bytes, int]:
+        """Response fields as "name\\0value\\0..." with lowercased names, and the
+        declared Content-Length (-1 when none)."""
         parts = [self.svc.h3_static_fields]
+        declared = -1
         for name, value in headers:
             lname = name.lower()
             if lname in _HOP_BY_HOP:
                 continue
+            if lname == b"content-length":
+                declared = int(value)
             parts += (lname, b"\0", value, b"\0")
         block = b"".join(parts)
         if block.count(b"\0") != self.svc.h3_static_count + 2 * ((len(parts) - 1) >> 2):
             raise RuntimeError("invalid response header: NUL in a name or value")
-        return block
+        return block, declared
 
     async def drain(self, timeout: float) -> None:
         """GOAWAY on every connection, then wait until they are gone (or the timeout)."""
