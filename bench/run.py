@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -488,6 +489,22 @@ def cpu_seconds(pid: int) -> dict[int, float]:
     return out
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine was busy, all cores; steal counts (another VM had it)."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "steal", 0.0)
+
+
+def reaped_children_cpu() -> float:
+    """CPU seconds of finished child processes: the load generator, once it has exited."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+# Above this much CPU used by neither the server nor the load generator, say so.
+OTHER_LOAD_NOTE_PCT = 15.0
+
+
 def wait_ready(proc: subprocess.Popen, log: Path, mode: Mode, url: str, deadline: float) -> None:
     last: Exception | None = None
     while time.monotonic() < deadline:
@@ -567,13 +584,17 @@ def measure(
         wait_ready(proc, log, mode, url, time.monotonic() + args.start_timeout)
         if args.warmup > 0:
             mode.loadgen.run(url, dataclasses.replace(opts, duration=args.warmup))
-        udp0 = udp_counters()
+        udp0, busy0, load0 = udp_counters(), machine_busy(), reaped_children_cpu()
         before, t0 = cpu_seconds(proc.pid), time.monotonic()
         row.result = mode.loadgen.run(url, opts)
         after, t1 = cpu_seconds(proc.pid), time.monotonic()
-        udp1 = udp_counters()
+        udp1, busy1, load1 = udp_counters(), machine_busy(), reaped_children_cpu()
         used = sum(v - before.get(pid, 0.0) for pid, v in after.items())
         row.cpu_pct = 100.0 * used / (t1 - t0)
+        other = 100.0 * (busy1 - busy0 - used - (load1 - load0)) / (t1 - t0)
+        if other >= OTHER_LOAD_NOTE_PCT:
+            # Someone else's work on the machine: these numbers are low and noisy.
+            row.result.notes.append(f"other load on the machine: {other:.0f}% CPU")
         if proc.poll() is not None:
             raise BenchError(
                 f"server died during the run (exit {proc.returncode}): {log_reason(log)}"
