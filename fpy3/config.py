@@ -43,6 +43,9 @@ class ServerSettings:
     root_path: str = ""
     debug: bool = False  # debug logs and tracebacks in 500 bodies
     state_dir: str = ""  # where the dev certificate lives; "" = $XDG_STATE_HOME/fpy3
+    pidfile: str = ""  # the master writes its pid here after binding; "" = none
+    user: str = ""  # workers drop to this user when the master runs as root; "" = keep
+    group: str = ""  # and this group; "" = the user's primary group
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,10 @@ class TLSSettings:
 class WorkersSettings:
     count: int = 1
     drain_timeout: float = 30.0  # seconds a draining worker may finish in-flight requests
+    timeout: float = 30.0  # a worker silent (no heartbeat) this long is killed and replaced
+    max_requests: int = 0  # recycle a worker after this many requests; 0 = never
+    max_requests_jitter: int = 0  # plus up to this many, so workers do not recycle together
+    max_rss_mb: int = 0  # recycle a worker whose resident memory exceeds this; 0 = never
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +160,7 @@ _PATHS = frozenset(
     {
         "server.app_dir",
         "server.state_dir",
+        "server.pidfile",
         "tls.cert",
         "tls.key",
         "logging.access_log_file",
@@ -235,6 +243,10 @@ _CHECKS: dict[str, Callable[[typing.Any], None]] = {
     "tls.min_version": _one_of("1.2", "1.3"),
     "workers.count": _between(1, 1024),
     "workers.drain_timeout": _positive,
+    "workers.timeout": _positive,
+    "workers.max_requests": _at_least(0),
+    "workers.max_requests_jitter": _at_least(0),
+    "workers.max_rss_mb": _at_least(0),
     "http1.keepalive_timeout": _positive,
     "http1.header_timeout": _positive,
     "http1.backlog": _between(1, 65535),

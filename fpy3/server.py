@@ -92,6 +92,12 @@ class HTTPService:
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish, then close what is left."""
         self.draining = True
+        # Asked while the servers are open, wait_closed() also covers connections still
+        # in their TLS handshake, not yet in self.connections: on a reload or a recycle
+        # they must get an answer, not an EOF.
+        accepted = [asyncio.ensure_future(server.wait_closed()) for server in self.servers]
+        await asyncio.sleep(0)
+        deadline = self.loop.time() + timeout
         for server in self.servers:
             server.close()
         for conn in list(self.connections):
@@ -99,6 +105,11 @@ class HTTPService:
         await asyncio.gather(
             self._drain_h1(timeout), *(h3.drain(timeout) for h3 in self.h3_servers)
         )
+        if accepted:
+            left = max(0.0, deadline - self.loop.time())
+            _, late = await asyncio.wait(accepted, timeout=left)
+            for task in late:
+                task.cancel()
         for conn in list(self.connections):
             conn.abort()
         self.close()

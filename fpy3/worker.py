@@ -2,7 +2,13 @@
 
 Order of life: import the app, run lifespan startup, serve, tell the master it is
 ready; on TERM drain (HTTP/1.1 answers with Connection: close), run lifespan
-shutdown, exit 0. On INT or QUIT stop fast.
+shutdown, exit 0. On INT or QUIT stop fast. USR1 reopens the log files.
+
+Under a master, the worker writes short lines on its pipe: ``ready`` once serving,
+``beat`` every ``workers.timeout / 4`` seconds from a loop timer (a blocked loop
+stops beating and gets killed), and ``requests N`` (requests served so far) when it
+changed, at most once a second, and at once on reaching ``request_limit``. The
+master decides about recycling. A worker whose master is gone drains and exits.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class Worker:
         ready_fd: int | None = None,
         worker_id: int = 0,
         quic_secret: bytes | None = None,
+        request_limit: int = 0,
     ):
         self.settings = settings
         self.listeners = listeners
@@ -45,9 +52,21 @@ class Worker:
         self.quic_secret = quic_secret
         self.loop = asyncio.get_running_loop()
         self.stopping: asyncio.Future = self.loop.create_future()
+        self.service: HTTPService | None = None
+        self.access_log: AccessLog | None = None
+        self.request_limit = request_limit  # the master recycles us past it; 0 = never
+        self._reported = 0  # requests_served last sent to the master
+        self._next_beat = 0.0
+        self._next_report = 0.0
+        self._pulse: asyncio.TimerHandle | None = None
+        self._master = os.getppid()
 
     async def main(self) -> int:
         settings = self.settings
+        if self.ready_fd is not None:
+            # Non-blocking: a master that stops reading must not stall this loop.
+            os.set_blocking(self.ready_fd, False)
+            self._tick()  # beats cover app import and lifespan startup too
         try:
             app = import_app(settings.server.app, settings.server.app_dir)
         except AppImportError as exc:
@@ -60,8 +79,9 @@ class Worker:
             logger.error("%s", exc)
             return EXIT_STARTUP
         log = settings.logging
-        access_log = AccessLog(log) if log.access_log else None
+        access_log = self.access_log = AccessLog(log) if log.access_log else None
         service = HTTPService(app, self.loop, settings, state=lifespan.state, access_log=access_log)
+        self.service = service
         service.start()
         await service.listen(self.listeners.tls, server_context(settings))
         if self.listeners.http is not None:
@@ -83,6 +103,8 @@ class Worker:
         fast = await self.stopping
         await service.drain(0.0 if fast else settings.workers.drain_timeout)
         await lifespan.shutdown()
+        if self._pulse is not None:
+            self._pulse.cancel()
         if access_log is not None:
             access_log.close()
         return EXIT_OK
@@ -91,6 +113,53 @@ class Worker:
         self.loop.add_signal_handler(signal.SIGTERM, self.stop, False)
         self.loop.add_signal_handler(signal.SIGINT, self._interrupt)
         self.loop.add_signal_handler(signal.SIGQUIT, self.stop, True)
+        self.loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
+
+    def _reopen_logs(self) -> None:
+        if self.access_log is not None:
+            self.access_log.reopen()
+        reopen_error_log()
+        logger.info("worker %d: reopened log files", os.getpid())
+
+    # -- talking to the master ------------------------------------------------------------
+
+    def _tick(self) -> None:
+        """Loop timer: a beat every timeout/4 s; the request count once a second when it
+        changed, and at once when it reaches the limit (so the recycle starts promptly)."""
+        interval = self.settings.workers.timeout / 4
+        now = self.loop.time()
+        message = b""
+        if now >= self._next_beat:
+            message = b"beat\n"
+            self._next_beat = now + interval
+        served = self.service.requests_served if self.service is not None else 0
+        limit = self.request_limit
+        if served != self._reported and (
+            now >= self._next_report or (limit and served >= limit > self._reported)
+        ):
+            message += b"requests %d\n" % served
+            self._reported = served
+            self._next_report = now + 1.0
+        if message:
+            self._send(message)
+        if os.getppid() != self._master:
+            self._master_gone()
+        # No per-request hook: with a limit, look at the counter often (it is cheap).
+        self._pulse = self.loop.call_later(min(interval, 0.1 if limit else 1.0), self._tick)
+
+    def _send(self, message: bytes) -> None:
+        try:
+            os.write(self.ready_fd, message)
+        except BlockingIOError:
+            pass  # the master is busy; the next beat will do
+        except OSError:
+            self._master_gone()
+
+    def _master_gone(self) -> None:
+        # Nobody would replace or stop us, and we would keep the ports: drain and exit.
+        if not self.stopping.done():
+            logger.error("worker %d: master gone; draining", os.getpid())
+            self.stop(False)
 
     def _interrupt(self) -> None:
         # The first Ctrl-C drains, a second one stops at once.
@@ -112,10 +181,20 @@ class Worker:
             f" and http://{server.host}:{server.http_port}" if server.http_port else "",
         )
         if self.ready_fd is not None:
+            self._send(b"ready\n")
+
+
+def reopen_error_log() -> None:
+    """Reopen the error log file after rotation (USR1); stderr needs nothing."""
+    for handler in logging.getLogger("fpy3").handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
             try:
-                os.write(self.ready_fd, b"ready\n")
-            except OSError:
-                pass
+                if handler.stream is not None:
+                    handler.stream.close()
+                handler.stream = handler._open()
+            finally:
+                handler.release()
 
 
 def run(
@@ -124,6 +203,7 @@ def run(
     ready_fd: int | None = None,
     worker_id: int = 0,
     quic_secret: bytes | None = None,
+    request_limit: int = 0,
 ) -> int:
     """Run a worker to the end; returns the process exit code."""
     loop = uvloop.new_event_loop()
@@ -131,7 +211,8 @@ def run(
     loop.set_exception_handler(_exception_handler)
 
     async def main() -> int:
-        return await Worker(settings, listeners, ready_fd, worker_id, quic_secret).main()
+        worker = Worker(settings, listeners, ready_fd, worker_id, quic_secret, request_limit)
+        return await worker.main()
 
     try:
         return loop.run_until_complete(main())

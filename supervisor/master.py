@@ -9,18 +9,36 @@ loop in ``Arbiter.run`` does all the work (as gunicorn's arbiter does).
   drain the old one once the new one is ready; if not, log and keep serving.
 - CHLD: reap; a worker that dies is replaced, with backoff. A worker that fails to
   start the app (exit 3) before any worker was ever ready stops the master.
+- TTIN / TTOU: one worker more / less (never below 1); TTOU drains the highest number.
+- USR1: reopen log files, here and in every worker.
+
+Each worker writes lines on its pipe: ``ready``, ``beat`` (every ``workers.timeout/4``
+s) and ``requests N``. A worker silent for ``workers.timeout`` is killed (SIGKILL)
+and replaced. A worker past ``workers.max_requests`` (plus jitter) or
+``workers.max_rss_mb`` is recycled: its replacement starts first, and it drains
+once that one is ready.
+
+With ``NOTIFY_SOCKET`` set (systemd ``Type=notify``) the master reports READY=1,
+RELOADING=1, STOPPING=1 and STATUS=. ``server.pidfile`` is written once the sockets
+are bound. As root, workers switch to ``server.user`` / ``server.group`` after the
+fork, so sockets below 1024 are bound with privileges the app never has.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import fnmatch
+import grp
 import logging
 import os
+import pwd
+import random
 import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -29,9 +47,9 @@ from dataclasses import dataclass, field
 from setproctitle import setproctitle
 
 from fpy3 import __version__, config
-from fpy3.cli import load_settings, prepare
+from fpy3.cli import EXIT_CONFIG, load_settings, prepare
 from fpy3.logs import configure_error_log
-from fpy3.worker import EXIT_STARTUP
+from fpy3.worker import EXIT_STARTUP, reopen_error_log
 
 logger = logging.getLogger("fpy3.error")
 
@@ -41,7 +59,13 @@ HANDLED_SIGNALS = (
     signal.SIGQUIT,
     signal.SIGHUP,
     signal.SIGCHLD,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
 )
+MAX_WORKERS = 1024  # as workers.count allows
+RSS_INTERVAL = 5.0  # seconds between RSS samples when workers.max_rss_mb is set
+RECYCLE_RETRY = 30.0  # after a replacement failed to start, wait this long to try again
 
 
 @dataclass
@@ -49,9 +73,20 @@ class WorkerProcess:
     pid: int
     number: int
     generation: int
-    pipe: int  # read end: the worker writes "ready\n"
+    pipe: int  # read end of the worker's message pipe
+    timeout: float  # workers.timeout of its generation
+    request_limit: int = 0  # recycle after this many requests; 0 = never
     ready: bool = False
     started: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)  # last message of any kind
+    requests: int = 0
+    buf: bytes = b""  # a partial line
+    eof: bool = False  # the worker closed its end of the pipe
+    retiring: bool = False  # told to drain on purpose: its exit is no crash
+    timed_out: bool = False  # killed for missing heartbeats
+    replaces: int | None = None  # pid of the worker this one is replacing (a recycle)
+    replacement: int | None = None  # pid of the worker starting in place of this one
+    next_recycle: float = 0.0
 
 
 class Arbiter:
@@ -69,8 +104,16 @@ class Arbiter:
         self.crashes: list[float] = []
         self.exit_code = 0
         self.previous: config.Settings | None = None  # the generation a reload replaces
+        self.previous_count = 0
         self.quic_secret = os.urandom(32)  # stateless-reset key shared by every worker
         self.watcher: FileWatcher | None = None
+        self.worker_count = settings.workers.count  # TTIN/TTOU change it; a reload resets it
+        self.ids: tuple[int, int, str] | None = None  # (uid, gid, user) to switch workers to
+        self.pidfile = ""
+        self.reloading = False  # between RELOADING=1 and the READY=1 that ends it
+        self.announced = False  # READY=1 sent once
+        self.last_round = time.monotonic()
+        self.next_rss_check = 0.0
 
     # -- signals: queue and wake ------------------------------------------------------------
 
@@ -89,41 +132,55 @@ class Arbiter:
 
     def run(self) -> int:
         setproctitle(f"fpy3: master [{self.settings.config_file or self.settings.server.app}]")
+        try:
+            self.ids = resolve_ids(self.settings)
+            self._write_pidfile()
+        except (OSError, ValueError) as exc:
+            print(f"{self.settings.config_file or 'command line'}: {exc}", file=sys.stderr)
+            self.listeners.close()
+            return EXIT_CONFIG
         self._install_signals()
         logger.info(
             "fpy3 %s master %d starting %d worker(s)",
             __version__,
             os.getpid(),
-            self.settings.workers.count,
+            self.worker_count,
         )
-        self._spawn_generation()
-        if self.settings.reload.enabled:
-            self.watcher = FileWatcher(self.settings, self._on_signal)
-        while True:
-            self._wait(1.0)
-            while self.signals:
-                self._handle_signal(self.signals.pop(0))
-            self._reap()
-            if self.stopping:
-                if not self.workers:
-                    break
-                if time.monotonic() > self.stop_deadline:
-                    self._kill_all(signal.SIGKILL)
-            else:
-                self._maintain()
-        if self.watcher is not None:
-            self.watcher.stop()
-        self.listeners.close()
+        sd_notify(f"MAINPID={os.getpid()}\nSTATUS=starting {self.worker_count} worker(s)")
+        try:
+            self._spawn_generation()
+            if self.settings.reload.enabled:
+                self.watcher = FileWatcher(self.settings, self._on_signal)
+            while True:
+                self._wait(1.0)
+                while self.signals:
+                    self._handle_signal(self.signals.pop(0))
+                self._reap()
+                self._check_heartbeats()
+                if self.stopping:
+                    if not self.workers:
+                        break
+                    if time.monotonic() > self.stop_deadline:
+                        self._kill_all(signal.SIGKILL)
+                else:
+                    self._maintain()
+        finally:
+            if self.watcher is not None:
+                self.watcher.stop()
+            self.listeners.close()
+            self._remove_pidfile()
         logger.info("master %d exiting", os.getpid())
         return self.exit_code
 
     def _wait(self, timeout: float) -> None:
-        fds = [self.wake_r] + [w.pipe for w in self.workers.values() if not w.ready]
-        try:
-            readable, _, _ = select.select(fds, [], [], timeout)
-        except InterruptedError:
-            return
-        for fd in readable:
+        poller = select.poll()
+        poller.register(self.wake_r, select.POLLIN)
+        pipes = {}
+        for w in self.workers.values():
+            if not w.eof:
+                poller.register(w.pipe, select.POLLIN)
+                pipes[w.pipe] = w
+        for fd, _ in poller.poll(timeout * 1000):
             if fd == self.wake_r:
                 try:
                     while os.read(self.wake_r, 4096):
@@ -131,18 +188,30 @@ class Arbiter:
                 except BlockingIOError:
                     pass
             else:
-                self._read_worker_pipe(fd)
+                self._read_worker_pipe(pipes[fd])
 
-    def _read_worker_pipe(self, fd: int) -> None:
+    def _read_worker_pipe(self, worker: WorkerProcess) -> None:
         try:
-            data = os.read(fd, 4096)
+            data = os.read(worker.pipe, 4096)
         except BlockingIOError:
             return
-        for worker in self.workers.values():
-            if worker.pipe == fd and data.startswith(b"ready"):
+        if not data:
+            worker.eof = True  # it is exiting; reaping follows
+            return
+        worker.last_seen = time.monotonic()
+        *lines, rest = (worker.buf + data).split(b"\n")
+        worker.buf = rest[-256:]  # messages are short: never let junk grow
+        for line in lines:
+            if line == b"ready":
                 worker.ready = True
                 self.ever_ready = True
                 self._on_worker_ready(worker)
+            elif line == b"beat":
+                pass
+            elif line.startswith(b"requests ") and line[9:].isdigit():
+                worker.requests = int(line[9:])
+            else:
+                logger.warning("worker %d sent an unknown message %r", worker.pid, line[:40])
 
     def _handle_signal(self, sig: int) -> None:
         if sig == signal.SIGCHLD:
@@ -153,31 +222,71 @@ class Arbiter:
             self._stop("graceful")
         elif sig in (signal.SIGINT, signal.SIGQUIT):
             self._stop("fast")
+        elif sig == signal.SIGUSR1:
+            reopen_error_log()
+            logger.info("reopened log files")
+            self._kill_all(signal.SIGUSR1)
+        elif self.stopping:
+            return
+        elif sig == signal.SIGTTIN:
+            if self.worker_count < MAX_WORKERS:
+                self.worker_count += 1
+                logger.info("TTIN: now %d worker(s)", self.worker_count)
+                sd_notify(f"STATUS={self._status()}")
+        elif sig == signal.SIGTTOU:
+            if self.worker_count > 1:
+                self.worker_count -= 1
+                logger.info("TTOU: now %d worker(s)", self.worker_count)
+                sd_notify(f"STATUS={self._status()}")
+            else:
+                logger.info("TTOU ignored: already at 1 worker")
 
     # -- workers ------------------------------------------------------------------------------
 
     def _spawn_generation(self) -> None:
-        for number in range(1, self.settings.workers.count + 1):
+        for number in range(1, self.worker_count + 1):
             self._spawn(number)
 
-    def _spawn(self, number: int) -> None:
+    def _spawn(self, number: int) -> WorkerProcess:
+        workers = self.settings.workers
+        limit = 0
+        if workers.max_requests:
+            limit = workers.max_requests + random.randint(0, workers.max_requests_jitter)
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
             os.close(read_fd)
-            self._worker_main(number, write_fd)  # never returns
+            self._worker_main(number, write_fd, limit)  # never returns
         os.close(write_fd)
         os.set_blocking(read_fd, False)
-        self.workers[pid] = WorkerProcess(pid, number, self.generation, read_fd)
+        worker = WorkerProcess(pid, number, self.generation, read_fd, workers.timeout, limit)
+        self.workers[pid] = worker
+        return worker
 
-    def _worker_main(self, number: int, ready_fd: int) -> None:
+    def _worker_main(self, number: int, ready_fd: int, request_limit: int) -> None:
         code = 1
         try:
             for sig in HANDLED_SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
+            # Signals meant for the master may reach the whole group (a kill to every
+            # process of a service): they must not kill or stop a worker. Its loop
+            # handles USR1 once it runs.
+            for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_IGN)
             os.close(self.wake_r)
             os.close(self.wake_w)
+            for other in self.workers.values():
+                os.close(other.pipe)
+            # Only the master talks to systemd; the app must not send READY=1 for it.
+            os.environ.pop("NOTIFY_SOCKET", None)
             setproctitle(f"fpy3: worker {number} gen {self.generation}")
+            if self.ids is not None:
+                try:
+                    drop_privileges(*self.ids)
+                except OSError as exc:
+                    logger.error("worker %d: cannot switch user: %s", os.getpid(), exc)
+                    code = EXIT_STARTUP
+                    return
             from fpy3 import worker
 
             listeners = self.listeners
@@ -186,13 +295,25 @@ class Arbiter:
                 # between them, so one worker serves HTTP/3 until packets are steered by
                 # connection id.
                 listeners = dataclasses.replace(listeners, udp=None)
-            code = worker.run(self.settings, listeners, ready_fd, number, self.quic_secret)
+            code = worker.run(
+                self.settings, listeners, ready_fd, number, self.quic_secret, request_limit
+            )
         except BaseException:
             logger.exception("worker %d crashed", os.getpid())
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+
+    def _current(self) -> list[WorkerProcess]:
+        """The current generation's workers that are not on their way out."""
+        return [
+            w for w in self.workers.values() if w.generation == self.generation and not w.retiring
+        ]
+
+    def _retire(self, worker: WorkerProcess) -> None:
+        worker.retiring = True
+        self._signal(worker.pid, signal.SIGTERM)
 
     def _reap(self) -> None:
         while True:
@@ -207,20 +328,58 @@ class Arbiter:
                 continue
             os.close(worker.pipe)
             code = os.waitstatus_to_exitcode(status)
-            if self.stopping or worker.generation != self.generation:
+            how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            # Unlink a recycle pair: whichever is left just serves on.
+            old = self.workers.get(worker.replaces) if worker.replaces else None
+            new = self.workers.get(worker.replacement) if worker.replacement else None
+            if old is not None:
+                old.replacement = None
+            if new is not None:
+                new.replaces = None
+            if self.stopping or worker.retiring or worker.generation != self.generation:
                 logger.info("worker %d exited (%d)", pid, code)
                 continue
-            if code == EXIT_STARTUP and not worker.ready:
+            if old is not None:
+                # A recycle that did not take: the old worker keeps serving for now.
+                logger.error(
+                    "replacement worker %d %s before it was ready; worker %d keeps serving",
+                    pid,
+                    how,
+                    old.pid,
+                )
+                old.next_recycle = time.monotonic() + RECYCLE_RETRY
+                continue
+            if not worker.ready and (code == EXIT_STARTUP or worker.timed_out):
                 if self._rollback():
                     continue
-                if not self.ever_ready:
+                if code == EXIT_STARTUP and not self.ever_ready:
                     logger.error("worker %d could not start the app; stopping", pid)
                     self.exit_code = EXIT_STARTUP
                     self._stop("fast")
                     continue
-            how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
             logger.error("worker %d (number %d) %s; replacing it", pid, worker.number, how)
             self.crashes.append(time.monotonic())
+
+    def _check_heartbeats(self) -> None:
+        now = time.monotonic()
+        if self.workers and now - self.last_round > min(w.timeout for w in self.workers.values()):
+            # This loop itself did not run (the machine slept, the master was stopped):
+            # the silence is ours, not the workers'.
+            for w in self.workers.values():
+                w.last_seen = now
+        self.last_round = now
+        for w in list(self.workers.values()):
+            silent = now - w.last_seen
+            if not w.timed_out and not w.eof and silent > w.timeout:
+                logger.error(
+                    "worker %d (number %d) sent no heartbeat for %.1fs (workers.timeout);"
+                    " killing it",
+                    w.pid,
+                    w.number,
+                    silent,
+                )
+                w.timed_out = True
+                self._signal(w.pid, signal.SIGKILL)
 
     def _maintain(self) -> None:
         """Keep the current generation at full strength, backing off on a crash loop."""
@@ -231,35 +390,90 @@ class Arbiter:
             self.exit_code = 1
             self._stop("fast")
             return
+        current = self._current()
+        for w in current:
+            if w.number > self.worker_count:
+                logger.info("worker %d (number %d) removed; draining it", w.pid, w.number)
+                self._retire(w)
+        self._check_recycle(now)
         if self.crashes and now - self.crashes[-1] < min(2 ** len(self.crashes) * 0.1, 5.0):
             return  # backoff
-        running = {w.number for w in self.workers.values() if w.generation == self.generation}
-        for number in range(1, self.settings.workers.count + 1):
+        running = {w.number for w in self._current()}
+        for number in range(1, self.worker_count + 1):
             if number not in running:
                 self._spawn(number)
 
+    def _check_recycle(self, now: float) -> None:
+        """Recycle one worker at a time past max_requests or max_rss_mb."""
+        if any(w.replacement is not None for w in self.workers.values()):
+            return
+        candidates = [
+            w for w in self._current() if w.ready and not w.replaces and now >= w.next_recycle
+        ]
+        rss: dict[int, float] = {}
+        max_rss = self.settings.workers.max_rss_mb
+        if max_rss and candidates and now >= self.next_rss_check:
+            self.next_rss_check = now + RSS_INTERVAL
+            rss = worker_rss_mb([w.pid for w in candidates])
+        for w in sorted(candidates, key=lambda w: w.number):
+            if w.request_limit and w.requests >= w.request_limit:
+                reason = f"served {w.requests} requests (workers.max_requests)"
+            elif rss.get(w.pid, 0) > max_rss:
+                reason = f"uses {rss[w.pid]:.0f} MiB (workers.max_rss_mb = {max_rss})"
+            else:
+                continue
+            new = self._spawn(w.number)
+            new.replaces, w.replacement = w.pid, new.pid
+            logger.info(
+                "worker %d (number %d) %s; starting worker %d", w.pid, w.number, reason, new.pid
+            )
+            return
+
     def _on_worker_ready(self, worker: WorkerProcess) -> None:
+        if worker.replaces is not None:
+            old = self.workers.get(worker.replaces)
+            if old is not None:
+                old.replacement = None
+                logger.info("worker %d ready; draining worker %d", worker.pid, old.pid)
+                self._retire(old)
+            worker.replaces = None
         if worker.generation != self.generation:
             return
-        current = [w for w in self.workers.values() if w.generation == self.generation]
-        if len(current) >= self.settings.workers.count and all(w.ready for w in current):
-            old = [w for w in self.workers.values() if w.generation != self.generation]
+        current = self._current()
+        numbers = {w.number for w in current}
+        if numbers.issuperset(range(1, self.worker_count + 1)) and all(w.ready for w in current):
+            old = [
+                w
+                for w in self.workers.values()
+                if w.generation != self.generation and not w.retiring
+            ]
             if old:
                 logger.info(
                     "generation %d ready; draining %d old worker(s)", self.generation, len(old)
                 )
             for w in old:
-                self._signal(w.pid, signal.SIGTERM)
+                self._retire(w)
+            if self.reloading or not self.announced:
+                self.reloading = False
+                self.announced = True
+                sd_notify(f"READY=1\nSTATUS={self._status()}")
+
+    def _status(self) -> str:
+        return f"serving with {self.worker_count} worker(s), generation {self.generation}"
 
     # -- reload and stop ---------------------------------------------------------------------
 
     def _reload(self) -> None:
+        if self.stopping:
+            return
+        self.reloading = True
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\nSTATUS=reloading")
         try:
             settings = config.load(
                 self.args.config, overrides=config.overrides_from_args(self.args)
             )
         except config.ConfigError as exc:
-            logger.error("reload refused, keeping the running workers: %s", exc)
+            self._refuse_reload(f"reload refused, keeping the running workers: {exc}")
             return
         old = self.settings
         if (settings.server.host, settings.server.port, settings.server.http_port) != (
@@ -267,7 +481,7 @@ class Arbiter:
             old.server.port,
             old.server.http_port,
         ):
-            logger.error("reload refused: server.host/port/http_port changes need a restart")
+            self._refuse_reload("reload refused: server.host/port/http_port changes need a restart")
             return
         try:
             from fpy3.tls import server_context, with_certificate
@@ -275,14 +489,26 @@ class Arbiter:
             settings = with_certificate(settings)
             server_context(settings)
         except (OSError, ValueError) as exc:
-            logger.error("reload refused, keeping the running workers: tls.cert: %s", exc)
+            self._refuse_reload(f"reload refused, keeping the running workers: tls.cert: {exc}")
+            return
+        try:
+            ids = resolve_ids(settings)
+        except ValueError as exc:
+            self._refuse_reload(f"reload refused, keeping the running workers: {exc}")
             return
         configure_error_log(settings.logging, settings.server.debug)
-        self.previous = self.settings
+        self.previous, self.previous_count = self.settings, self.worker_count
         self.settings = settings
+        self.ids = ids
+        self.worker_count = settings.workers.count
         self.generation += 1
         logger.info("reloading: starting generation %d", self.generation)
         self._spawn_generation()
+
+    def _refuse_reload(self, message: str) -> None:
+        logger.error("%s", message)
+        self.reloading = False
+        sd_notify(f"READY=1\nSTATUS={self._status()}; last reload refused")
 
     def _rollback(self) -> bool:
         """A new generation failed to start: keep the one that is serving."""
@@ -293,12 +519,17 @@ class Arbiter:
         self.generation = max(w.generation for w in serving)
         self.settings = self.previous
         self.previous = None
+        self.worker_count = self.previous_count
         logger.error(
             "generation %d failed to start; generation %d keeps serving", failed, self.generation
         )
         for w in list(self.workers.values()):
             if w.generation == failed:
+                w.retiring = True
                 self._signal(w.pid, signal.SIGQUIT)
+        if self.reloading:
+            self.reloading = False
+            sd_notify(f"READY=1\nSTATUS={self._status()}; last reload failed")
         return True
 
     def _stop(self, how: str) -> None:
@@ -308,6 +539,10 @@ class Arbiter:
         grace = self.settings.workers.drain_timeout + 5.0 if how == "graceful" else 5.0
         self.stop_deadline = time.monotonic() + grace
         logger.info("master %d: %s stop", os.getpid(), how)
+        sd_notify(f"STOPPING=1\nSTATUS={how} stop")
+        # Workers close their copies as they drain; with ours closed too, new
+        # connections are refused instead of waiting in a backlog nobody accepts.
+        self.listeners.close()
         self._kill_all(signal.SIGTERM if how == "graceful" else signal.SIGQUIT)
 
     def _kill_all(self, sig: int) -> None:
@@ -320,6 +555,89 @@ class Arbiter:
         except OSError as exc:
             if exc.errno != errno.ESRCH:
                 raise
+
+    # -- pidfile ----------------------------------------------------------------------------
+
+    def _write_pidfile(self) -> None:
+        path = self.settings.server.pidfile
+        if not path:
+            return
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            os.replace(tmp, path)  # readers never see a partial file
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise OSError(f"server.pidfile: cannot write {path}: {exc.strerror}") from None
+        self.pidfile = path
+
+    def _remove_pidfile(self) -> None:
+        if not self.pidfile:
+            return
+        try:
+            with open(self.pidfile) as f:
+                mine = f.read().strip() == str(os.getpid())
+            if mine:  # a newer master may have taken the path over
+                os.unlink(self.pidfile)
+        except OSError:
+            pass
+
+
+def sd_notify(state: str) -> None:
+    """Send a datagram to systemd's NOTIFY_SOCKET, when it is set ('@' = abstract)."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    if address[0] == "@":
+        address = "\0" + address[1:]
+    elif address[0] != "/":
+        return  # vsock addresses are for VMs; not supported
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        logger.warning("sd_notify to %s failed: %s", os.environ["NOTIFY_SOCKET"], exc)
+
+
+def resolve_ids(settings: config.Settings) -> tuple[int, int, str] | None:
+    """(uid, gid, user) for server.user / server.group, or None to stay as we are."""
+    server = settings.server
+    if not server.user and not server.group:
+        return None
+    try:
+        entry = pwd.getpwnam(server.user) if server.user else pwd.getpwuid(os.getuid())
+    except KeyError:
+        raise ValueError(f"server.user: no such user: {server.user!r}") from None
+    try:
+        gid = grp.getgrnam(server.group).gr_gid if server.group else entry.pw_gid
+    except KeyError:
+        raise ValueError(f"server.group: no such group: {server.group!r}") from None
+    if os.geteuid() != 0:
+        if (entry.pw_uid, gid) != (os.getuid(), os.getgid()):
+            logger.warning("server.user/group ignored: the master is not running as root")
+        return None
+    return entry.pw_uid, gid, entry.pw_name
+
+
+def drop_privileges(uid: int, gid: int, user: str) -> None:
+    """In a worker, after the sockets are bound: groups first, the uid last."""
+    os.initgroups(user, gid)
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+def worker_rss_mb(pids: list[int]) -> dict[int, float]:
+    import psutil
+
+    rss = {}
+    for pid in pids:
+        try:
+            rss[pid] = psutil.Process(pid).memory_info().rss / (1 << 20)
+        except psutil.Error:
+            pass
+    return rss
 
 
 class FileWatcher:

@@ -293,9 +293,13 @@ class H1Connection(asyncio.Protocol):
             self._close()  # idle keep-alive connection
 
     def close_if_idle(self) -> bool:
-        """Draining: close now if between requests, else after the current response."""
+        """Draining: close now if between requests, else after the current response.
+
+        A connection with no request yet was opened to send one (often its bytes are
+        in flight): it keeps its header timeout and is answered with Connection: close.
+        """
         self.keep_alive = False
-        if self.cycle is None and not self.buf and not self.closed:
+        if self.cycle is None and not self.buf and not self.closed and self.requests:
             self._close()
             return True
         return False
