@@ -73,6 +73,22 @@ class AccessLog:
         except OSError:
             pass
 
+    def log_request(self, scope: dict, status: int, size: int, duration: float) -> None:
+        """One line for a finished ASGI http exchange."""
+        target = scope["raw_path"].decode("latin-1")
+        if scope["query_string"]:
+            target += "?" + scope["query_string"].decode("latin-1")
+        self.log(
+            scope["client"],
+            scope["method"],
+            target,
+            "HTTP/" + scope["http_version"],
+            status,
+            size,
+            duration,
+            scope["headers"],
+        )
+
     def log(
         self,
         client: tuple | None,

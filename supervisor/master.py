@@ -51,6 +51,8 @@ from fpy3.cli import EXIT_CONFIG, load_settings, prepare
 from fpy3.logs import configure_error_log
 from fpy3.worker import EXIT_STARTUP, reopen_error_log
 
+from . import steering
+
 logger = logging.getLogger("fpy3.error")
 
 HANDLED_SIGNALS = (
@@ -83,6 +85,7 @@ class WorkerProcess:
     buf: bytes = b""  # a partial line
     eof: bool = False  # the worker closed its end of the pipe
     retiring: bool = False  # told to drain on purpose: its exit is no crash
+    quic_id: int | None = None  # its QUIC worker id (and socket) when packets are steered
     timed_out: bool = False  # killed for missing heartbeats
     replaces: int | None = None  # pid of the worker this one is replacing (a recycle)
     replacement: int | None = None  # pid of the worker starting in place of this one
@@ -114,6 +117,8 @@ class Arbiter:
         self.announced = False  # READY=1 sent once
         self.last_round = time.monotonic()
         self.next_rss_check = 0.0
+        self.quic: steering.QuicSockets | None = None  # the steered UDP socket group
+        self.serving = 1  # the generation that takes new QUIC connections
 
     # -- signals: queue and wake ------------------------------------------------------------
 
@@ -135,6 +140,7 @@ class Arbiter:
         try:
             self.ids = resolve_ids(self.settings)
             self._write_pidfile()
+            self._steer_udp()
         except (OSError, ValueError) as exc:
             print(f"{self.settings.config_file or 'command line'}: {exc}", file=sys.stderr)
             self.listeners.close()
@@ -168,6 +174,8 @@ class Arbiter:
             if self.watcher is not None:
                 self.watcher.stop()
             self.listeners.close()
+            if self.quic is not None:
+                self.quic.close()  # only now: closing one reorders the group
             self._remove_pidfile()
         logger.info("master %d exiting", os.getpid())
         return self.exit_code
@@ -252,18 +260,60 @@ class Arbiter:
         limit = 0
         if workers.max_requests:
             limit = workers.max_requests + random.randint(0, workers.max_requests_jitter)
+        quic_id = None
+        if self.quic is not None:
+            try:
+                quic_id = self.quic.acquire(self.generation)
+            except OSError as exc:
+                logger.error("worker %d without HTTP/3: %s", number, exc)
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            if quic_id is not None:
+                self.quic.release(quic_id)
+            raise
         if pid == 0:
             os.close(read_fd)
-            self._worker_main(number, write_fd, limit)  # never returns
+            self._worker_main(number, write_fd, limit, quic_id)  # never returns
         os.close(write_fd)
         os.set_blocking(read_fd, False)
         worker = WorkerProcess(pid, number, self.generation, read_fd, workers.timeout, limit)
+        worker.quic_id = quic_id
         self.workers[pid] = worker
+        self._steer()
         return worker
 
-    def _worker_main(self, number: int, ready_fd: int, request_limit: int) -> None:
+    def _steer_udp(self) -> None:
+        """Route QUIC packets by the worker id in their connection id, when the kernel can."""
+        udp = self.listeners.udp
+        if udp is None:
+            return
+        slots = min(2 * self.worker_count, steering.MAX_SOCKETS)
+        try:
+            self.quic = steering.QuicSockets.take_over(udp, slots)
+        except steering.SteeringUnavailable as exc:
+            logger.warning("%s; HTTP/3 is served by worker 1 only", exc)
+            return
+        self.listeners = dataclasses.replace(self.listeners, udp=None)
+
+    def _steer(self) -> None:
+        """Point new QUIC connections at the serving generation; keep the rest in place."""
+        if self.quic is None:
+            return
+        active = [
+            w.quic_id
+            for w in self.workers.values()
+            if w.generation == self.serving and not w.retiring and w.quic_id is not None
+        ]
+        try:
+            self.quic.steer(active)
+        except steering.SteeringError as exc:
+            logger.error("QUIC steering not updated: %s", exc)
+
+    def _worker_main(
+        self, number: int, ready_fd: int, request_limit: int, quic_id: int | None
+    ) -> None:
         code = 1
         try:
             for sig in HANDLED_SIGNALS:
@@ -289,14 +339,16 @@ class Arbiter:
                     return
             from fpy3 import worker
 
-            listeners = self.listeners
-            if number != 1 and listeners.udp is not None:
-                # Several processes reading one UDP socket would split QUIC connections
-                # between them, so one worker serves HTTP/3 until packets are steered by
-                # connection id.
+            listeners, worker_id = self.listeners, number
+            if self.quic is not None:
+                udp = self.quic.for_worker(quic_id) if quic_id is not None else None
+                listeners, worker_id = dataclasses.replace(listeners, udp=udp), quic_id or 0
+            elif number != 1 and listeners.udp is not None:
+                # Without steering, processes sharing one UDP socket would split QUIC
+                # connections between them: one worker serves HTTP/3.
                 listeners = dataclasses.replace(listeners, udp=None)
             code = worker.run(
-                self.settings, listeners, ready_fd, number, self.quic_secret, request_limit
+                self.settings, listeners, ready_fd, worker_id, self.quic_secret, request_limit
             )
         except BaseException:
             logger.exception("worker %d crashed", os.getpid())
@@ -313,6 +365,7 @@ class Arbiter:
 
     def _retire(self, worker: WorkerProcess) -> None:
         worker.retiring = True
+        self._steer()  # no new QUIC connections for a worker about to drain
         self._signal(worker.pid, signal.SIGTERM)
 
     def _reap(self) -> None:
@@ -327,6 +380,9 @@ class Arbiter:
             if worker is None:
                 continue
             os.close(worker.pipe)
+            if self.quic is not None and worker.quic_id is not None:
+                self.quic.release(worker.quic_id)
+                self._steer()
             code = os.waitstatus_to_exitcode(status)
             how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
             # Unlink a recycle pair: whichever is left just serves on.
@@ -442,6 +498,8 @@ class Arbiter:
         current = self._current()
         numbers = {w.number for w in current}
         if numbers.issuperset(range(1, self.worker_count + 1)) and all(w.ready for w in current):
+            self.serving = self.generation
+            self._steer()
             old = [
                 w
                 for w in self.workers.values()
@@ -476,12 +534,16 @@ class Arbiter:
             self._refuse_reload(f"reload refused, keeping the running workers: {exc}")
             return
         old = self.settings
-        if (settings.server.host, settings.server.port, settings.server.http_port) != (
-            old.server.host,
-            old.server.port,
-            old.server.http_port,
-        ):
-            self._refuse_reload("reload refused: server.host/port/http_port changes need a restart")
+
+        def bound(s: config.Settings) -> tuple:
+            return (s.server.host, s.server.port, s.server.http_port, s.http3.enabled, s.udp_port)
+
+        if bound(settings) != bound(old):
+            # The sockets were bound once, before the first fork.
+            self._refuse_reload(
+                "reload refused: server.host/port/http_port and http3.enabled/port changes "
+                "need a restart"
+            )
             return
         try:
             from fpy3.tls import server_context, with_certificate

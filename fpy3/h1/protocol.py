@@ -436,22 +436,13 @@ class H1Connection(asyncio.Protocol):
 
     def _response_done(self) -> None:
         svc = self.svc
-        if svc.access_log is not None:
-            scope = self.cycle.scope if self.cycle is not None else None
-            if scope is not None:
-                target = scope["raw_path"].decode("latin-1")
-                if scope["query_string"]:
-                    target += "?" + scope["query_string"].decode("latin-1")
-                svc.access_log.log(
-                    self.client,
-                    scope["method"],
-                    target,
-                    "HTTP/" + scope["http_version"],
-                    self.resp_status,
-                    self.resp_bytes,
-                    self.loop.time() - self.started_at,
-                    scope["headers"],
-                )
+        if svc.access_log is not None and self.cycle is not None:
+            svc.access_log.log_request(
+                self.cycle.scope,
+                self.resp_status,
+                self.resp_bytes,
+                self.loop.time() - self.started_at,
+            )
         svc.requests_served += 1
         if not self.keep_alive:
             self._close()

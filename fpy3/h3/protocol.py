@@ -120,8 +120,11 @@ class H3Stream:
             pending = lib.fpy3_h3_send(server.srv, self.conn, self.stream, data, n, fin)
         server.schedule_flush()
         if not more:
-            if server.access_log is not None:
-                server.log_access(self)
+            server.svc.requests_served += 1
+            if server.access_log is not None and self.cycle is not None:
+                server.access_log.log_request(
+                    self.cycle.scope, self.status, self.sent, server.loop.time() - self.started_at
+                )
             if fin:
                 self.finished = True
             else:
@@ -364,24 +367,6 @@ class H3Server:
         cycle.task = asyncio.Task(cycle.run(svc.app), loop=self.loop, eager_start=True)
 
     # -- helpers ----------------------------------------------------------------------------
-
-    def log_access(self, stream: H3Stream) -> None:
-        scope = stream.cycle.scope if stream.cycle is not None else None
-        if scope is None:
-            return
-        target = scope["raw_path"].decode("latin-1")
-        if scope["query_string"]:
-            target += "?" + scope["query_string"].decode("latin-1")
-        self.access_log.log(
-            scope["client"],
-            scope["method"],
-            target,
-            "HTTP/3",
-            stream.status,
-            stream.sent,
-            self.loop.time() - stream.started_at,
-            scope["headers"],
-        )
 
     def header_block(self, headers) -> tuple[bytes, int]:
         """Response fields as "name\\0value\\0..." with lowercased names, and the
