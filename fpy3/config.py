@@ -59,7 +59,7 @@ class TLSSettings:
 
 @dataclass(frozen=True, slots=True)
 class WorkersSettings:
-    count: int = 1
+    count: int = 0  # worker processes; 0 = one per CPU
     drain_timeout: float = 30.0  # seconds a draining worker may finish in-flight requests
     timeout: float = 30.0  # a worker silent (no heartbeat) this long is killed and replaced
     max_requests: int = 0  # recycle a worker after this many requests; 0 = never
@@ -241,7 +241,7 @@ _CHECKS: dict[str, Callable[[typing.Any], None]] = {
     "server.port": _between(1, 65535),
     "server.http_port": _between(0, 65535),
     "tls.min_version": _one_of("1.2", "1.3"),
-    "workers.count": _between(1, 1024),
+    "workers.count": _between(0, 1024),
     "workers.drain_timeout": _positive,
     "workers.timeout": _positive,
     "workers.max_requests": _at_least(0),

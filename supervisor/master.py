@@ -110,7 +110,7 @@ class Arbiter:
         self.previous_count = 0
         self.quic_secret = os.urandom(32)  # stateless-reset key shared by every worker
         self.watcher: FileWatcher | None = None
-        self.worker_count = settings.workers.count  # TTIN/TTOU change it; a reload resets it
+        self.worker_count = worker_count(settings)  # TTIN/TTOU change it; a reload resets it
         self.ids: tuple[int, int, str] | None = None  # (uid, gid, user) to switch workers to
         self.pidfile = ""
         self.reloading = False  # between RELOADING=1 and the READY=1 that ends it
@@ -562,7 +562,7 @@ class Arbiter:
         self.previous, self.previous_count = self.settings, self.worker_count
         self.settings = settings
         self.ids = ids
-        self.worker_count = settings.workers.count
+        self.worker_count = worker_count(settings)
         self.generation += 1
         logger.info("reloading: starting generation %d", self.generation)
         self._spawn_generation()
@@ -740,6 +740,11 @@ class FileWatcher:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+
+def worker_count(settings: config.Settings) -> int:
+    """workers.count, where 0 means one worker per CPU."""
+    return settings.workers.count or os.cpu_count() or 1
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -139,7 +139,7 @@ def test_env_error_exits_2(run_cli):
     [
         (["--port", "70000"], "server.port"),
         (["--log-level", "loud"], "logging.level"),
-        (["--workers", "0"], "workers.count"),
+        (["--workers", "2000"], "workers.count"),
         (["--host", "not a host!"], "server.host"),
     ],
 )

@@ -355,8 +355,8 @@ RANGE_ERRORS = [
     ("server", "http_port", -1, "must be between 0 and 65535, got -1"),
     ("server", "http_port", 70000, "must be between 0 and 65535, got 70000"),
     ("http3", "port", 65536, "must be between 0 and 65535, got 65536"),
-    ("workers", "count", 0, "must be between 1 and 1024, got 0"),
-    ("workers", "count", 1025, "must be between 1 and 1024, got 1025"),
+    ("workers", "count", -1, "must be between 0 and 1024, got -1"),
+    ("workers", "count", 1025, "must be between 0 and 1024, got 1025"),
     ("workers", "drain_timeout", 0, "must be greater than 0, got 0.0"),
     ("http1", "keepalive_timeout", -1.5, "must be greater than 0, got -1.5"),
     ("http1", "header_timeout", 0.0, "must be greater than 0, got 0.0"),
@@ -521,8 +521,8 @@ def test_command_line_errors(overrides: dict[str, object], message: str) -> None
 
 
 def test_first_error_in_file_order(tmp_path: Path) -> None:
-    path = write(tmp_path, "[workers]\ncount = 0\n[server]\nport = 0\n")
-    assert error(path) == f"{path}: workers.count: must be between 1 and 1024, got 0"
+    path = write(tmp_path, "[workers]\ncount = -1\n[server]\nport = 0\n")
+    assert error(path) == f"{path}: workers.count: must be between 0 and 1024, got -1"
 
 
 def test_first_error_file_then_env_then_cli(tmp_path: Path) -> None:
@@ -675,9 +675,9 @@ def test_flags_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_bad_flag_value_is_a_command_line_error() -> None:
-    args = parser().parse_args(["--workers", "0"])
+    args = parser().parse_args(["--workers", "-1"])
     message = error(overrides=overrides_from_args(args))
-    assert message == "command line: workers.count: must be between 1 and 1024, got 0"
+    assert message == "command line: workers.count: must be between 0 and 1024, got -1"
 
 
 # --- dump ---------------------------------------------------------------------------
