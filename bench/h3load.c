@@ -106,6 +106,7 @@ typedef struct slot {
   struct group *g;
   int64_t start_ns;  // when it was (re-)added; for a parked slot, when to re-add it
   curl_off_t bytes;
+  int reconnected;    // the last transfer opened a connection (a retry, or a reconnect)
   struct slot *next;  // parked list
   char errbuf[CURL_ERROR_SIZE];
 } slot_t;
@@ -174,6 +175,47 @@ static size_t on_body(char *p, size_t sz, size_t n, void *ud) {
   return sz * n;
 }
 
+/* The request every handle makes, set once in main. */
+static struct {
+  const char *url, *method, *cacert;
+  struct curl_slist *headers;
+  const char *body;
+  long data_size;
+  double connect_timeout;
+  int insecure, verbose;
+} req;
+
+static void setup_easy(CURL *e, slot_t *s) {
+  curl_easy_setopt(e, CURLOPT_URL, req.url);
+  curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_3ONLY);
+  curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
+  curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(e, CURLOPT_PRIVATE, s);
+  curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
+  curl_easy_setopt(e, CURLOPT_WRITEDATA, s);
+  curl_easy_setopt(e, CURLOPT_ERRORBUFFER, s->errbuf);
+  curl_easy_setopt(e, CURLOPT_USERAGENT, "h3load");
+  curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)(req.connect_timeout * 1000));
+  if (req.verbose) curl_easy_setopt(e, CURLOPT_VERBOSE, 1L);
+  if (req.cacert) {
+    curl_easy_setopt(e, CURLOPT_CAINFO, req.cacert);
+    // No system CA dir: then libcurl loads the file once per multi, not per handshake.
+    curl_easy_setopt(e, CURLOPT_CAPATH, NULL);
+  }
+  if (req.insecure) {
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 0L);
+    curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 0L);
+  }
+  if (req.headers) curl_easy_setopt(e, CURLOPT_HTTPHEADER, req.headers);
+  if (req.body) {
+    curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)req.data_size);
+    curl_easy_setopt(e, CURLOPT_POSTFIELDS, req.body);
+  }
+  if (!strcmp(req.method, "HEAD")) curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
+  else if (strcmp(req.method, "GET") || req.body)
+    curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, req.method);
+}
+
 /* Check one finished transfer; record it if it ended inside the measured window.
  * Latency is recorded for every response (any status), not for transfer errors. */
 static void finish(worker_t *w, slot_t *s, CURLcode rc, int64_t end) {
@@ -182,6 +224,7 @@ static void finish(worker_t *w, slot_t *s, CURLcode rc, int64_t end) {
   curl_off_t cl = -1;
   curl_easy_getinfo(s->easy, CURLINFO_NUM_CONNECTS, &nc);
   st->connects += (uint64_t)nc;
+  s->reconnected = nc > 0;
   if (rc != CURLE_OK && is_fatal(rc)) {
     char what[128];
     snprintf(what, sizeof what, "curl error %d (%s)", (int)rc, curl_easy_strerror(rc));
@@ -252,6 +295,13 @@ static void perform(worker_t *w, group_t *g) {
       else w->parked = s;
       w->parked_tail = s;
     } else if (now < t_end) {
+      if (s->reconnected) {
+        // libcurl before 8.17 never clears a handle's count of retries on a fresh
+        // connection ("Connection died"): the sixth over the whole run fails. A server
+        // that closes connections on reload causes one per reload; reset the handle.
+        curl_easy_reset(e);
+        setup_easy(e, s);
+      }
       s->start_ns = now;
       curl_multi_add_handle(g->multi, e);  // options persist; the connection is reused
     }
@@ -450,6 +500,16 @@ int main(int argc, char **argv) {
     headers = curl_slist_append(headers, "Expect:");  // no 100-continue round trip
   }
 
+  req.url = url;
+  req.method = method;
+  req.cacert = cacert;
+  req.headers = headers;
+  req.body = body;
+  req.data_size = data_size;
+  req.connect_timeout = connect_timeout;
+  req.insecure = insecure;
+  req.verbose = verbose;
+
   worker_t *ws = calloc((size_t)threads, sizeof *ws);
   if (!ws) return 2;
   for (long t = 0; t < threads; t++) {
@@ -480,33 +540,7 @@ int main(int argc, char **argv) {
         fputs("h3load: curl_easy_init failed\n", stderr);
         return 2;
       }
-      curl_easy_setopt(e, CURLOPT_URL, url);
-      curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_3ONLY);
-      curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
-      curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-      curl_easy_setopt(e, CURLOPT_PRIVATE, s);
-      curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, on_body);
-      curl_easy_setopt(e, CURLOPT_WRITEDATA, s);
-      curl_easy_setopt(e, CURLOPT_ERRORBUFFER, s->errbuf);
-      curl_easy_setopt(e, CURLOPT_USERAGENT, "h3load");
-      curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT_MS, (long)(connect_timeout * 1000));
-      if (verbose) curl_easy_setopt(e, CURLOPT_VERBOSE, 1L);
-      if (cacert) {
-        curl_easy_setopt(e, CURLOPT_CAINFO, cacert);
-        // No system CA dir: then libcurl loads the file once per multi, not per handshake.
-        curl_easy_setopt(e, CURLOPT_CAPATH, NULL);
-      }
-      if (insecure) {
-        curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 0L);
-        curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 0L);
-      }
-      if (headers) curl_easy_setopt(e, CURLOPT_HTTPHEADER, headers);
-      if (body) {
-        curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)data_size);
-        curl_easy_setopt(e, CURLOPT_POSTFIELDS, body);
-      }
-      if (!strcmp(method, "HEAD")) curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
-      else if (strcmp(method, "GET") || body) curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, method);
+      setup_easy(e, s);
     }
   }
 

@@ -20,6 +20,13 @@ from .logs import AccessLog
 
 logger = logging.getLogger("fpy3.error")
 
+# Seconds a draining connection stays open between requests, about a round trip and
+# more: a keep-alive client may have a request on the wire when the drain begins.
+DRAIN_GRACE = 1.0
+# Seconds a closing TLS connection waits for the peer's close_notify. asyncio's default
+# is 30: a drain would wait that long for every idle client that is not reading.
+TLS_SHUTDOWN_TIMEOUT = 3.0
+
 
 class HTTPService:
     def __init__(
@@ -79,6 +86,7 @@ class HTTPService:
             ssl=ssl_context,
             backlog=self.settings.http1.backlog,
             ssl_handshake_timeout=self.header_timeout if ssl_context is not None else None,
+            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT if ssl_context is not None else None,
         )
         self.servers.append(server)
 
@@ -100,10 +108,13 @@ class HTTPService:
         deadline = self.loop.time() + timeout
         for server in self.servers:
             server.close()
+        # Clients get a grace period to see the notice (Connection: close, GOAWAY)
+        # before idle connections close, so a request they sent meanwhile is answered.
+        grace = min(DRAIN_GRACE, timeout / 2)
         for conn in list(self.connections):
-            conn.close_if_idle()
+            conn.drain(grace)
         await asyncio.gather(
-            self._drain_h1(timeout), *(h3.drain(timeout) for h3 in self.h3_servers)
+            self._drain_h1(timeout), *(h3.drain(timeout, grace) for h3 in self.h3_servers)
         )
         if accepted:
             left = max(0.0, deadline - self.loop.time())

@@ -76,7 +76,7 @@ struct h3conn {
     h3conn *next; /* zombie list / pending-close list */
     uint64_t close_code;
     int close_pending;
-    int goaway;      /* we sent GOAWAY */
+    int goaway;      /* GOAWAY sent: 1 the notice, 2 the final one */
     int peer_goaway; /* the client sent GOAWAY */
     int peer_port, local_port;
     char peer[INET6_ADDRSTRLEN];
@@ -94,7 +94,7 @@ struct fpy3_h3_server {
     size_t max_header_size, max_header_count;
     uint64_t max_streams_bidi;
     size_t high_water, low_water;
-    int shutting_down;
+    int shutting_down; /* 0, 1: GOAWAY notice sent, 2: final GOAWAY sent */
 
     fpy3_h3_event *ev; /* the batch Python reads */
     size_t nev, evcap;
@@ -541,6 +541,22 @@ static void conn_close_later(h3conn *c, uint64_t code)
     c->s->pending_close = c;
 }
 
+/* Graceful shutdown in two steps (RFC 9114 5.2): first a GOAWAY notice that lets
+ * nothing be cut (requests already on their way are still taken), and about one
+ * round trip later the final GOAWAY with the last stream id we will answer. */
+static void send_goaway(h3conn *c, int phase)
+{
+    if (c->goaway >= phase)
+        return;
+    int rv = phase == 1 ? nghttp3_conn_submit_shutdown_notice(c->h3) : nghttp3_conn_shutdown(c->h3);
+    if (rv != 0) {
+        conn_close_later(c, FPY3_H3_INTERNAL_ERROR);
+        return;
+    }
+    c->goaway = phase;
+    fpy3_engine_mark(c->qc);
+}
+
 /* --- nghttp3 callbacks -------------------------------------------------------------- */
 
 static int h_begin_headers(nghttp3_conn *h3, int64_t sid, void *cud, void *sud)
@@ -803,10 +819,8 @@ static void *e_conn_open(void *app, fpy3_qconn *qc)
         free(c);
         return NULL;
     }
-    if (s->shutting_down) {
-        nghttp3_conn_shutdown(c->h3);
-        c->goaway = 1;
-    }
+    if (s->shutting_down)
+        send_goaway(c, s->shutting_down);
     return c;
 }
 
@@ -1039,7 +1053,7 @@ static void drain_check(void *ac, void *arg)
 /* Closes connections queued by conn_close_later (and drained ones when shutting down). */
 static void close_pending(fpy3_h3_server *s)
 {
-    if (s->shutting_down)
+    if (s->shutting_down == 2)
         fpy3_engine_each(s->e, drain_check, NULL);
     while (s->pending_close) {
         h3conn *c = s->pending_close;
@@ -1197,25 +1211,21 @@ int fpy3_h3_reset(fpy3_h3_server *s, uint64_t conn, int64_t sid, uint64_t h3_err
 
 int fpy3_h3_want_write(fpy3_h3_server *s) { return fpy3_engine_want_write(s->e); }
 
-static void goaway(void *ac, void *arg)
+static void goaway_each(void *ac, void *arg)
 {
     h3conn *c = ac;
-    (void)arg;
-    if (c->qc && c->h3 && !c->goaway) {
-        c->goaway = 1;
-        if (nghttp3_conn_shutdown(c->h3) != 0)
-            conn_close_later(c, FPY3_H3_INTERNAL_ERROR);
-        fpy3_engine_mark(c->qc);
-    }
+    if (c->qc && c->h3)
+        send_goaway(c, *(int *)arg);
 }
 
-void fpy3_h3_shutdown(fpy3_h3_server *s)
+void fpy3_h3_shutdown(fpy3_h3_server *s, int phase)
 {
-    if (s->shutting_down)
+    if (phase <= s->shutting_down || phase > 2)
         return;
-    s->shutting_down = 1;
-    fpy3_engine_stop_accepting(s->e);
-    fpy3_engine_each(s->e, goaway, NULL);
+    if (!s->shutting_down)
+        fpy3_engine_stop_accepting(s->e);
+    s->shutting_down = phase;
+    fpy3_engine_each(s->e, goaway_each, &phase);
 }
 
 size_t fpy3_h3_connection_count(fpy3_h3_server *s) { return fpy3_engine_conn_count(s->e); }

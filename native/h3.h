@@ -80,7 +80,9 @@ int fpy3_h3_consume(fpy3_h3_server *s, uint64_t conn, int64_t stream, size_t n);
 int fpy3_h3_reset(fpy3_h3_server *s, uint64_t conn, int64_t stream, uint64_t h3_error);
 int fpy3_h3_flush(fpy3_h3_server *s); /* 0, or -1: the socket is full (want_write) */
 int fpy3_h3_want_write(fpy3_h3_server *s);
-void fpy3_h3_shutdown(fpy3_h3_server *s);
+/* Drain. Phase 1 stops accepting connections and sends a GOAWAY notice; phase 2
+ * sends the final GOAWAY, and connections then close as their streams finish. */
+void fpy3_h3_shutdown(fpy3_h3_server *s, int phase);
 /* Connections that can still carry requests (those in their closing period are
  * only timers and do not count). */
 size_t fpy3_h3_connection_count(fpy3_h3_server *s);

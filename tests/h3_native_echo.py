@@ -111,7 +111,8 @@ class Echo:
 
     def drain(self) -> None:
         self.draining = True
-        lib.fpy3_h3_shutdown(self.srv)
+        lib.fpy3_h3_shutdown(self.srv, 1)  # the GOAWAY notice
+        lib.fpy3_h3_shutdown(self.srv, 2)  # and at once the final GOAWAY
         # Bounded: connections that never finish are dropped with the server.
         self.loop.call_later(10, lambda: self.done.done() or self.done.set_result(None))
         self.round()

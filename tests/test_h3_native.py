@@ -435,7 +435,9 @@ def test_api_stale_handles(devcert):
             assert lib.fpy3_h3_reset(srv, 12345, 0, 0x102) == -1
             assert lib.fpy3_h3_flush(srv) == 0
             assert lib.fpy3_h3_connection_count(srv) == 0
-            lib.fpy3_h3_shutdown(srv)
+            lib.fpy3_h3_shutdown(srv, 1)
+            lib.fpy3_h3_shutdown(srv, 2)
+            lib.fpy3_h3_shutdown(srv, 1)  # no going back
         finally:
             lib.fpy3_h3_server_free(srv)
 

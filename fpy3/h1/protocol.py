@@ -292,17 +292,18 @@ class H1Connection(asyncio.Protocol):
         else:
             self._close()  # idle keep-alive connection
 
-    def close_if_idle(self) -> bool:
-        """Draining: close now if between requests, else after the current response.
+    def drain(self, grace: float) -> None:
+        """Draining: the next response says Connection: close; between requests, the
+        connection closes after ``grace`` seconds unless a request arrives first.
 
         A connection with no request yet was opened to send one (often its bytes are
         in flight): it keeps its header timeout and is answered with Connection: close.
         """
         self.keep_alive = False
         if self.cycle is None and not self.buf and not self.closed and self.requests:
-            self._close()
-            return True
-        return False
+            deadline = self.loop.time() + grace
+            if not self.deadline or deadline < self.deadline:
+                self.deadline = deadline
 
     # -- the adapter operations the ASGI core calls -------------------------------------
 

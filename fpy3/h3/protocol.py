@@ -385,10 +385,18 @@ class H3Server:
             raise RuntimeError("invalid response header: NUL in a name or value")
         return block, declared
 
-    async def drain(self, timeout: float) -> None:
-        """GOAWAY on every connection, then wait until they are gone (or the timeout)."""
+    async def drain(self, timeout: float, grace: float) -> None:
+        """GOAWAY on every connection, then wait until they are gone (or the timeout).
+
+        The notice goes first; the final GOAWAY follows after a grace period so that
+        requests the client sent before it saw the notice are still answered.
+        """
         self._drained = self.loop.create_future()
-        lib.fpy3_h3_shutdown(self.srv)
+        lib.fpy3_h3_shutdown(self.srv, 1)
+        self._round()
+        if lib.fpy3_h3_connection_count(self.srv):
+            await asyncio.sleep(grace)
+        lib.fpy3_h3_shutdown(self.srv, 2)
         self._round()
         try:
             await asyncio.wait_for(asyncio.shield(self._drained), timeout)
