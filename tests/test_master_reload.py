@@ -23,8 +23,10 @@ def rewrite_config(srv, **sections) -> None:
 def test_hup_under_load_no_failed_request_and_new_config(start_server):
     srv = start_server(app=APP, command="master", config={"workers": {"count": 2}})
     old = set(wait_workers(srv, 2))
-    with Load(srv.connect, threads=4) as load:
-        wait_until(lambda: load.count() > 50, timeout=10)
+    # New connections, and keep-alive ones that may have a request on the wire when
+    # their worker starts draining.
+    with Load(srv.connect, threads=4) as load, Load(srv.connect, threads=4, keepalive=True) as kept:
+        wait_until(lambda: load.count() > 50 and kept.count() > 50, timeout=10)
         assert {h.get("server") for h in load.headers} == {"fpy3"}
         rewrite_config(srv, server={"server_header": "fpy3-gen2"})
         offset = srv.stderr_size()
@@ -35,13 +37,17 @@ def test_hup_under_load_no_failed_request_and_new_config(start_server):
             timeout=15,
             message=lambda: f"{workers(srv)}\n{srv.stderr_since(offset)}",
         )
-        served = load.count()
-        wait_until(lambda: load.count() > served + 50, timeout=10)
+        served, kept_served = load.count(), kept.count()
+        wait_until(
+            lambda: load.count() > served + 50 and kept.count() > kept_served + 50, timeout=10
+        )
     assert load.failures == []
+    assert kept.failures == []
     assert new <= load.pids()
     assert all("gen 2" in t for t in workers(srv).values())
     assert srv.get("/hello").headers["server"] == "fpy3-gen2"
     assert {h.get("server") for h in load.headers} == {"fpy3-gen2"}
+    assert {h.get("server") for h in kept.headers} == {"fpy3-gen2"}  # they moved over
     assert srv.stop() == 0, srv.stderr()
 
 

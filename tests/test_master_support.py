@@ -46,8 +46,9 @@ class Load:
     """Threads sending ``GET /pid`` until stopped.
 
     ``keepalive=False``: one new connection per request (``Connection: close``).
-    ``keepalive=True``: each thread keeps one connection and, when it fails, records
-    the failure with the pid that connection was talking to, then reconnects.
+    ``keepalive=True``: each thread keeps one connection until the server answers
+    ``Connection: close``; when a request fails, it records the failure with the pid
+    that connection was talking to, then reconnects.
     ``connect`` returns a conftest.RawConn (``srv.connect``); ``conns`` optionally gives
     the keep-alive threads their first connections, as ``(conn, pid)`` pairs.
     """
@@ -112,6 +113,9 @@ class Load:
                     if conn is None:
                         conn, pid = self.connect(timeout=self.timeout), None
                     pid = self._one(conn, PID_REQUEST, index)
+                    if self.headers[index].get("connection") == "close":
+                        conn.close()  # the server said so (draining): reconnect
+                        conn = None
                 else:
                     with self.connect(timeout=self.timeout) as c:
                         pid = self._one(c, PID_REQUEST_CLOSE, index)
