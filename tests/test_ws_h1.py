@@ -6,6 +6,7 @@ the frames it would refuse to send, and each such case asserts its close code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -380,3 +381,48 @@ def test_disabled(start_server):
         ws_connect(srv, "/echo")
     # Without websockets the app sees a plain HTTP request.
     assert info.value.response.status_code == 200
+
+
+def test_max_requests_counts_websockets(start_server):
+    # Websockets alone (after the readiness probes) reach the limit; the recycled
+    # worker's drain closes the ones it holds with 1001.
+    srv = start_server(
+        app="ws_apps:app",
+        http=True,
+        command="master",
+        config={"workers": {"count": 1, "max_requests": 6, "max_requests_jitter": 0}},
+    )
+    with contextlib.ExitStack() as stack:
+        first_pid, held = None, []
+        for _ in range(6):
+            ws = stack.enter_context(ws_connect(srv, "/hold?pid=1"))
+            pid = ws.recv(timeout=10).split()[1]
+            first_pid = first_pid or pid
+            if pid == first_pid:
+                held.append(ws)
+        srv.wait_stderr("(workers.max_requests); starting worker", timeout=15)
+        for ws in held:
+            with pytest.raises(ConnectionClosed) as info:
+                ws.recv(timeout=15)
+            assert info.value.rcvd.code == 1001
+    srv.assert_serving()
+
+
+def test_deflate_parameters_negotiated(ws_server):
+    from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+
+    factory = ClientPerMessageDeflateFactory(
+        server_no_context_takeover=True,
+        client_no_context_takeover=True,
+        server_max_window_bits=10,
+        client_max_window_bits=True,
+    )
+    with ws_connect(ws_server, compression=None, extensions=[factory]) as ws:
+        ext = ws.response.headers["sec-websocket-extensions"]
+        assert "server_no_context_takeover" in ext
+        assert "client_no_context_takeover" in ext
+        assert "server_max_window_bits=10" in ext
+        for i in range(3):
+            text = "compress me " * 400 + str(i)
+            ws.send(text)
+            assert ws.recv(timeout=10) == text

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 
 import h3clients as kit
@@ -155,3 +157,21 @@ def test_h3_websocket_denial(h3ws):
 
     _, (status, body) = run_session(h3ws, "/deny", script)
     assert (status, body) == (401, b"go away")
+
+
+def test_h3_websocket_drain_1001(start_server):
+    srv = start_server(app="ws_apps:app", config={"http3": {"enabled": True}})
+
+    async def script(head, send, recv):
+        assert (await head()).status == 200
+        assert await recv() == (1, b"hello")
+        srv.wait_record("ws-hold", "open")
+        os.kill(srv.pid, signal.SIGTERM)
+        op, payload = await recv()
+        send(frame(8, payload[:2]), end=True)
+        return op, payload
+
+    _, (op, payload) = run_session(srv, "/hold", script)
+    assert (op, payload[:2]) == (8, close_payload(1001))
+    assert srv.wait_exit() == 0
+    srv.wait_record("ws-hold", "disconnect 1001 ")

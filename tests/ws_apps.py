@@ -5,6 +5,7 @@ directory (``ws-<path>`` records), so tests can assert what the app saw.
 """
 
 import json
+import os
 
 import apps
 
@@ -87,7 +88,8 @@ async def ws_hold(scope, receive, send):
     """Accept, say hello, then wait for the end (drain and limit tests)."""
     await receive()
     await send({"type": "websocket.accept"})
-    await send({"type": "websocket.send", "text": "hello"})
+    pid = f" {os.getpid()}" if "pid" in apps.query(scope) else ""
+    await send({"type": "websocket.send", "text": "hello" + pid})
     apps.record(_name(scope), "open")
     await _wait_disconnect(scope, receive)
 
