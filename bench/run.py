@@ -268,7 +268,7 @@ class WsLoad:
 
     def cmd(self, url: str, conns: int, secs: float) -> list[str]:
         path = self.path or str(BENCH_DIR / ".build" / "wsload")
-        ws_url = "ws://" + url.partition("://")[2]
+        ws_url = "ws://" + url.partition("://")[2] if "://" in url else url
         return [path, "-c", str(conns), "-d", f"{secs:g}", "-s", str(WS_MESSAGE), "--json", ws_url]
 
     def argv(self, url: str, o: LoadOpts) -> list[str]:

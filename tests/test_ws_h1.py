@@ -426,3 +426,27 @@ def test_deflate_parameters_negotiated(ws_server):
             text = "compress me " * 400 + str(i)
             ws.send(text)
             assert ws.recv(timeout=10) == text
+
+
+def test_upgrade_after_a_request_on_the_same_connection(ws_server):
+    conn = ws_server.connect(tls=False)
+    try:
+        conn.send(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = conn.read_response()
+        assert (first.status, first.body) == (200, b"Hello, world!")
+        conn.send(
+            b"GET /deny HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        denied = conn.read_response()
+        assert (denied.status, denied.body) == (401, b"go away")
+        assert denied.header("content-length") == "7"
+        assert conn.is_closed_within(10)
+    finally:
+        conn.close()
+    ws = RawWS.open(ws_server, "/echo")
+    try:
+        assert ws.response.header("sec-websocket-accept")
+        assert ws.response.header("upgrade").lower() == "websocket"
+    finally:
+        ws.close()

@@ -177,14 +177,6 @@ class H1Connection(asyncio.Protocol):
         svc = self.svc
         self.requests += 1
         self.deadline = 0.0
-        if (
-            upgrade is not None
-            and method == b"GET"
-            and svc.ws.enabled
-            and upgrade.lower().strip() == b"websocket"
-        ):
-            ws_h1.start(self, raw_path, query, path, headers, clen, flags)
-            return
         self.minor = minor
         self.keep_alive = bool(flags & KEEP_ALIVE) and not svc.draining
         self.expect_continue = bool(flags & EXPECT_CONTINUE)
@@ -196,6 +188,14 @@ class H1Connection(asyncio.Protocol):
         self.resp_status = 0
         self.resp_left = -1
         self.resp_chunked = False
+        if (
+            upgrade is not None
+            and method == b"GET"
+            and svc.ws.enabled
+            and upgrade.lower().strip() == b"websocket"
+        ):
+            ws_h1.start(self, raw_path, query, path, headers, clen, flags)
+            return
         if flags & CHUNKED:
             self.chunked = ChunkedDecoder()
             self.body_left = 0
