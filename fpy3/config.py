@@ -97,21 +97,14 @@ class LimitsSettings:
 
 @dataclass(frozen=True, slots=True)
 class WebSocketSettings:
-    enabled: bool = True  # accept websockets (HTTP/1.1 Upgrade, HTTP/3 extended CONNECT)
-    max_message_size: int = (
-        16 * 1024 * 1024
-    )  # bytes of one received message, else 1009; 0 = unlimited
-    max_connections: int = (
-        10000  # open websockets per worker; over it the handshake gets 503; 0 = unlimited
-    )
-    ping_interval: float = 20.0  # seconds of silence from the peer before a ping; 0 = no pings
-    ping_timeout: float = 20.0  # seconds to wait for the pong before closing with 1011
-    idle_timeout: float = (
-        0.0  # seconds without a message either way before closing with 1001; 0 = off
-    )
-    per_message_deflate: bool = (
-        True  # accept permessage-deflate (RFC 7692) when the client offers it
-    )
+    enabled: bool = True  # websockets over HTTP/1.1 Upgrade and HTTP/3 extended CONNECT
+    max_message_size: int = 16 * 1024 * 1024  # bytes received in one message, else 1009
+    max_connections: int = 10000  # open websockets per worker, else 503; 0 = unlimited
+    ping_interval: float = 20.0  # seconds of silence from the peer before a ping; 0 = none
+    ping_timeout: float = 20.0  # seconds to wait for traffic after a ping, else drop
+    idle_timeout: float = 0.0  # seconds without a message either way, else 1001; 0 = off
+    close_timeout: float = 5.0  # seconds to wait for the client's close frame after ours
+    per_message_deflate: bool = True  # accept permessage-deflate (RFC 7692) when offered
     deflate_window_bits: int = 15  # server_max_window_bits we compress with (9-15)
     deflate_level: int = 6  # zlib level 1-9
 
@@ -287,6 +280,7 @@ _CHECKS: dict[str, Callable[[typing.Any], None]] = {
     "websocket.ping_interval": _at_least(0),
     "websocket.ping_timeout": _positive,
     "websocket.idle_timeout": _at_least(0),
+    "websocket.close_timeout": _positive,
     "websocket.deflate_window_bits": _between(9, 15),
     "websocket.deflate_level": _between(1, 9),
     "logging.level": _one_of("critical", "error", "warning", "info", "debug"),

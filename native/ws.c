@@ -1,6 +1,7 @@
 /* WebSocket framing: see ws.h. */
 #include "ws.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 /* --- UTF-8 ---------------------------------------------------------------------------
@@ -95,14 +96,71 @@ static int close_code_ok(unsigned code)
         return -1;                                                                             \
     } while (0)
 
-int64_t fpy3_ws_feed(fpy3_ws_parser *p, uint8_t *buf, size_t len, size_t start,
-                     fpy3_ws_frame *frames, int32_t max_frames)
+fpy3_ws_parser *fpy3_ws_parser_new(uint64_t max_message, int rsv1_ok)
 {
-    size_t pos = start;
+    fpy3_ws_parser *p = calloc(1, sizeof *p);
+    if (p) {
+        p->max_message = max_message;
+        p->rsv1_ok = rsv1_ok;
+        p->require_mask = 1;
+    }
+    return p;
+}
+
+void fpy3_ws_parser_free(fpy3_ws_parser *p)
+{
+    if (p) {
+        free(p->buf);
+        free(p);
+    }
+}
+
+#define KEEP_CAP 4096 /* an emptied buffer above this is freed */
+
+/* Drop what the last call consumed and append data; -1 on allocation failure. */
+static int take(fpy3_ws_parser *p, const uint8_t *data, size_t len)
+{
+    if (p->consumed) {
+        p->len -= p->consumed;
+        if (p->len)
+            memmove(p->buf, p->buf + p->consumed, p->len);
+        p->consumed = 0;
+        if (!p->len && p->cap > KEEP_CAP) {
+            free(p->buf);
+            p->buf = NULL;
+            p->cap = 0;
+        }
+    }
+    if (!len)
+        return 0;
+    if (p->len + len > p->cap) {
+        size_t cap = p->cap ? p->cap : KEEP_CAP;
+        while (cap < p->len + len)
+            cap *= 2;
+        uint8_t *nb = realloc(p->buf, cap);
+        if (!nb)
+            return -1;
+        p->buf = nb;
+        p->cap = cap;
+    }
+    memcpy(p->buf + p->len, data, len);
+    p->len += len;
+    return 0;
+}
+
+int32_t fpy3_ws_receive(fpy3_ws_parser *p, const uint8_t *data, size_t len, int64_t *frames,
+                        int32_t max_frames)
+{
     p->nframes = 0;
+    if (take(p, data, len) < 0)
+        FAIL(1011, "out of memory");
+    if (p->len < p->need)
+        return 0;
+    uint8_t *buf = p->buf;
+    size_t pos = 0;
     p->need = 0;
     while (p->nframes < max_frames) {
-        size_t avail = len - pos;
+        size_t avail = p->len - pos;
         if (avail < 2) {
             p->need = 2;
             break;
@@ -185,14 +243,16 @@ int64_t fpy3_ws_feed(fpy3_ws_parser *p, uint8_t *buf, size_t len, size_t start,
             if (!fpy3_ws_utf8_valid(pay + 2, plen - 2))
                 FAIL(1007, "close reason is not valid UTF-8");
         }
-        fpy3_ws_frame *f = &frames[p->nframes++];
-        f->opcode = op;
-        f->flags = (fin ? FPY3_WS_FIN : 0) | (rsv1 ? FPY3_WS_RSV1 : 0);
-        f->start = (int64_t)(pos + hl);
-        f->end = (int64_t)(pos + hl + plen);
+        int64_t *f = frames + 4 * p->nframes++;
+        f[0] = op;
+        f[1] = (fin ? FPY3_WS_FIN : 0) | (rsv1 ? FPY3_WS_RSV1 : 0);
+        f[2] = (int64_t)(pos + hl);
+        f[3] = (int64_t)(pos + hl + plen);
         pos += hl + plen;
     }
-    return (int64_t)pos;
+    p->consumed = pos;
+    /* need counts from the first unconsumed byte, which the next call moves to 0. */
+    return p->nframes;
 }
 
 size_t fpy3_ws_header(uint8_t *out, int opcode, int flags, uint64_t len, const uint8_t *mask)

@@ -175,3 +175,29 @@ def test_compressed_message_through_protocol():
     with pytest.raises(ProtocolError) as info:
         p.receive_data(frame(2, big[:-4], rsv=0x40))
     assert info.value.code == 1009
+
+
+def test_long_close_reason_is_cut_between_characters():
+    p = WSProtocol()
+    frame_bytes = p.close(1000, "€" * 60)
+    assert len(frame_bytes) == 2 + 2 + 123 // 3 * 3
+    assert frame_bytes[4:].decode() == "€" * 41
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("deflate_window_bits = 8", "must be between 9 and 15, got 8"),
+        ("ping_timeout = 0", "must be greater than 0, got 0.0"),
+        ("max_message_size = -1", "must be at least 0, got -1"),
+        ("per_message_deflate = 1", "expected a boolean, got an integer"),
+    ],
+)
+def test_websocket_config_errors(tmp_path, line, reason):
+    from fpy3.config import ConfigError, load
+
+    path = tmp_path / "fpy3.toml"
+    path.write_text(f"[websocket]\n{line}\n")
+    with pytest.raises(ConfigError) as info:
+        load(path, env={})
+    assert str(info.value) == f"{path}: websocket.{line.split()[0]}: {reason}"

@@ -29,8 +29,6 @@ CONNECTING, ACCEPTED, RESPONSE, DONE = range(4)
 
 # Received message bytes not yet taken by the app above which we stop reading.
 RECV_HIGH_WATER = 256 * 1024
-# How long to wait for the peer's close frame after sending ours.
-CLOSE_TIMEOUT = 5.0
 
 _CONNECT = {"type": "websocket.connect"}
 
@@ -318,7 +316,7 @@ class WebSocketCycle:
             return 0.0
         s = self.settings
         if self.close_at:
-            return self.close_at + CLOSE_TIMEOUT
+            return self.close_at + s.close_timeout
         times = []
         if s.ping_interval:
             if self.ping_at:
@@ -336,7 +334,7 @@ class WebSocketCycle:
         now = self.loop.time()
         s = self.settings
         if self.close_at:
-            if now >= self.close_at + CLOSE_TIMEOUT:
+            if now >= self.close_at + s.close_timeout:
                 self.adapter.abort()
                 return
         elif s.idle_timeout and now >= self.last_msg + s.idle_timeout:

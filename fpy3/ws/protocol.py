@@ -36,6 +36,11 @@ OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 _FIN = lib.FPY3_WS_FIN
 _RSV1 = lib.FPY3_WS_RSV1
 _MAX_FRAMES = 64
+# Frame spans out of C: (opcode, flags, start, end) each. Module state: every
+# connection of a worker parses on its loop's thread, and reads the spans at once.
+_frames = ffi.new("int64_t[]", 4 * _MAX_FRAMES)
+_receive = lib.fpy3_ws_receive
+_unpack = ffi.unpack
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _TAIL = b"\x00\x00\xff\xff"
 
@@ -205,9 +210,7 @@ class WSProtocol:
         "max_message",
         "deflate",
         "outgoing",
-        "buf",
         "_p",
-        "_frames",
         "_parts",
         "_compressed",
         "_opcode",
@@ -221,13 +224,11 @@ class WSProtocol:
         self.max_message = max_message
         self.deflate = deflate
         self.outgoing: list[bytes] = []
-        self.buf = bytearray()
-        # Owned by this object and freed with it.
-        p = self._p = ffi.new("fpy3_ws_parser *")
-        p.max_message = max_message
-        p.rsv1_ok = deflate is not None
-        p.require_mask = 1
-        self._frames = ffi.new("fpy3_ws_frame[]", _MAX_FRAMES)
+        p = lib.fpy3_ws_parser_new(max_message, deflate is not None)
+        if p == ffi.NULL:
+            raise MemoryError("websocket parser")
+        # Owned by this object: the parser and its receive buffer go with it.
+        self._p = ffi.gc(p, lib.fpy3_ws_parser_free)
         self._parts: list[bytes] = []
         self._compressed = False
         self._opcode = 0
@@ -240,52 +241,51 @@ class WSProtocol:
     def receive_data(self, data) -> list:
         if self.state == CLOSED:
             return []
-        buf = self.buf
-        buf += data
         p = self._p
-        if len(buf) < p.need:
+        n = _receive(p, data, len(data), _frames, _MAX_FRAMES)
+        if not n:
             return []
         events: list = []
-        frames = self._frames
         while True:
-            with ffi.from_buffer(buf) as cbuf:
-                end = lib.fpy3_ws_feed(p, cbuf, len(buf), 0, frames, _MAX_FRAMES)
-            n = p.nframes
+            if n < 0:
+                n = p.nframes
+                error = True
+            else:
+                error = False
             if n:
-                with memoryview(buf) as mv:
-                    for i in range(n):
-                        f = frames[i]
-                        self._frame(f.opcode, f.flags, mv[f.start : f.end], events)
-                        if self.state == CLOSED:
-                            break
-                if self.state == CLOSED:
-                    buf.clear()  # nothing after a close frame counts
-                    return events
-            if end < 0:
+                spans = _unpack(_frames, 4 * n)
+                # Valid until the next _receive; every payload is copied out below.
+                buf = ffi.buffer(p.buf, spans[-1])
+                for i in range(0, 4 * n, 4):
+                    op = spans[i]
+                    if op == OP_TEXT and spans[i + 1] == _FIN and not self._parts:
+                        events.append(("text", buf[spans[i + 2] : spans[i + 3]].decode()))
+                        continue
+                    self._frame(op, spans[i + 1], buf[spans[i + 2] : spans[i + 3]], events)
+                    if self.state == CLOSED:
+                        return events  # nothing after a close frame counts
+            if error:
                 reason = ffi.string(p.reason).decode()
                 self._fail(p.close_code, reason)
-                raise ProtocolError(p.close_code, reason) from None
-            if end:
-                del buf[:end]
-            if n < _MAX_FRAMES or not buf:
+                raise ProtocolError(p.close_code, reason)
+            if n < _MAX_FRAMES:
                 return events
+            n = _receive(p, b"", 0, _frames, _MAX_FRAMES)
 
-    def _frame(self, op: int, flags: int, payload: memoryview, events: list) -> None:
+    def _frame(self, op: int, flags: int, data: bytes, events: list) -> None:
         if op >= OP_CLOSE:
-            self._control(op, bytes(payload), events)
+            self._control(op, data, events)
             return
         if op:
             self._opcode = op
             self._compressed = bool(flags & _RSV1)
         if not flags & _FIN:
-            self._parts.append(bytes(payload))
+            self._parts.append(data)
             return
         if self._parts:
-            self._parts.append(bytes(payload))
+            self._parts.append(data)
             data = b"".join(self._parts)
             self._parts.clear()
-        else:
-            data = bytes(payload)
         if self._compressed:
             try:
                 data = self.deflate.decompress(data, self.max_message)
@@ -328,7 +328,7 @@ class WSProtocol:
 
     def _fail(self, code: int, reason: str) -> None:
         if not self.close_sent:
-            self.outgoing.append(self._close_frame(code, reason[:100]))
+            self.outgoing.append(self._close_frame(code, reason))
             self.close_sent = True
         self.close_code = 1006
         self.state = CLOSED
@@ -360,5 +360,8 @@ class WSProtocol:
 
     @staticmethod
     def _close_frame(code: int, reason: str) -> bytes:
-        payload = code.to_bytes(2) + reason.encode()[:123]
+        text = reason.encode()
+        if len(text) > 123:  # a control frame holds 125 bytes; do not split a character
+            text = text[:123].decode("utf-8", "ignore").encode()
+        payload = code.to_bytes(2) + text
         return _header(OP_CLOSE, len(payload)) + payload
