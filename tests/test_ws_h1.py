@@ -450,3 +450,17 @@ def test_upgrade_after_a_request_on_the_same_connection(ws_server):
         assert ws.response.header("upgrade").lower() == "websocket"
     finally:
         ws.close()
+
+
+def test_reload_closes_websockets_1001(start_server):
+    srv = start_server(
+        app="ws_apps:app", http=True, command="master", config={"workers": {"count": 1}}
+    )
+    with ws_connect(srv, "/hold?pid=1") as ws:
+        old = ws.recv(timeout=10).split()[1]
+        os.kill(srv.pid, signal.SIGHUP)
+        with pytest.raises(ConnectionClosed) as info:
+            ws.recv(timeout=20)
+    assert info.value.rcvd.code == 1001
+    with ws_connect(srv, "/hold?pid=1") as ws:
+        assert ws.recv(timeout=10).split()[1] != old

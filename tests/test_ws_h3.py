@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import time
+import zlib
 
 import h3clients as kit
 import pytest
@@ -26,7 +27,8 @@ def h3ws(module_server_factory):
 
 
 def parse_frames(buf: bytearray) -> list[tuple[int, bytes]]:
-    """Pop the whole (unmasked, server) frames at the front of ``buf``."""
+    """Pop the whole (unmasked, server) frames at the front of ``buf``: (opcode, payload),
+    with 0x40 added to the opcode when RSV1 (compressed) is set."""
     out = []
     while len(buf) >= 2:
         n = buf[1] & 0x7F
@@ -39,7 +41,7 @@ def parse_frames(buf: bytearray) -> list[tuple[int, bytes]]:
             n = int.from_bytes(buf[2:10])
         if len(buf) < hl + n:
             break
-        out.append((buf[0] & 0x0F, bytes(buf[hl : hl + n])))
+        out.append((buf[0] & 0x4F, bytes(buf[hl : hl + n])))
         del buf[: hl + n]
     return out
 
@@ -175,3 +177,32 @@ def test_h3_websocket_drain_1001(start_server):
     assert (op, payload[:2]) == (8, close_payload(1001))
     assert srv.wait_exit() == 0
     srv.wait_record("ws-hold", "disconnect 1001 ")
+
+
+def test_h3_websocket_large_message_and_deflate(h3ws):
+    # 3 MiB is more than the stream's flow-control window: the server must give
+    # credit back as it reads. Then one compressed message each way.
+    big = bytes(range(256)) * (3 * 4096)
+    inflate = zlib.decompressobj(-15)  # the server keeps its context across messages
+
+    def inflated(payload: bytes) -> bytes:
+        return inflate.decompress(payload + b"\x00\x00\xff\xff")
+
+    async def script(head, send, recv):
+        ex = await head()
+        assert dict(ex.headers)["sec-websocket-extensions"] == "permessage-deflate"
+        send(frame(2, big))
+        op, payload = await recv()
+        assert op == 0x40 | 2 and inflated(payload) == big
+        c = zlib.compressobj(6, zlib.DEFLATED, -15)
+        text = "squeeze me " * 200
+        wire = c.compress(text.encode()) + c.flush(zlib.Z_SYNC_FLUSH)
+        send(frame(1, wire[:-4], rsv=0x40))
+        op, payload = await recv()
+        assert op == 0x40 | 1 and inflated(payload) == text.encode()
+        return len(payload)
+
+    _, n = run_session(
+        h3ws, "/echo", script, [(b"sec-websocket-extensions", b"permessage-deflate")], timeout=30
+    )
+    assert n < 200  # it was compressed on the way back too

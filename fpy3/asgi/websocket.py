@@ -14,6 +14,8 @@ from collections import deque
 from collections.abc import Awaitable
 from typing import Protocol
 
+from fpy3._native import ffi
+
 from ..ws.protocol import (
     CLOSED,
     OPEN,
@@ -102,14 +104,16 @@ class WebSocketCycle:
 
     # -- adapter -> cycle --------------------------------------------------------------
 
-    def feed_data(self, data) -> None:
+    def feed_data(self, data, size: int = -1) -> None:
+        """Bytes from the peer: bytes, or a C pointer and its ``size`` (copied before
+        this returns)."""
         proto = self.proto
         if proto is None:
-            self.early.append(bytes(data))
+            self.early.append(bytes(data) if size < 0 else ffi.buffer(data, size)[:])
             return
         self.last_rx = self.loop.time()
         try:
-            events = proto.receive_data(data)
+            events = proto.receive_data(data, size)
         except ProtocolError as exc:
             logger.debug("websocket from %s: %s (%d)", self.scope["client"], exc.reason, exc.code)
             self._flush()

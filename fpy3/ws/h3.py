@@ -90,7 +90,7 @@ class H3WebSocket:
             n = ev.len
             self.credit += n
             if self.cycle is not None:
-                self.cycle.feed_data(ffi.buffer(ev.data, n)[:])
+                self.cycle.feed_data(ev.data, n)  # C copies it into the parser's buffer
             if not self.paused:
                 self._give_credit()
         elif kind == END:

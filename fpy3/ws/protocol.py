@@ -238,11 +238,12 @@ class WSProtocol:
 
     # -- input ----------------------------------------------------------------------------
 
-    def receive_data(self, data) -> list:
+    def receive_data(self, data, size: int = -1) -> list:
+        """Bytes from the peer (or a C pointer and its ``size``): copied in at once."""
         if self.state == CLOSED:
             return []
         p = self._p
-        n = _receive(p, data, len(data), _frames, _MAX_FRAMES)
+        n = _receive(p, data, len(data) if size < 0 else size, _frames, _MAX_FRAMES)
         if not n:
             return []
         events: list = []
