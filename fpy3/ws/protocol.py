@@ -154,32 +154,30 @@ def negotiate_deflate(headers, window_bits: int, level: int) -> tuple[Deflate | 
 
 
 def _deflate_offer(params: list[str], window_bits: int, level: int):
+    """One offer's parameters (RFC 7692 7.1); None declines the offer."""
     seen = set()
     server_bits = window_bits
     server_reset = client_reset = False
-    client_bits_offered = False
     for param in params:
         key, eq, val = param.partition("=")
         key = key.strip().lower()
         val = val.strip().strip('"')
         if key in seen:
-            return None  # a parameter twice: decline this offer (RFC 7692 7.1)
+            return None  # a parameter twice
         seen.add(key)
         if key == "server_no_context_takeover" and not eq:
             server_reset = True
         elif key == "client_no_context_takeover" and not eq:
             client_reset = True
         elif key == "server_max_window_bits":
-            if not (val.isdigit() and 8 <= int(val) <= 15):
+            # zlib makes no raw deflate stream with an 8-bit window: decline 8.
+            if not (val.isdigit() and 9 <= int(val) <= 15):
                 return None
-            # zlib cannot make raw deflate with an 8-bit window; 9 is the floor.
-            server_bits = min(server_bits, max(9, int(val)))
-            if int(val) < 9:
-                return None
+            server_bits = min(server_bits, int(val))
         elif key == "client_max_window_bits":
+            # Any value is fine: we inflate with a full 15-bit window.
             if eq and not (val.isdigit() and 8 <= int(val) <= 15):
                 return None
-            client_bits_offered = True
         else:
             return None
     parts = ["permessage-deflate"]
@@ -189,7 +187,6 @@ def _deflate_offer(params: list[str], window_bits: int, level: int):
         parts.append("client_no_context_takeover")
     if server_bits < 15 or "server_max_window_bits" in seen:
         parts.append(f"server_max_window_bits={server_bits}")
-    del client_bits_offered  # we inflate with a full window: any client window will do
     return Deflate(server_bits, server_reset, client_reset, level), "; ".join(parts).encode()
 
 
