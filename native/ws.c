@@ -254,29 +254,3 @@ int32_t fpy3_ws_receive(fpy3_ws_parser *p, const uint8_t *data, size_t len, int6
     /* need counts from the first unconsumed byte, which the next call moves to 0. */
     return p->nframes;
 }
-
-size_t fpy3_ws_header(uint8_t *out, int opcode, int flags, uint64_t len, const uint8_t *mask)
-{
-    size_t n = 2;
-    out[0] = (uint8_t)((flags & FPY3_WS_FIN ? 0x80 : 0) | (flags & FPY3_WS_RSV1 ? 0x40 : 0) |
-                       (opcode & 0x0F));
-    uint8_t m = mask ? 0x80 : 0;
-    if (len < 126) {
-        out[1] = m | (uint8_t)len;
-    } else if (len < 65536) {
-        out[1] = m | 126;
-        out[2] = (uint8_t)(len >> 8);
-        out[3] = (uint8_t)len;
-        n = 4;
-    } else {
-        out[1] = m | 127;
-        for (int i = 0; i < 8; i++)
-            out[2 + i] = (uint8_t)(len >> (56 - 8 * i));
-        n = 10;
-    }
-    if (mask) {
-        memcpy(out + n, mask, 4);
-        n += 4;
-    }
-    return n;
-}

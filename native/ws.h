@@ -54,8 +54,4 @@ int fpy3_ws_utf8_valid(const uint8_t *buf, size_t len);
  * buf[0] in the payload (mod 4). */
 void fpy3_ws_unmask(uint8_t *buf, size_t len, const uint8_t *key, size_t phase);
 
-/* Write a frame header (unmasked when mask == NULL) into out (>= 14 bytes);
- * returns its length. */
-size_t fpy3_ws_header(uint8_t *out, int opcode, int flags, uint64_t len, const uint8_t *mask);
-
 #endif

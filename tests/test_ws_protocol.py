@@ -76,13 +76,6 @@ def test_unmask_matches_python(n, phase):
     assert bytes(data) == want
 
 
-@pytest.mark.parametrize("n", [0, 125, 126, 65535, 65536])
-def test_header_lengths(n):
-    out = ffi.new("uint8_t[14]")
-    size = lib.fpy3_ws_header(out, 2, lib.FPY3_WS_FIN, n, ffi.NULL)
-    assert size == (2 if n < 126 else 4 if n < 65536 else 10)
-
-
 def test_frames_split_at_every_byte():
     wire = frame(1, b"hel", fin=False) + frame(9, b"mid") + frame(0, "lo €".encode())
     wire += frame(2, os.urandom(300))
