@@ -464,3 +464,12 @@ def test_reload_closes_websockets_1001(start_server):
     assert info.value.rcvd.code == 1001
     with ws_connect(srv, "/hold?pid=1") as ws:
         assert ws.recv(timeout=10).split()[1] != old
+
+
+def test_example_app_echoes_over_wss(start_server):
+    srv = start_server(app="fpy3.examples.hello:app")
+    with ws_connect(srv, "/ws", tls=True) as ws:
+        ws.send("hi")
+        assert ws.recv(timeout=10) == "hi"
+        ws.send(b"\x00\x01")
+        assert ws.recv(timeout=10) == b"\x00\x01"
