@@ -89,8 +89,11 @@ class H3WebSocket:
         if kind == DATA:
             n = ev.len
             self.credit += n
-            if self.cycle is not None:
-                self.cycle.feed_data(ev.data, n)  # C copies it into the parser's buffer
+            cycle = self.cycle
+            if cycle is not None:
+                cycle.feed_data(ev.data, n)  # C copies it into the parser's buffer
+                if cycle.proto is None:
+                    return  # not accepted yet: the stream window bounds what waits
             if not self.paused:
                 self._give_credit()
         elif kind == END:
@@ -140,6 +143,7 @@ class H3WebSocket:
         block, _ = server.header_block(fields)
         if not self.closed:
             lib.fpy3_h3_respond(server.srv, self.conn, self.stream, 200, block, len(block), 0)
+            self._give_credit()  # for bytes that came before the accept
             server.schedule_flush()
         svc = server.svc
         svc.requests_served += 1
