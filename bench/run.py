@@ -69,6 +69,7 @@ class LoadOpts:
     h3_connections: int = 10
     h3_streams: int = 10  # concurrent requests per HTTP/3 connection
     h3_threads: int = 1
+    ws_connections: int = 64
 
 
 class LoadGen(Protocol):
@@ -239,6 +240,101 @@ class H3Load:
 H3LOAD = H3Load()
 
 
+class WsLoad:
+    """WebSocket echo round trips from bench/wsload.c (epoll, one thread), built on first use."""
+
+    name = "wsload"
+    script = BENCH_DIR / "build_wsload.sh"
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.build_error: str | None = None
+
+    def build(self) -> None:
+        if self.path or self.build_error:
+            return
+        try:
+            p = subprocess.run(
+                ["sh", str(self.script)], capture_output=True, text=True, timeout=120
+            )
+        except (OSError, subprocess.TimeoutExpired) as e:
+            self.build_error = f"wsload build failed: {e}"
+            return
+        lines = p.stdout.strip().splitlines()
+        if p.returncode != 0 or not lines:
+            self.build_error = f"wsload build failed: {tail(p.stderr or p.stdout)}"
+        else:
+            self.path = lines[-1]
+
+    def cmd(self, url: str, conns: int, secs: float) -> list[str]:
+        path = self.path or str(BENCH_DIR / ".build" / "wsload")
+        ws_url = "ws://" + url.partition("://")[2] if "://" in url else url
+        return [path, "-c", str(conns), "-d", f"{secs:g}", "-s", str(WS_MESSAGE), "--json", ws_url]
+
+    def argv(self, url: str, o: LoadOpts) -> list[str]:
+        cmd = self.cmd(url, o.ws_connections, o.duration)
+        return ["taskset", "-c", o.cpus, *cmd] if o.cpus else cmd
+
+    def missing(self) -> str | None:
+        self.build()
+        return self.build_error
+
+    def run(self, url: str, o: LoadOpts) -> LoadResult:
+        argv = self.argv(url, o)
+        try:
+            # Bounded: wsload stops itself after -d; the margin covers its connect timeout.
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=o.duration + 30)
+        except subprocess.TimeoutExpired as e:
+            raise BenchError(f"wsload did not finish within {o.duration + 30:.0f}s") from e
+        try:
+            d = json.loads(p.stdout)
+        except ValueError:
+            raise BenchError(
+                f"wsload exited {p.returncode}: {tail(p.stderr or p.stdout)}"
+            ) from None
+        if not d["round_trips"]:
+            raise BenchError(f"wsload: no round trip: {d['first_error']}")
+        errors = {"connection": d["errors"]} if d["errors"] else {}
+        notes = []
+        if d["connections_used"] < d["connections"]:
+            notes.append(f"only {d['connections_used']} of {d['connections']} connections echoed")
+        if d["first_error"]:
+            notes.append(f"first error: {d['first_error']}")
+        notes.append(f"wsload CPU {d['client_cpu_pct']:.0f}%")
+        return LoadResult(d["rps"], d["latency_ms"]["p99"], d["round_trips"], errors, notes)
+
+    def probe(self, url: str, timeout: float) -> None:
+        """One handshake and one echo; raises OSError until the server listens."""
+        host, _, port = url.partition("://")[2].split("/", 1)[0].partition(":")
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+            sock.sendall(
+                f"GET / HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise BenchError(f"closed during the websocket handshake: {data[:100]!r}")
+                data += chunk
+            if not data.startswith(b"HTTP/1.1 101"):
+                raise BenchError(f"websocket handshake refused: {data[:100]!r}")
+            data = data.partition(b"\r\n\r\n")[2]
+            sock.sendall(b"\x81\x82\0\0\0\0hi")  # "hi", masked with a zero key
+            while len(data) < 4:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise BenchError("closed before the websocket echo")
+                data += chunk
+            if data[:4] != b"\x81\x02hi":
+                raise BenchError(f"bad websocket echo: {data[:20]!r}")
+
+
+WS_MESSAGE = 32  # bytes per echoed text message
+WSLOAD = WsLoad()
+
+
 # --- network namespace -------------------------------------------------------------
 
 
@@ -333,6 +429,7 @@ MODES = {
     "http": Mode("http", "http", tls=False, loadgen=Wrk()),
     "https": Mode("https", "https", tls=True, loadgen=Wrk()),
     "h3": Mode("h3", "https", tls=True, loadgen=H3LOAD, probe=H3LOAD.probe, quic=True),
+    "ws": Mode("ws", "http", tls=False, loadgen=WSLOAD, probe=WSLOAD.probe),
 }
 
 
@@ -382,6 +479,8 @@ def uvicorn(mode: Mode, tls: Tls) -> Launch:
     argv = [sys.executable, "-m", "uvicorn", APP, "--http", "httptools", "--loop", "uvloop"]
     argv += ["--workers", "1", "--no-access-log", "--log-level", "warning"]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
+    if mode.name == "ws":
+        argv += ["--ws", "websockets"]
     if mode.tls:
         argv += ["--ssl-certfile", tls.cert, "--ssl-keyfile", tls.key]
     return Launch(argv, port)
@@ -390,7 +489,9 @@ def uvicorn(mode: Mode, tls: Tls) -> Launch:
 def granian(mode: Mode, tls: Tls) -> Launch:
     port = free_port()
     # Access log is off by default; runtime threads and loop keep their defaults.
-    argv = [tool("granian"), "--interface", "asgi", "--workers", "1", "--no-ws"]
+    argv = [tool("granian"), "--interface", "asgi", "--workers", "1"]
+    if mode.name != "ws":
+        argv.append("--no-ws")
     argv += ["--log-level", "warning", "--host", "127.0.0.1", "--port", str(port)]
     if mode.tls:
         argv += ["--ssl-certificate", tls.cert, "--ssl-keyfile", tls.key]
@@ -423,7 +524,7 @@ def fpy3(mode: Mode, tls: Tls) -> Launch:
     return Launch(argv, port, env={"FPY3_HTTP3__ENABLED": h3})
 
 
-TCP_ONLY = frozenset({"http", "https"})
+TCP_ONLY = frozenset({"http", "https", "ws"})
 SERVERS = {
     "fpy3": Server("fpy3", fpy3, ("fpy3",)),
     "uvicorn": Server("uvicorn", uvicorn, ("uvicorn",), TCP_ONLY),
@@ -797,6 +898,7 @@ def load_opts(args: argparse.Namespace) -> LoadOpts:
         args.h3_connections,
         args.h3_streams,
         args.h3_threads,
+        args.ws_connections,
     )
 
 
@@ -815,10 +917,12 @@ def describe(args: argparse.Namespace) -> list[str]:
         main_pkg, *deps = SERVERS[s].packages
         extra = f" ({', '.join(f'{d} {version(d)}' for d in deps)})" if deps else ""
         versions.append(f"{s} {version(main_pkg)}{extra}")
-    if any(MODES[m].loadgen is not H3LOAD for m in args.modes):
+    if any(isinstance(MODES[m].loadgen, Wrk) for m in args.modes):
         versions.append(f"wrk {wrk_version()}")
     if "h3" in args.modes:
         versions.append(f"h3load: {H3LOAD.build_error or H3LOAD.version()}")
+    if "ws" in args.modes:
+        versions.append(f"wsload: {WSLOAD.build_error or 'built from bench/wsload.c'}")
     if args.netns_problem:
         network = f"shared with the rest of the machine ({args.netns_problem})"
     else:
@@ -847,6 +951,12 @@ def main() -> int:
         "--h3-streams", type=int, default=10, help="h3load requests in flight per connection"
     )
     ap.add_argument("--h3-threads", type=int, default=1, help="h3load threads")
+    ap.add_argument(
+        "--ws-connections",
+        type=int,
+        default=64,
+        help="wsload connections (one message each in flight)",
+    )
     ap.add_argument("--quick", action="store_true", help="3 s runs (overrides --duration)")
     ap.add_argument(
         "--warmup", type=float, default=1.0, help="unmeasured seconds before each run; 0 = none"
@@ -875,6 +985,8 @@ def main() -> int:
         H3LOAD.build()
         if H3LOAD.build_error:
             print(f"    {H3LOAD.build_error}", file=sys.stderr, flush=True)
+    if "ws" in args.modes:
+        WSLOAD.build()
 
     header = describe(args)
     print("\n".join(header), flush=True)

@@ -96,6 +96,20 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSocketSettings:
+    enabled: bool = True  # websockets over HTTP/1.1 Upgrade and HTTP/3 extended CONNECT
+    max_message_size: int = 16 * 1024 * 1024  # bytes received in one message, else 1009
+    max_connections: int = 10000  # open websockets per worker, else 503; 0 = unlimited
+    ping_interval: float = 20.0  # seconds of silence from the peer before a ping; 0 = none
+    ping_timeout: float = 20.0  # seconds to wait for traffic after a ping, else drop
+    idle_timeout: float = 0.0  # seconds without a message either way, else 1001; 0 = off
+    close_timeout: float = 5.0  # seconds to wait for the client's close frame after ours
+    per_message_deflate: bool = True  # accept permessage-deflate (RFC 7692) when offered
+    deflate_window_bits: int = 15  # server_max_window_bits we compress with (9-15)
+    deflate_level: int = 6  # zlib level 1-9
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingSettings:
     level: str = "info"  # critical | error | warning | info | debug
     access_log: bool = True
@@ -120,6 +134,7 @@ class Settings:
     http1: HTTP1Settings = field(default_factory=HTTP1Settings)
     http3: HTTP3Settings = field(default_factory=HTTP3Settings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     reload: ReloadSettings = field(default_factory=ReloadSettings)
     config_file: str = ""  # absolute path of the file loaded, "" when none
@@ -260,6 +275,14 @@ _CHECKS: dict[str, Callable[[typing.Any], None]] = {
     "limits.max_header_count": _between(1, 10000),
     "limits.max_body_size": _at_least(0),
     "limits.max_connections": _at_least(0),
+    "websocket.max_message_size": _at_least(0),
+    "websocket.max_connections": _at_least(0),
+    "websocket.ping_interval": _at_least(0),
+    "websocket.ping_timeout": _positive,
+    "websocket.idle_timeout": _at_least(0),
+    "websocket.close_timeout": _positive,
+    "websocket.deflate_window_bits": _between(9, 15),
+    "websocket.deflate_level": _between(1, 9),
     "logging.level": _one_of("critical", "error", "warning", "info", "debug"),
     "logging.access_format": _one_of("common", "json"),
 }

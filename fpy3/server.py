@@ -53,6 +53,8 @@ class HTTPService:
         self.header_timeout = settings.http1.header_timeout
         self.keepalive_timeout = settings.http1.keepalive_timeout
         self.root_path = settings.server.root_path
+        self.ws = settings.websocket
+        self.websockets = 0  # open websockets (both protocols), for websocket.max_connections
         self.connections: set[H1Connection] = set()
         self.servers: list[asyncio.AbstractServer] = []
         self.h3_servers: list = []

@@ -92,6 +92,7 @@ typedef struct ablock {
 struct fpy3_h3_server {
     fpy3_engine *e;
     size_t max_header_size, max_header_count;
+    int connect_protocol; /* SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 9220 websockets) */
     uint64_t max_streams_bidi;
     size_t high_water, low_water;
     int shutting_down; /* 0, 1: GOAWAY notice sent, 2: final GOAWAY sent */
@@ -803,6 +804,7 @@ static void *e_conn_open(void *app, fpy3_qconn *qc)
     nghttp3_settings settings;
     nghttp3_settings_default(&settings);
     settings.max_field_section_size = s->max_header_size;
+    settings.enable_connect_protocol = s->connect_protocol;
     settings.qpack_max_dtable_capacity = 4096;
     settings.qpack_blocked_streams = 100;
     if (nghttp3_conn_server_new(&c->h3, &h3_callbacks, &settings, nghttp3_mem_default(), c) != 0) {
@@ -985,6 +987,7 @@ fpy3_h3_server *fpy3_h3_server_new(int fd, const fpy3_h3_config *cfg, char *err,
     }
     s->max_header_size = cfg->max_header_size ? cfg->max_header_size : 65536;
     s->max_header_count = cfg->max_header_count ? cfg->max_header_count : 100;
+    s->connect_protocol = cfg->enable_connect_protocol != 0;
     s->max_streams_bidi = cfg->max_streams_bidi ? cfg->max_streams_bidi : 100;
     s->high_water = cfg->send_high_water ? cfg->send_high_water : 256 * 1024;
     s->low_water = s->high_water / 4;

@@ -49,6 +49,7 @@ typedef struct {
     size_t max_header_count;
     const char *qlog_dir;   /* NULL or "" = off */
     size_t send_high_water; /* send() above it: wait for WRITABLE; 0 = 256 KiB */
+    int enable_connect_protocol; /* accept :protocol on CONNECT (RFC 8441/9220) */
 } fpy3_h3_config;
 
 typedef struct {

@@ -6,6 +6,12 @@ PAGE = b"""<!doctype html>
 <html><head><meta charset="utf-8"><title>fpy3</title></head>
 <body><h1>Hello from fpy3</h1>
 <p>You are on %s. Try <code>/json</code>, <code>/echo</code> (POST) and <code>/stream</code>.</p>
+<p id="ws">WebSocket echo: connecting...</p>
+<script>
+const ws = new WebSocket(location.href.replace(/^http/, "ws").replace(/[^/]*$/, "ws"));
+ws.onopen = () => ws.send("hello over a websocket");
+ws.onmessage = (e) => { document.getElementById("ws").textContent = "WebSocket echo: " + e.data; };
+</script>
 </body></html>
 """
 
@@ -19,6 +25,9 @@ async def app(scope, receive, send):
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+    if scope["type"] == "websocket":
+        await websocket_echo(receive, send)
+        return
     if scope["type"] != "http":
         return
     path = scope["path"]
@@ -59,3 +68,17 @@ async def app(scope, receive, send):
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def websocket_echo(receive, send):
+    """Any websocket path: echo every message until the client closes."""
+    await receive()  # websocket.connect
+    await send({"type": "websocket.accept"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        if message.get("text") is not None:
+            await send({"type": "websocket.send", "text": message["text"]})
+        else:
+            await send({"type": "websocket.send", "bytes": message["bytes"]})

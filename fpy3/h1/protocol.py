@@ -12,6 +12,7 @@ import logging
 from http import HTTPStatus
 
 from ..asgi.http import ASGI_VERSION, HTTPCycle
+from ..ws import h1 as ws_h1
 from .parser import CHUNKED, EXPECT_CONTINUE, KEEP_ALIVE, ChunkedDecoder, ParseError, parse_head
 
 logger = logging.getLogger("fpy3.error")
@@ -78,6 +79,7 @@ class H1Connection(asyncio.Protocol):
         self.resp_status = 0
         self.drain_waiter = None
         self.write_paused = False
+        self.ws = None  # the websocket adapter once a request asked to upgrade
 
     # -- transport events ---------------------------------------------------------------
 
@@ -97,6 +99,8 @@ class H1Connection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.svc.forget(self)
+        if self.ws is not None:
+            self.ws.lost()
         if self.cycle is not None:
             self.cycle.feed_disconnect()
         waiter = self.drain_waiter
@@ -116,6 +120,10 @@ class H1Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
+            return
+        ws = self.ws
+        if ws is not None and ws.upgraded:
+            ws.cycle.feed_data(data)
             return
         self.buf = self.buf + data if self.buf else data
         if not self.in_process:
@@ -165,7 +173,7 @@ class H1Connection(asyncio.Protocol):
             self.in_process = False
 
     def _start_request(self, head) -> None:
-        _, method, raw_path, query, path, minor, headers, clen, flags, _upgrade = head
+        _, method, raw_path, query, path, minor, headers, clen, flags, upgrade = head
         svc = self.svc
         self.requests += 1
         self.deadline = 0.0
@@ -180,6 +188,14 @@ class H1Connection(asyncio.Protocol):
         self.resp_status = 0
         self.resp_left = -1
         self.resp_chunked = False
+        if (
+            upgrade is not None
+            and method == b"GET"
+            and svc.ws.enabled
+            and upgrade.lower().strip() == b"websocket"
+        ):
+            ws_h1.start(self, raw_path, query, path, headers, clen, flags)
+            return
         if flags & CHUNKED:
             self.chunked = ChunkedDecoder()
             self.body_left = 0
@@ -280,6 +296,8 @@ class H1Connection(asyncio.Protocol):
             self.closed = True
             self.svc.forget(self)
             self.transport.close()
+            if self.ws is not None:
+                self.ws.lost()
             if self.cycle is not None:
                 self.cycle.feed_disconnect()
 
@@ -300,6 +318,9 @@ class H1Connection(asyncio.Protocol):
         in flight): it keeps its header timeout and is answered with Connection: close.
         """
         self.keep_alive = False
+        if self.ws is not None and self.ws.cycle is not None:
+            self.ws.cycle.server_close(1001)
+            return
         if self.cycle is None and not self.buf and not self.closed and self.requests:
             deadline = self.loop.time() + grace
             if not self.deadline or deadline < self.deadline:

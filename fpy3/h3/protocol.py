@@ -39,6 +39,8 @@ _HOP_BY_HOP = frozenset(
 class H3Stream:
     """One request stream: the adapter the ASGI core sees."""
 
+    is_ws = False  # fpy3.ws.h3.H3WebSocket handles its own events
+
     __slots__ = (
         "server",
         "conn",
@@ -194,6 +196,7 @@ class H3Server:
         cfg.max_header_size = limits.max_header_size
         cfg.max_header_count = limits.max_header_count
         cfg.send_high_water = SEND_HIGH_WATER
+        cfg.enable_connect_protocol = settings.websocket.enabled
         srv = lib.fpy3_h3_server_new(sock.fileno(), cfg, err, 256)
         if srv == ffi.NULL:
             raise OSError(f"HTTP/3: {ffi.string(err).decode()}")
@@ -205,6 +208,9 @@ class H3Server:
         self._flush_scheduled = False
         self._writer = False
         self._drained: asyncio.Future | None = None
+        from ..ws import h3 as ws_h3  # imports this module
+
+        self._ws = ws_h3
         self.fd = sock.fileno()
         self.server_addr = _addr(sock.getsockname())
         self.loop.add_reader(self.fd, self._on_readable)
@@ -295,6 +301,11 @@ class H3Server:
         stream = self.streams.get(key)
         if stream is None:
             return
+        if stream.is_ws:
+            stream.handle(kind, ev)
+            if kind == CLOSED:
+                del self.streams[key]
+            return
         if kind == DATA:
             data = ffi.unpack(ffi.cast("char *", ev.data), ev.len)
             stream.credit += len(data)
@@ -358,6 +369,9 @@ class H3Server:
             "headers": headers,
             "state": svc.state.copy(),
         }
+        if method == b"CONNECT" and pseudo.get(b":protocol") == b"websocket":
+            self._ws.start(self, ev.conn, ev.stream, scope)
+            return
         stream = H3Stream(self, ev.conn, ev.stream, scope["method"] == "HEAD")
         if self.access_log is not None:
             stream.started_at = self.loop.time()
@@ -392,6 +406,7 @@ class H3Server:
         requests the client sent before it saw the notice are still answered.
         """
         self._drained = self.loop.create_future()
+        self._ws.drain(self)
         lib.fpy3_h3_shutdown(self.srv, 1)
         self._round()
         if lib.fpy3_h3_connection_count(self.srv):

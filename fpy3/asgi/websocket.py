@@ -1,0 +1,410 @@
+"""The ASGI ``websocket`` state machine, shared by HTTP/1.1 Upgrade and HTTP/3 CONNECT.
+
+A transport adapter hands the cycle a scope and the peer's bytes; the cycle drives
+the sans-I/O ``WSProtocol`` and owns the ASGI message rules (connect, accept, the
+``websocket.http.response`` denial, receive, send, close, disconnect), the keep-alive
+pings, the idle limit and the close handshake's deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections import deque
+from collections.abc import Awaitable
+from typing import Protocol
+
+from fpy3._native import ffi
+
+from ..ws.protocol import (
+    CLOSED,
+    OPEN,
+    ProtocolError,
+    WSProtocol,
+    app_close_code_ok,
+    negotiate_deflate,
+)
+
+logger = logging.getLogger("fpy3.error")
+
+CONNECTING, ACCEPTED, RESPONSE, DONE = range(4)
+
+# Received message bytes not yet taken by the app above which we stop reading.
+RECV_HIGH_WATER = 256 * 1024
+
+_CONNECT = {"type": "websocket.connect"}
+
+
+class ClientDisconnected(OSError):
+    """send() on a websocket that is closed (the ASGI spec asks for an OSError)."""
+
+
+class WebSocketAdapter(Protocol):
+    """What a transport gives the cycle."""
+
+    def accept(self, subprotocol: str | None, headers: list, extensions: bytes) -> None:
+        """Complete the handshake (101 on HTTP/1.1, 200 on HTTP/3)."""
+
+    def respond(self, status: int, headers: list) -> None:
+        """Denial: an HTTP response head instead of the handshake."""
+
+    def respond_body(self, body: bytes, more: bool) -> Awaitable[None] | None:
+        """Denial: response body."""
+
+    def write(self, frames: list[bytes]) -> Awaitable[None] | None:
+        """Frame bytes; returns an awaitable while the peer is not keeping up."""
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def finish(self) -> None:
+        """The close handshake is over: end the transport after the pending bytes."""
+
+    def abort(self) -> None:
+        """Drop the transport now."""
+
+    def cycle_done(self, cycle: WebSocketCycle) -> None:
+        """The app returned."""
+
+
+class WebSocketCycle:
+    """One websocket session between a transport adapter and the app."""
+
+    def __init__(self, scope: dict, adapter: WebSocketAdapter, loop, settings, debug: bool):
+        self.scope = scope
+        self.adapter = adapter
+        self.loop = loop
+        self.settings = settings  # the [websocket] section
+        self.debug = debug
+        self.state = CONNECTING
+        self.proto: WSProtocol | None = None
+        self.queue: deque = deque()
+        self.queued = 0
+        self.paused = False
+        self.early: list[bytes] = []  # bytes received before the handshake completed
+        self.connect_sent = False
+        self.gone = False  # the transport is closed
+        self.finished = False  # the close handshake completed
+        self.app_done = False
+        self.draining = False
+        self.code = 1006
+        self.reason = ""
+        self.waiter = None
+        self.task = None
+        self.timer = None
+        self.last_rx = 0.0
+        self.last_msg = 0.0
+        self.ping_at = 0.0  # when the outstanding keep-alive ping was sent; 0 = none
+        self.close_at = 0.0  # when our close frame was sent; 0 = not yet
+
+    @property
+    def accepted(self) -> bool:
+        return self.state == ACCEPTED
+
+    # -- adapter -> cycle --------------------------------------------------------------
+
+    def feed_data(self, data, size: int = -1) -> None:
+        """Bytes from the peer: bytes, or a C pointer and its ``size`` (copied before
+        this returns)."""
+        proto = self.proto
+        if proto is None:
+            self.early.append(bytes(data) if size < 0 else ffi.buffer(data, size)[:])
+            return
+        self.last_rx = self.loop.time()
+        try:
+            events = proto.receive_data(data, size)
+        except ProtocolError as exc:
+            logger.debug("websocket from %s: %s (%d)", self.scope["client"], exc.reason, exc.code)
+            self._flush()
+            self._cancel_timer()
+            self._end(exc.code, exc.reason)
+            self.adapter.finish()
+            return
+        if events:
+            self._events(events)
+        self._flush()
+        if proto.state == CLOSED:
+            self.finished = True
+            self._cancel_timer()
+            self.adapter.finish()
+        elif self.queued > RECV_HIGH_WATER and not self.paused:
+            self.paused = True
+            self.adapter.pause_reading()
+
+    def _events(self, events: list) -> None:
+        closing = self.proto.close_sent
+        for ev in events:
+            kind = ev[0]
+            if kind == "text" or kind == "bytes":
+                if closing:
+                    continue  # the app closed: messages after that are dropped
+                self.last_msg = self.last_rx
+                if kind == "text":
+                    msg = {"type": "websocket.receive", "text": ev[1]}
+                else:
+                    msg = {"type": "websocket.receive", "bytes": ev[1]}
+                self.queue.append(msg)
+                self.queued += len(ev[1]) + 64
+            elif kind == "pong":
+                self.ping_at = 0.0
+            elif kind == "close":
+                self._end(ev[1], ev[2])
+        self._wake()
+
+    def feed_disconnect(self) -> None:
+        """The transport is gone."""
+        if not self.gone:
+            self.gone = True
+            self._cancel_timer()
+            if not self.finished:
+                self._end(1006, "")
+            self._wake()
+
+    def server_close(self, code: int = 1001, reason: str = "") -> None:
+        """The server goes away (drain): close the websocket with ``code``."""
+        self.draining = True
+        if self.state == ACCEPTED and not self.gone:
+            self._send_close(code, reason)
+
+    def _end(self, code: int, reason: str) -> None:
+        # The app's receive() reports the first ending seen.
+        if not self.finished:
+            self.finished = True
+            self.code, self.reason = code, reason
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _flush(self) -> None:
+        out = self.proto.outgoing
+        if out and not self.gone:
+            self.adapter.write(out[:])
+        out.clear()
+
+    # -- the app's receive and send ---------------------------------------------------------
+
+    async def receive(self) -> dict:
+        if not self.connect_sent:
+            self.connect_sent = True
+            return _CONNECT.copy()
+        while not self.queue and not self.finished and not self.gone:
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        if self.queue:
+            msg = self.queue.popleft()
+            self.queued -= len(msg.get("text") or msg.get("bytes")) + 64
+            if self.paused and self.queued < RECV_HIGH_WATER // 2:
+                self.paused = False
+                self.adapter.resume_reading()
+            return msg
+        return {"type": "websocket.disconnect", "code": self.code, "reason": self.reason}
+
+    async def send(self, message: dict) -> None:
+        kind = message["type"]
+        state = self.state
+        if state == ACCEPTED:
+            if self.gone or (self.proto.close_sent and kind != "websocket.close"):
+                raise ClientDisconnected(f"websocket closed ({self.code}); cannot send {kind!r}")
+            if kind == "websocket.send":
+                text, data = message.get("text"), message.get("bytes")
+                if (text is None) == (data is None):
+                    raise RuntimeError("websocket.send needs exactly one of 'bytes' and 'text'")
+                self.last_msg = self.loop.time()
+                if text is not None:
+                    frames = self.proto.message(text, True)
+                else:
+                    frames = self.proto.message(data, False)
+                pending = self.adapter.write(frames)
+                if pending is not None:
+                    await pending
+                return
+            if kind == "websocket.close":
+                code = message.get("code") or 1000
+                if not app_close_code_ok(code):
+                    raise RuntimeError(f"invalid websocket close code {code}")
+                self._send_close(code, message.get("reason") or "")
+                return
+            raise RuntimeError(f"unexpected ASGI message {kind!r} on an accepted websocket")
+        if state == CONNECTING:
+            if kind == "websocket.accept":
+                self._accept(message)
+            elif kind == "websocket.close":
+                # Closing before accepting denies the handshake (ASGI: 403).
+                self._deny_simple(403)
+            elif kind == "websocket.http.response.start":
+                self.state = RESPONSE
+                if not self.gone:
+                    self.adapter.respond(message["status"], message.get("headers") or [])
+            else:
+                raise RuntimeError(
+                    f"expected 'websocket.accept' or 'websocket.close', got {kind!r}"
+                )
+            return
+        if state == RESPONSE:
+            if kind != "websocket.http.response.body":
+                raise RuntimeError(f"expected 'websocket.http.response.body', got {kind!r}")
+            more = message.get("more_body", False)
+            if not more:
+                self.state = DONE
+                self._end(1000, "")
+            if not self.gone:
+                pending = self.adapter.respond_body(message.get("body", b""), more)
+                if pending is not None:
+                    await pending
+            return
+        raise RuntimeError(f"ASGI message {kind!r} sent after the websocket closed")
+
+    def _accept(self, message: dict) -> None:
+        subprotocol = message.get("subprotocol")
+        if subprotocol is not None and subprotocol not in self.scope["subprotocols"]:
+            raise RuntimeError(f"subprotocol {subprotocol!r} was not offered by the client")
+        headers = list(message.get("headers") or [])
+        s = self.settings
+        deflate, ext = None, b""
+        if s.per_message_deflate:
+            deflate, ext = negotiate_deflate(
+                self.scope["headers"], s.deflate_window_bits, s.deflate_level
+            )
+        self.state = ACCEPTED
+        if self.gone:
+            return
+        self.proto = WSProtocol(s.max_message_size, deflate)
+        self.adapter.accept(subprotocol, headers, ext)
+        now = self.loop.time()
+        self.last_rx = self.last_msg = now
+        self._arm_timer()
+        early, self.early = self.early, []
+        for data in early:
+            self.feed_data(data)
+        if self.draining:
+            self._send_close(1001, "")
+
+    def _deny_simple(self, status: int) -> None:
+        self.state = DONE
+        self._end(1006, "")
+        if not self.gone:
+            self.adapter.respond(status, [(b"content-length", b"0")])
+            self.adapter.respond_body(b"", False)
+
+    def _send_close(self, code: int, reason: str) -> None:
+        proto = self.proto
+        if proto is None or proto.close_sent or self.gone:
+            return
+        frame = proto.close(code, reason)
+        if proto.state == CLOSED:  # the peer's close came first: this completes it
+            self.adapter.write([frame])
+            self.adapter.finish()
+            return
+        self.close_at = self.loop.time()
+        self.adapter.write([frame])
+        self._arm_timer()
+
+    # -- timers -------------------------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        when = self._next_deadline()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if when:
+            self.timer = self.loop.call_at(when, self._on_timer)
+
+    def _next_deadline(self) -> float:
+        if self.gone or self.proto is None:
+            return 0.0
+        s = self.settings
+        if self.close_at:
+            return self.close_at + s.close_timeout
+        times = []
+        if s.ping_interval:
+            if self.ping_at:
+                times.append(self.ping_at + s.ping_timeout)
+            else:
+                times.append(self.last_rx + s.ping_interval)
+        if s.idle_timeout:
+            times.append(self.last_msg + s.idle_timeout)
+        return min(times) if times else 0.0
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.gone or self.proto is None:
+            return
+        now = self.loop.time()
+        s = self.settings
+        if self.close_at:
+            if now >= self.close_at + s.close_timeout:
+                self.adapter.abort()
+                return
+        elif s.idle_timeout and now >= self.last_msg + s.idle_timeout:
+            self._send_close(1001, "idle timeout")
+        elif self.ping_at and now >= self.ping_at + s.ping_timeout:
+            if self.last_rx > self.ping_at:
+                self.ping_at = 0.0  # traffic came in: the peer is alive
+            else:
+                self._send_close(1011, "keepalive ping timeout")
+                self.adapter.abort()
+                self._end(1006, "")
+                return
+        elif s.ping_interval and not self.ping_at and now >= self.last_rx + s.ping_interval:
+            if self.proto.state == OPEN:
+                self.ping_at = now
+                self.adapter.write([self.proto.ping(b"fpy3")])
+        self._arm_timer()
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    # -- running the app ------------------------------------------------------------------------
+
+    async def run(self, app) -> None:
+        try:
+            await app(self.scope, self.receive, self.send)
+        except BaseException as exc:
+            self._app_failed(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            if self.state == CONNECTING:
+                self._app_failed(RuntimeError("ASGI app returned without accepting the websocket"))
+            elif self.state == ACCEPTED:
+                self._send_close(1000, "")
+            elif self.state == RESPONSE:
+                logger.error("ASGI app returned without completing the response")
+                self.adapter.abort()
+        finally:
+            self.app_done = True
+            self.adapter.cycle_done(self)
+
+    def _app_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, Exception) and not isinstance(exc, ClientDisconnected):
+            logger.error("Exception in ASGI application", exc_info=exc)
+        if self.gone:
+            return
+        if self.state == ACCEPTED:
+            self._send_close(1011, "")
+            return
+        if self.state == RESPONSE:
+            self.adapter.abort()
+            return
+        if self.state == DONE:
+            return
+        self.state = DONE
+        body = b"Internal Server Error\n"
+        if self.debug:
+            body += "".join(traceback.format_exception(exc)).encode("utf-8", "replace")
+        self.adapter.respond(
+            500,
+            [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", b"%d" % len(body)),
+            ],
+        )
+        self.adapter.respond_body(body, False)

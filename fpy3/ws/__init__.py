@@ -1,0 +1,1 @@
+"""WebSocket: the sans-I/O protocol and one adapter per transport."""
