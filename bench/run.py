@@ -137,30 +137,32 @@ def parse_wrk(out: str) -> LoadResult:
     )
 
 
-class H3Load:
-    """HTTP/3 load from bench/h3load.c (libcurl + ngtcp2), built on first use."""
+class BuiltLoad:
+    """A load generator in C from bench/, built by its script on first use; it prints
+    one JSON object."""
 
-    name = "h3load"
-    script = BENCH_DIR / "build_h3load.sh"
+    name = ""
+    script: Path
+    build_timeout = 300
 
     def __init__(self) -> None:
         self.path: str | None = None
         self.build_error: str | None = None
 
     def build(self) -> None:
-        """Run build_h3load.sh once; a failure becomes the reason of every h3 row."""
+        """Run the build script once; a failure becomes the reason of every row it loads."""
         if self.path or self.build_error:
             return
         try:
             p = subprocess.run(
-                ["sh", str(self.script)], capture_output=True, text=True, timeout=300
+                ["sh", str(self.script)], capture_output=True, text=True, timeout=self.build_timeout
             )
         except (OSError, subprocess.TimeoutExpired) as e:
-            self.build_error = f"h3load build failed: {e}"
+            self.build_error = f"{self.name} build failed: {e}"
             return
         lines = p.stdout.strip().splitlines()
         if p.returncode != 0 or not lines:
-            self.build_error = f"h3load build failed: {tail(p.stderr or p.stdout)}"
+            self.build_error = f"{self.name} build failed: {tail(p.stderr or p.stdout)}"
         else:
             self.path = lines[-1]
 
@@ -173,6 +175,29 @@ class H3Load:
             return "unknown"
         return p.stdout.splitlines()[0] if p.stdout else "unknown"
 
+    def missing(self) -> str | None:
+        self.build()
+        return self.build_error
+
+    def _run(self, argv: list[str], timeout: float) -> dict:
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise BenchError(f"{self.name} did not finish within {timeout:.0f}s") from e
+        try:
+            return json.loads(p.stdout)
+        except ValueError:
+            raise BenchError(
+                f"{self.name} exited {p.returncode}: {tail(p.stderr or p.stdout)}"
+            ) from None
+
+
+class H3Load(BuiltLoad):
+    """HTTP/3 load from bench/h3load.c (libcurl + ngtcp2)."""
+
+    name = "h3load"
+    script = BENCH_DIR / "build_h3load.sh"
+
     def cmd(self, url: str, conns: int, streams: int, threads: int, secs: float) -> list[str]:
         path = self.path or str(BENCH_DIR / ".build" / "h3load")
         # -k: the certificate is a throwaway self-signed one.
@@ -182,22 +207,6 @@ class H3Load:
     def argv(self, url: str, o: LoadOpts) -> list[str]:
         cmd = self.cmd(url, o.h3_connections, o.h3_streams, o.h3_threads, o.duration)
         return ["taskset", "-c", o.cpus, *cmd] if o.cpus else cmd
-
-    def missing(self) -> str | None:
-        self.build()
-        return self.build_error
-
-    def _run(self, argv: list[str], timeout: float) -> dict:
-        try:
-            p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            raise BenchError(f"h3load did not finish within {timeout:.0f}s") from e
-        try:
-            return json.loads(p.stdout)
-        except ValueError:
-            raise BenchError(
-                f"h3load exited {p.returncode}: {tail(p.stderr or p.stdout)}"
-            ) from None
 
     def run(self, url: str, o: LoadOpts) -> LoadResult:
         # Bounded: h3load stops itself after -d; the margin covers its 10 s connect timeout.
@@ -240,31 +249,12 @@ class H3Load:
 H3LOAD = H3Load()
 
 
-class WsLoad:
-    """WebSocket echo round trips from bench/wsload.c (epoll, one thread), built on first use."""
+class WsLoad(BuiltLoad):
+    """WebSocket echo round trips from bench/wsload.c (epoll, one thread)."""
 
     name = "wsload"
     script = BENCH_DIR / "build_wsload.sh"
-
-    def __init__(self) -> None:
-        self.path: str | None = None
-        self.build_error: str | None = None
-
-    def build(self) -> None:
-        if self.path or self.build_error:
-            return
-        try:
-            p = subprocess.run(
-                ["sh", str(self.script)], capture_output=True, text=True, timeout=120
-            )
-        except (OSError, subprocess.TimeoutExpired) as e:
-            self.build_error = f"wsload build failed: {e}"
-            return
-        lines = p.stdout.strip().splitlines()
-        if p.returncode != 0 or not lines:
-            self.build_error = f"wsload build failed: {tail(p.stderr or p.stdout)}"
-        else:
-            self.path = lines[-1]
+    build_timeout = 120
 
     def cmd(self, url: str, conns: int, secs: float) -> list[str]:
         path = self.path or str(BENCH_DIR / ".build" / "wsload")
@@ -275,23 +265,9 @@ class WsLoad:
         cmd = self.cmd(url, o.ws_connections, o.duration)
         return ["taskset", "-c", o.cpus, *cmd] if o.cpus else cmd
 
-    def missing(self) -> str | None:
-        self.build()
-        return self.build_error
-
     def run(self, url: str, o: LoadOpts) -> LoadResult:
-        argv = self.argv(url, o)
-        try:
-            # Bounded: wsload stops itself after -d; the margin covers its connect timeout.
-            p = subprocess.run(argv, capture_output=True, text=True, timeout=o.duration + 30)
-        except subprocess.TimeoutExpired as e:
-            raise BenchError(f"wsload did not finish within {o.duration + 30:.0f}s") from e
-        try:
-            d = json.loads(p.stdout)
-        except ValueError:
-            raise BenchError(
-                f"wsload exited {p.returncode}: {tail(p.stderr or p.stdout)}"
-            ) from None
+        # Bounded: wsload stops itself after -d; the margin covers its connect timeout.
+        d = self._run(self.argv(url, o), o.duration + 30)
         if not d["round_trips"]:
             raise BenchError(f"wsload: no round trip: {d['first_error']}")
         errors = {"connection": d["errors"]} if d["errors"] else {}

@@ -177,14 +177,19 @@ class HTTPCycle:
             return
         self.started = self.complete = True
         self.status = 500
-        body = b"Internal Server Error\n"
-        if self.debug:
-            body += "".join(traceback.format_exception(exc)).encode("utf-8", "replace")
-        self.adapter.write_head(
-            500,
-            [
-                (b"content-type", b"text/plain; charset=utf-8"),
-                (b"content-length", b"%d" % len(body)),
-            ],
-        )
+        headers, body = internal_error(exc, self.debug)
+        self.adapter.write_head(500, headers)
         self.adapter.write_body(body, False)
+
+
+def internal_error(exc: BaseException, debug: bool) -> tuple[list, bytes]:
+    """Headers and body of the 500 for an app that failed before responding; the
+    traceback is in the body only in debug mode."""
+    body = b"Internal Server Error\n"
+    if debug:
+        body += "".join(traceback.format_exception(exc)).encode("utf-8", "replace")
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", b"%d" % len(body)),
+    ]
+    return headers, body

@@ -9,7 +9,6 @@ pings, the idle limit and the close handshake's deadline.
 from __future__ import annotations
 
 import logging
-import traceback
 from collections import deque
 from collections.abc import Awaitable
 from typing import Protocol
@@ -24,6 +23,7 @@ from ..ws.protocol import (
     app_close_code_ok,
     negotiate_deflate,
 )
+from .http import internal_error
 
 logger = logging.getLogger("fpy3.error")
 
@@ -397,14 +397,6 @@ class WebSocketCycle:
         if self.state == DONE:
             return
         self.state = DONE
-        body = b"Internal Server Error\n"
-        if self.debug:
-            body += "".join(traceback.format_exception(exc)).encode("utf-8", "replace")
-        self.adapter.respond(
-            500,
-            [
-                (b"content-type", b"text/plain; charset=utf-8"),
-                (b"content-length", b"%d" % len(body)),
-            ],
-        )
+        headers, body = internal_error(exc, self.debug)
+        self.adapter.respond(500, headers)
         self.adapter.respond_body(body, False)

@@ -375,12 +375,15 @@ class H1Connection(asyncio.Protocol):
         if not more:
             self._response_done()
             return None
-        if self.write_paused:
-            waiter = self.drain_waiter
-            if waiter is None:
-                waiter = self.drain_waiter = self.loop.create_future()
-            return waiter
-        return None
+        return self.write_waiter()
+
+    def write_waiter(self) -> asyncio.Future | None:
+        """While the peer reads slowly: a future done when the transport drains."""
+        if not self.write_paused:
+            return None
+        if self.drain_waiter is None:
+            self.drain_waiter = self.loop.create_future()
+        return self.drain_waiter
 
     def abort(self) -> None:
         self._close()

@@ -145,12 +145,7 @@ class H1WebSocket:
             conn.transport.write(b"".join(frames))
         else:
             conn.transport.writelines(frames)
-        if conn.write_paused:
-            waiter = conn.drain_waiter
-            if waiter is None:
-                waiter = conn.drain_waiter = conn.loop.create_future()
-            return waiter
-        return None
+        return conn.write_waiter()
 
     def pause_reading(self) -> None:
         if not self.conn.reading_paused and not self.conn.closed:
