@@ -17,6 +17,7 @@ from urllib.parse import unquote_to_bytes
 from fpy3._native import ffi, lib
 
 from ..asgi.http import ASGI_VERSION, HTTPCycle
+from . import engine
 
 logger = logging.getLogger("fpy3.error")
 
@@ -194,7 +195,18 @@ class H3Server:
         cfg.max_header_size = limits.max_header_size
         cfg.max_header_count = limits.max_header_count
         cfg.send_high_water = SEND_HIGH_WATER
-        srv = lib.fpy3_h3_server_new(sock.fileno(), cfg, err, 256)
+        self.server_addr = _addr(sock.getsockname())
+        cfg.engine = engine.choose(h3.engine)
+        fd = sock.fileno()
+        if cfg.engine == lib.FPY3_ENGINE_MSQUIC:
+            # MsQuic binds its own sockets: hand it the address and free the port.
+            host, port = sock.getsockname()[:2]
+            self._strings.append(ffi.new("char[]", host.encode()))
+            cfg.listen_host = self._strings[-1]
+            cfg.listen_port = port
+            sock.close()
+            fd = -1
+        srv = lib.fpy3_h3_server_new(fd, cfg, err, 256)
         if srv == ffi.NULL:
             raise OSError(f"HTTP/3: {ffi.string(err).decode()}")
         self.srv = ffi.gc(srv, lib.fpy3_h3_server_free)
@@ -205,8 +217,7 @@ class H3Server:
         self._flush_scheduled = False
         self._writer = False
         self._drained: asyncio.Future | None = None
-        self.fd = sock.fileno()
-        self.server_addr = _addr(sock.getsockname())
+        self.fd = lib.fpy3_h3_fd(self.srv)  # the UDP socket, or MsQuic's eventfd
         self.loop.add_reader(self.fd, self._on_readable)
 
     # -- rounds ---------------------------------------------------------------------------
