@@ -86,7 +86,7 @@ class Worker:
         await service.listen(self.listeners.tls, server_context(settings))
         if self.listeners.http is not None:
             await service.listen(self.listeners.http, None)
-        if self.listeners.udp is not None:
+        if self.listeners.udp is not None or self.listeners.udp_addr is not None:
             try:
                 service.serve_h3(
                     self.listeners.udp,
@@ -94,6 +94,7 @@ class Worker:
                     settings.tls.key,
                     self.worker_id,
                     self.quic_secret,
+                    self.listeners.udp_addr,
                 )
             except OSError as exc:
                 logger.error("%s", exc)

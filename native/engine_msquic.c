@@ -33,7 +33,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <netinet/in.h>
 #include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -42,6 +45,9 @@
 #define INLINE_BUFS 4
 #define APP_INTERNAL_ERROR 0x102 /* H3_INTERNAL_ERROR: the only app on this engine is h3 */
 #define APP_CRITICAL_STREAM 0x104
+#ifndef SO_DETACH_REUSEPORT_BPF
+#define SO_DETACH_REUSEPORT_BPF 68
+#endif
 
 /* --- loading ------------------------------------------------------------------------- */
 
@@ -756,6 +762,41 @@ static uint32_t pow2_at_least(uint64_t v)
     return (uint32_t)p;
 }
 
+/* MsQuic binds one SO_REUSEPORT socket per CPU and attaches a reuseport program that
+ * picks one by CPU number modulo its own socket count. In a group shared by several
+ * worker processes that program serves the whole group and sends every datagram to
+ * the first worker's sockets. Detaching it (any member may) leaves the kernel's
+ * 4-tuple hash over every worker's sockets: new connections spread over workers and
+ * each stays on its worker while the group is unchanged. */
+static void detach_cpu_program(uint16_t port)
+{
+    DIR *d = opendir("/proc/self/fd");
+    if (!d)
+        return;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        int fd = atoi(de->d_name);
+        if (fd <= 2 || fd == dirfd(d))
+            continue;
+        int type = 0, reuse = 0;
+        socklen_t tl = sizeof(type), rl = sizeof(reuse);
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof(ss);
+        if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tl) < 0 || type != SOCK_DGRAM ||
+            getsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &reuse, &rl) < 0 || !reuse ||
+            getsockname(fd, (struct sockaddr *)&ss, &sl) < 0)
+            continue;
+        uint16_t p = ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                              : ((struct sockaddr_in *)&ss)->sin_port;
+        if (ntohs(p) != port)
+            continue;
+        int one = 1;
+        if (setsockopt(fd, SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, &one, sizeof(one)) == 0)
+            break; /* the program belongs to the group: once is enough */
+    }
+    closedir(d);
+}
+
 static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_engine_app *cb,
                            void *app, char *err, size_t errlen)
 {
@@ -882,6 +923,7 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
                cfg->listen_port, rv < 4096 ? strerror((int)rv) : "error");
         goto fail;
     }
+    detach_cpu_program(cfg->listen_port);
     return e;
 fail:
     e->ops->free(e);

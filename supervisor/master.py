@@ -48,6 +48,7 @@ from setproctitle import setproctitle
 
 from fpy3 import __version__, config
 from fpy3.cli import EXIT_CONFIG, load_settings, prepare
+from fpy3.h3.engine import msquic_engine
 from fpy3.logs import configure_error_log
 from fpy3.worker import EXIT_STARTUP, reopen_error_log
 
@@ -288,6 +289,16 @@ class Arbiter:
         """Route QUIC packets by the worker id in their connection id, when the kernel can."""
         udp = self.listeners.udp
         if udp is None:
+            return
+        if msquic_engine(self.settings.http3.engine):
+            # MsQuic binds its own per-CPU SO_REUSEPORT sockets in each worker; the
+            # master cannot steer them (a reuseport program picks by index in the
+            # group, and those sockets join and leave from the workers). The port is
+            # shared and the kernel hashes each 4-tuple to a worker (engine_msquic.c).
+            addr = udp.getsockname()
+            udp.close()
+            self.listeners = dataclasses.replace(self.listeners, udp=None, udp_addr=addr)
+            logger.info("HTTP/3 on MsQuic: packets spread over workers by 4-tuple hash")
             return
         slots = min(2 * self.worker_count, steering.MAX_SOCKETS)
         try:

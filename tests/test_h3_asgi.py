@@ -18,6 +18,9 @@ import h3clients as kit
 import pytest
 from apps import CHUNK, stream_chunk
 
+# Every test runs once per QUIC engine (msquic cases skip without libmsquic).
+pytestmark = pytest.mark.usefixtures("quic_engine")
+
 MiB = 1024 * 1024
 H3_INTERNAL_ERROR = 0x102
 H3_MESSAGE_ERROR = 0x10E

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import signal
+import time
 from collections import Counter
 
 import h3clients
 import pytest
 from conftest import wait_until
 from test_master_workers import wait_workers, workers
+
+# Every test runs once per QUIC engine (msquic cases skip without libmsquic).
+pytestmark = pytest.mark.usefixtures("quic_engine")
 
 APP = "apps:app"
 
@@ -50,3 +54,30 @@ def test_h3_spreads_over_workers_and_survives_reload(start_server):
     after = pids_over_h3(srv, 60, connections=20)
     assert set(after) <= second and len(after) >= 2, (after, second)
     assert srv.stop() == 0, srv.stderr()
+
+
+def test_msquic_workers_share_the_port_with_their_id_in_connection_ids(start_server, quic_engine):
+    if quic_engine != "msquic":
+        pytest.skip("MsQuic's load-balancing connection ids")
+    srv = start_server(
+        app=APP, command="master", config={"workers": {"count": 2}, "http3": {"enabled": True}}
+    )
+    wait_workers(srv, 2)
+
+    async def one():
+        async with h3clients._h3_connection(srv.host, srv.port, str(srv.cafile), 10, []) as p:
+            authority = f"{srv.host}:{srv.port}"
+            ex = await h3clients._send_request(p, "GET", "/pid", authority, (), b"")
+            r = await h3clients._finish(p, ex)
+            return int(r.body), p._quic._peer_cid.cid
+
+    ids: dict[int, set[int]] = {}
+    deadline = time.monotonic() + 20
+    # Connections from new client ports hash over both workers' sockets.
+    while len(ids) < 2 and time.monotonic() < deadline:
+        pid, cid = h3clients._run(one, 10, "aioquic /pid")
+        ids.setdefault(pid, set()).add(int.from_bytes(cid[1:5], "big"))
+    assert len(ids) == 2, ids
+    # Each worker issues connection ids carrying its own worker id (bytes 1-4).
+    assert all(len(v) == 1 for v in ids.values()), ids
+    assert {v.pop() for v in ids.values()} == {1, 2}, ids

@@ -35,6 +35,11 @@ def probe_msquic() -> str | None:
     return "; ".join(reasons)
 
 
+def msquic_engine(name: str) -> bool:
+    """Whether ``http3.engine`` means MsQuic here (for the master, which forks: no start)."""
+    return name == "msquic" or (name == "auto" and probe_msquic() is None)
+
+
 def choose(name: str) -> int:
     """The engine for ``http3.engine`` (auto | msquic | ngtcp2) in this worker."""
     from fpy3._native import ffi, lib

@@ -161,11 +161,12 @@ class H3Server:
     def __init__(
         self,
         service,
-        sock: socket.socket,
+        sock: socket.socket | None,
         cert: str,
         key: str,
         worker_id: int = 0,
         secret: bytes | None = None,
+        addr: tuple | None = None,
     ):
         self.svc = service
         self.loop = service.loop
@@ -195,17 +196,20 @@ class H3Server:
         cfg.max_header_size = limits.max_header_size
         cfg.max_header_count = limits.max_header_count
         cfg.send_high_water = SEND_HIGH_WATER
-        self.server_addr = _addr(sock.getsockname())
+        addr = sock.getsockname() if sock is not None else addr
+        self.server_addr = _addr(addr)
         cfg.engine = engine.choose(h3.engine)
-        fd = sock.fileno()
+        fd = sock.fileno() if sock is not None else -1
         if cfg.engine == lib.FPY3_ENGINE_MSQUIC:
             # MsQuic binds its own sockets: hand it the address and free the port.
-            host, port = sock.getsockname()[:2]
-            self._strings.append(ffi.new("char[]", host.encode()))
+            self._strings.append(ffi.new("char[]", addr[0].encode()))
             cfg.listen_host = self._strings[-1]
-            cfg.listen_port = port
-            sock.close()
+            cfg.listen_port = addr[1]
+            if sock is not None:
+                sock.close()
             fd = -1
+        elif sock is None:
+            raise OSError("HTTP/3: libmsquic loaded in the master but not in this worker")
         srv = lib.fpy3_h3_server_new(fd, cfg, err, 256)
         if srv == ffi.NULL:
             raise OSError(f"HTTP/3: {ffi.string(err).decode()}")
