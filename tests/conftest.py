@@ -624,6 +624,10 @@ class ServerFactory:
                 return server
             try:
                 server.wait_ready()
+                engine = cfg["http3"].get("engine") if cfg["http3"].get("enabled", True) else None
+                if engine in ("ngtcp2", "msquic") and command == "run":
+                    # The worker logs its engine before it reports ready.
+                    assert f"HTTP/3 engine: {engine}" in server.stderr(), server.stderr()
                 return server
             except ServerDied:
                 in_use = "in use" in server.stderr().lower()
@@ -660,8 +664,12 @@ def quic_engine(request) -> str:
     return request.param
 
 
-def _engine_of(request) -> str | None:
-    return request.getfixturevalue("quic_engine") if "quic_engine" in request.fixturenames else None
+def _engine_of(request) -> str:
+    """The module's engine when it runs per engine, else ngtcp2 (never "auto", which
+    would follow whatever libmsquic this machine has)."""
+    if "quic_engine" in request.fixturenames:
+        return request.getfixturevalue("quic_engine")
+    return "ngtcp2"
 
 
 @pytest.fixture
@@ -673,8 +681,10 @@ def start_server(tmp_path, request):
 
 
 @pytest.fixture(scope="module")
-def module_server_factory(tmp_path_factory, request):
-    factory = ServerFactory(lambda: tmp_path_factory.mktemp("srv"), _engine_of(request))
+def module_server_factory(tmp_path_factory):
+    # Module-wide servers name their engine (a quic_engine argument of their fixture),
+    # so pytest builds one per engine.
+    factory = ServerFactory(lambda: tmp_path_factory.mktemp("srv"), "ngtcp2")
     yield factory
     factory.cleanup()
 

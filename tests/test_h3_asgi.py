@@ -35,8 +35,8 @@ def call(fn, *args, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def h3(module_server_factory):
-    return module_server_factory(config={"http3": {"enabled": True}})
+def h3(module_server_factory, quic_engine):
+    return module_server_factory(config={"http3": {"enabled": True, "engine": quic_engine}})
 
 
 def aq(srv, method, path, **kw):
