@@ -903,7 +903,9 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
     if (inet_pton(AF_INET, host, &addr.Ipv4.sin_addr) == 1) {
         addr.Ipv4.sin_family = AF_INET;
     } else if (inet_pton(AF_INET6, host, &addr.Ipv6.sin6_addr) == 1) {
-        addr.Ipv6.sin6_family = AF_INET6;
+        /* MsQuic matches a listener by family: "::" alone would refuse IPv4 clients. */
+        addr.Ipv6.sin6_family =
+            IN6_IS_ADDR_UNSPECIFIED(&addr.Ipv6.sin6_addr) ? AF_UNSPEC : AF_INET6;
     } else if (host[0]) {
         seterr(err, errlen, "MsQuic listener: %s is not a numeric address", host);
         goto fail;
