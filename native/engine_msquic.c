@@ -496,9 +496,14 @@ static void app_fail(fpy3_qconn *qc)
     conn_shutdown(qc, qc->err_set ? qc->err : APP_INTERNAL_ERROR);
 }
 
+/* Gives the pending indication back to MsQuic once the app's credit covers it. After
+ * the FIN the peer can send nothing more, so nothing is left to hold back: complete at
+ * once (the app may never credit the last bytes, and MsQuic ends a stream only when
+ * all its data is completed). */
 static void try_complete(ms_stream *st)
 {
-    if (st->rx_pending && (st->discard || st->rx_credit >= st->rx_base + st->rx_len)) {
+    if (st->rx_pending &&
+        (st->discard || st->fin_seen || st->rx_credit >= st->rx_base + st->rx_len)) {
         st->rx_pending = 0;
         api->StreamReceiveComplete(st->h, st->rx_len);
     }
@@ -993,7 +998,11 @@ static int ms_flush(fpy3_engine *e)
 }
 
 static int64_t ms_next_timeout_ms(fpy3_engine *e) { return e->dirty ? 0 : -1; }
-static int ms_want_write(fpy3_engine *e) { return 0 * (e != NULL); }
+static int ms_want_write(fpy3_engine *e)
+{
+    (void)e; /* MsQuic queues its own sends */
+    return 0;
+}
 static void ms_stop_accepting(fpy3_engine *e) { atomic_store(&e->accepting, 0); }
 static size_t ms_conn_count(fpy3_engine *e) { return e->nactive; }
 

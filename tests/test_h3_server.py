@@ -256,3 +256,14 @@ def test_chromium_ipv6(start_server):
     assert (out["status"], out["protocol"]) == (200, "h3")
     scope = json.loads(out["text"])
     assert scope["http_version"] == "3" and scope["client"][0] == "::1"
+
+
+def test_finished_streams_free_their_slots(start_server):
+    # Four times the stream limit over one connection: each finished request (body
+    # read to its end, response sent) must give its stream slot back to the client.
+    srv = start_server(config=h3_config(max_concurrent_streams=10))
+    reqs = [("POST", "/delay?ms=1", b"x" * 5000), ("POST", "/hello", b"y" * 5000)] * 20
+    rs = call(
+        kit.aioquic_many, srv.host, srv.port, reqs, str(srv.cafile), connections=1, timeout=20
+    )
+    assert sorted(r.body for r in rs) == sorted([b"delay:", b"Hello, world!"] * 20)
