@@ -33,11 +33,22 @@ def pids_over_h3(srv, n: int, connections: int) -> Counter:
     return Counter(int(r.body) for r in responses)
 
 
+def wait_serving(srv, pids) -> None:
+    """Every one of ``pids`` has logged that it serves. With MsQuic a worker's sockets
+    join the port's group only then, and a later join moves connections (4-tuple hash)."""
+    wait_until(
+        lambda: all(f"worker {pid} serving" in srv.stderr() for pid in pids),
+        timeout=15,
+        message=lambda: srv.stderr()[-2000:],
+    )
+
+
 def test_h3_spreads_over_workers_and_survives_reload(start_server):
     srv = start_server(
         app=APP, command="master", config={"workers": {"count": 3}, "http3": {"enabled": True}}
     )
     first = set(wait_workers(srv, 3))
+    wait_serving(srv, first)
     seen = pids_over_h3(srv, 90, connections=30)
     # Connections land on every worker, and every request on a connection is
     # answered (a packet reaching the wrong worker would reset its connection).
@@ -51,6 +62,7 @@ def test_h3_spreads_over_workers_and_survives_reload(start_server):
         message=lambda: srv.stderr()[-2000:],
     )
     second = set(wait_workers(srv, 3))
+    wait_serving(srv, second)
     after = pids_over_h3(srv, 60, connections=20)
     assert set(after) <= second and len(after) >= 2, (after, second)
     assert srv.stop() == 0, srv.stderr()
@@ -62,7 +74,7 @@ def test_msquic_workers_share_the_port_with_their_id_in_connection_ids(start_ser
     srv = start_server(
         app=APP, command="master", config={"workers": {"count": 2}, "http3": {"enabled": True}}
     )
-    wait_workers(srv, 2)
+    wait_serving(srv, wait_workers(srv, 2))
 
     async def one():
         async with h3clients._h3_connection(srv.host, srv.port, str(srv.cafile), 10, []) as p:
