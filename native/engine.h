@@ -45,6 +45,10 @@ typedef struct {
     /* MsQuic binds its own sockets (fd is -1): the address to listen on. */
     const char *listen_host; /* numeric IPv4/IPv6; "" = any */
     uint16_t listen_port;
+    /* MsQuic under fpy3-master: the reuseport cBPF program (struct sock_filter[]) to
+     * put back on the port's group at once after MsQuic attaches its own; 0 = detach. */
+    const uint8_t *steer_prog;
+    size_t steer_len;
     const char *cert_file; /* PEM chain */
     const char *key_file;  /* PEM key */
     const char *alpn;      /* the one protocol offered, e.g. "h3" */

@@ -45,8 +45,12 @@
 #define INLINE_BUFS 4
 #define APP_INTERNAL_ERROR 0x102 /* H3_INTERNAL_ERROR: the only app on this engine is h3 */
 #define APP_CRITICAL_STREAM 0x104
+#define APP_NO_ERROR 0x100
 #ifndef SO_DETACH_REUSEPORT_BPF
 #define SO_DETACH_REUSEPORT_BPF 68
+#endif
+#ifndef SO_ATTACH_REUSEPORT_CBPF
+#define SO_ATTACH_REUSEPORT_CBPF 51
 #endif
 
 /* --- loading ------------------------------------------------------------------------- */
@@ -149,6 +153,9 @@ struct fpy3_qconn {
     uint32_t slot;
     int state, counted, dirty, defer, err_set;
     uint64_t err;
+    uint32_t sends_out;  /* StreamSend calls not yet completed */
+    int close_when_sent; /* a graceful close waits for them: they carry GOAWAY */
+    uint64_t close_code;
     int64_t next_uni;
     uint64_t closed_bidi;
     fpy3_qconn *dnext, *dprev;
@@ -481,11 +488,24 @@ static void app_detach(fpy3_qconn *qc)
     qc->e->cb.conn_close(ac);
 }
 
+static void shutdown_now(fpy3_qconn *qc)
+{
+    qc->close_when_sent = 0;
+    api->ConnectionShutdown(qc->h, MQ_CONN_SHUTDOWN_FLAG_NONE, qc->close_code);
+}
+
+/* MsQuic's ConnectionShutdown drops stream data not yet sent, so a clean close
+ * (APP_NO_ERROR: a drained connection whose GOAWAY may still be queued) waits until
+ * every StreamSend has completed; an error closes at once. */
 static void conn_shutdown(fpy3_qconn *qc, uint64_t code)
 {
     if (qc->state != QC_CLOSING) {
         qc->state = QC_CLOSING;
-        api->ConnectionShutdown(qc->h, MQ_CONN_SHUTDOWN_FLAG_NONE, code);
+        qc->close_code = code;
+        if (code == APP_NO_ERROR && qc->sends_out)
+            qc->close_when_sent = 1;
+        else
+            shutdown_now(qc);
     }
     app_detach(qc);
 }
@@ -591,6 +611,7 @@ static void write_conn(fpy3_engine *e, fpy3_qconn *qc)
             e->cb.shut_wr(qc->ac, sid);
             continue;
         }
+        qc->sends_out++;
         if (e->cb.written(qc->ac, sid, (size_t)total) < 0) {
             app_fail(qc);
             return;
@@ -691,6 +712,8 @@ static void handle(fpy3_engine *e, ms_event *ev)
         if (!ev->a && qc->ac && e->cb.acked(qc->ac, rec->st->sid, rec->len) < 0)
             app_fail(qc);
         free(rec);
+        if (--qc->sends_out == 0 && qc->close_when_sent)
+            shutdown_now(qc);
         break;
     }
     case EV_PEER_FIN:
@@ -770,10 +793,21 @@ static uint32_t pow2_at_least(uint64_t v)
 /* MsQuic binds one SO_REUSEPORT socket per CPU and attaches a reuseport program that
  * picks one by CPU number modulo its own socket count. In a group shared by several
  * worker processes that program serves the whole group and sends every datagram to
- * the first worker's sockets. Detaching it (any member may) leaves the kernel's
- * 4-tuple hash over every worker's sockets: new connections spread over workers and
- * each stays on its worker while the group is unchanged. */
-static void detach_cpu_program(uint16_t port)
+ * the first worker's sockets. So right after it, the master's steering program goes
+ * back on (any member may set it), or without one the program is detached: then the
+ * kernel's 4-tuple hash spreads connections over every worker's sockets. */
+struct cbpf_insn {
+    uint16_t code;
+    uint8_t jt, jf;
+    uint32_t k;
+};
+struct cbpf_prog {
+    unsigned short len;
+    const struct cbpf_insn *filter;
+};
+
+/* prog == NULL: detach; else attach that classic BPF program to the group. */
+static void set_group_program(uint16_t port, const uint8_t *prog, size_t len)
 {
     DIR *d = opendir("/proc/self/fd");
     if (!d)
@@ -795,8 +829,16 @@ static void detach_cpu_program(uint16_t port)
                                               : ((struct sockaddr_in *)&ss)->sin_port;
         if (ntohs(p) != port)
             continue;
-        int one = 1;
-        if (setsockopt(fd, SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, &one, sizeof(one)) == 0)
+        int rv;
+        if (prog) {
+            struct cbpf_prog fp = {.len = (unsigned short)(len / sizeof(struct cbpf_insn)),
+                                   .filter = (const struct cbpf_insn *)prog};
+            rv = setsockopt(fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &fp, sizeof(fp));
+        } else {
+            int one = 1;
+            rv = setsockopt(fd, SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, &one, sizeof(one));
+        }
+        if (rv == 0)
             break; /* the program belongs to the group: once is enough */
     }
     closedir(d);
@@ -841,7 +883,14 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
     }
 
     /* Process-wide: a worker is a process, so these are per worker. */
-    api->SetParam(NULL, MQ_PARAM_GLOBAL_STATELESS_RESET_KEY, 32, cfg->static_secret);
+    /* A key per worker: while a new worker's MsQuic has its own reuseport program on
+     * the group (until the steering program is back), a packet may reach the wrong
+     * worker, and that worker's stateless reset must not be valid for the client. */
+    uint8_t key[32];
+    memcpy(key, cfg->static_secret, sizeof(key));
+    for (int i = 0; i < 4; i++)
+        key[i] ^= (uint8_t)(cfg->worker_id >> (8 * i));
+    api->SetParam(NULL, MQ_PARAM_GLOBAL_STATELESS_RESET_KEY, sizeof(key), key);
     if (cfg->retry) {
         uint16_t pct = 0; /* Retry for every new connection */
         api->SetParam(NULL, MQ_PARAM_GLOBAL_RETRY_MEMORY_PERCENT, sizeof(pct), &pct);
@@ -930,7 +979,7 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
                cfg->listen_port, rv < 4096 ? strerror((int)rv) : "error");
         goto fail;
     }
-    detach_cpu_program(cfg->listen_port);
+    set_group_program(cfg->listen_port, cfg->steer_len ? cfg->steer_prog : NULL, cfg->steer_len);
     return e;
 fail:
     e->ops->free(e);
@@ -949,7 +998,23 @@ static void ms_free(fpy3_engine *e)
         if (e->slots[i])
             app_detach(e->slots[i]);
     if (e->reg) {
-        api->RegistrationShutdown(e->reg, MQ_CONN_SHUTDOWN_FLAG_SILENT, 0);
+        /* Clean closes still waiting for their last sends (GOAWAY): give them a moment. */
+        struct timespec w0, w;
+        clock_gettime(CLOCK_MONOTONIC, &w0);
+        for (;;) {
+            int waiting = 0;
+            for (uint32_t i = 0; i < e->nslots; i++)
+                waiting |= e->slots[i] && e->slots[i]->close_when_sent;
+            clock_gettime(CLOCK_MONOTONIC, &w);
+            if (!waiting || (w.tv_sec - w0.tv_sec) * 1000 + (w.tv_nsec - w0.tv_nsec) / 1000000 > 2000)
+                break;
+            struct pollfd p = {.fd = e->efd, .events = POLLIN};
+            poll(&p, 1, 50);
+            drain(e);
+        }
+        /* Not silent: connections closed just before (a drain) still send their
+         * CONNECTION_CLOSE, so clients learn at once instead of at their idle timeout. */
+        api->RegistrationShutdown(e->reg, MQ_CONN_SHUTDOWN_FLAG_NONE, APP_NO_ERROR);
         /* Every connection ends with SHUTDOWN_COMPLETE; close the handles as they do. */
         struct timespec t0, t;
         clock_gettime(CLOCK_MONOTONIC, &t0);

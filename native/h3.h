@@ -38,6 +38,8 @@ typedef struct {
     int engine; /* FPY3_ENGINE_NGTCP2 or FPY3_ENGINE_MSQUIC */
     const char *listen_host; /* MsQuic: numeric address to listen on ("" = any) */
     int listen_port;
+    const uint8_t *steer_prog; /* MsQuic under fpy3-master: see engine.h */
+    size_t steer_len;
     const char *cert_file;
     const char *key_file;
     uint32_t worker_id;

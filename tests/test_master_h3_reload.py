@@ -171,11 +171,7 @@ class H3Load:
                 self.answers.append((time.monotonic(), int(resp.body)))
 
 
-def test_h3_requests_survive_two_reloads(start_server, quic_engine):
-    if quic_engine == "msquic":
-        # The master cannot steer MsQuic's sockets: the kernel hashes 4-tuples over
-        # every worker's sockets, so a group change (a reload) moves connections.
-        pytest.skip("msquic: no per-connection steering across reloads (4-tuple hash)")
+def test_h3_requests_survive_two_reloads(start_server):
     srv = start_server(
         app=APP, command="master", config={"workers": {"count": 2}, "http3": {"enabled": True}}
     )

@@ -167,6 +167,7 @@ class H3Server:
         worker_id: int = 0,
         secret: bytes | None = None,
         addr: tuple | None = None,
+        steer_prog: bytes | None = None,
     ):
         self.svc = service
         self.loop = service.loop
@@ -205,6 +206,10 @@ class H3Server:
             self._strings.append(ffi.new("char[]", addr[0].encode()))
             cfg.listen_host = self._strings[-1]
             cfg.listen_port = addr[1]
+            if steer_prog:  # the master's program, back on the group after MsQuic's
+                self._strings.append(ffi.new("char[]", steer_prog))
+                cfg.steer_prog = ffi.cast("uint8_t *", self._strings[-1])
+                cfg.steer_len = len(steer_prog)
             if sock is not None:
                 sock.close()
             fd = -1
