@@ -322,10 +322,10 @@ class Arbiter:
         if udp is None:
             return
         if msquic_engine(self.settings.http3.engine):
-            # MsQuic binds its own per-CPU SO_REUSEPORT sockets in each worker; the
-            # master cannot steer them (a reuseport program picks by index in the
-            # group, and those sockets join and leave from the workers). The port is
-            # shared and the kernel hashes each 4-tuple to a worker (engine_msquic.c).
+            # MsQuic binds its own per-CPU SO_REUSEPORT sockets in each worker: they
+            # join the group one worker at a time and the master keeps copies, so
+            # their indexes stay put and the program can steer (steering.MsQuicGroup).
+            # Without pidfd_getfd the kernel hashes each 4-tuple to a worker.
             addr = udp.getsockname()
             udp.close()
             self.listeners = dataclasses.replace(self.listeners, udp=None, udp_addr=addr)

@@ -34,8 +34,8 @@ def pids_over_h3(srv, n: int, connections: int) -> Counter:
 
 
 def wait_serving(srv, pids) -> None:
-    """Every one of ``pids`` has logged that it serves. With MsQuic a worker's sockets
-    join the port's group only then, and a later join moves connections (4-tuple hash)."""
+    """Every one of ``pids`` has logged that it serves (with MsQuic, its sockets have
+    joined the port's group and the master steers to them by then)."""
     wait_until(
         lambda: all(f"worker {pid} serving" in srv.stderr() for pid in pids),
         timeout=15,
