@@ -487,7 +487,7 @@ def hypercorn(mode: Mode, tls: Tls) -> Launch:
     return Launch([*argv, APP], port)
 
 
-def fpy3(mode: Mode, tls: Tls) -> Launch:
+def fpy3(mode: Mode, tls: Tls, engine: str = "ngtcp2") -> Launch:
     tls_port, http_port = free_port(), free_port()
     argv = [tool("fpy3"), "run", APP, "--port", str(tls_port), "--http-port", str(http_port)]
     argv += ["--host", "127.0.0.1", "--workers", "1", "--no-access-log", "--log-level", "warning"]
@@ -497,12 +497,19 @@ def fpy3(mode: Mode, tls: Tls) -> Launch:
     # HTTP/3 (UDP on --port) only in h3 mode: in the others fpy3 then sends no Alt-Svc
     # header, and serves TCP alone like the servers it is compared with.
     h3 = "true" if mode.quic else "false"
-    return Launch(argv, port, env={"FPY3_HTTP3__ENABLED": h3})
+    # The QUIC engine is named, never "auto": a row measures the engine it says.
+    return Launch(argv, port, env={"FPY3_HTTP3__ENABLED": h3, "FPY3_HTTP3__ENGINE": engine})
+
+
+def fpy3_msquic(mode: Mode, tls: Tls) -> Launch:
+    """fpy3 with the MsQuic engine (libmsquic.so.2, or FPY3_MSQUIC_LIB)."""
+    return fpy3(mode, tls, "msquic")
 
 
 TCP_ONLY = frozenset({"http", "https", "ws"})
 SERVERS = {
     "fpy3": Server("fpy3", fpy3, ("fpy3",)),
+    "fpy3-msquic": Server("fpy3-msquic", fpy3_msquic, ("fpy3",), frozenset({"h3"})),
     "uvicorn": Server("uvicorn", uvicorn, ("uvicorn",), TCP_ONLY),
     "granian": Server("granian", granian, ("granian",), TCP_ONLY),
     "hypercorn": Server("hypercorn", hypercorn, ("hypercorn", "aioquic")),
@@ -917,7 +924,15 @@ def describe(args: argparse.Namespace) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--servers", type=csv(SERVERS), default=list(SERVERS))
+    ap.add_argument(
+        "--servers", type=csv(SERVERS), default=[s for s in SERVERS if s != "fpy3-msquic"]
+    )
+    ap.add_argument(
+        "--engine",
+        choices=("ngtcp2", "msquic", "both"),
+        default="ngtcp2",
+        help="fpy3's QUIC engine in h3 mode; msquic/both add fpy3-msquic rows",
+    )
     ap.add_argument("--modes", type=csv(MODES), default=list(MODES))
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured run")
     ap.add_argument("--connections", type=int, default=64, help="wrk connections")
@@ -952,6 +967,12 @@ def main() -> int:
     args = ap.parse_args()
     if args.quick:
         args.duration = 3.0
+    if args.engine != "ngtcp2" and "fpy3-msquic" not in args.servers:
+        args.servers.insert(
+            args.servers.index("fpy3") + 1 if "fpy3" in args.servers else 0, "fpy3-msquic"
+        )
+    if args.engine == "msquic" and "fpy3" in args.servers:
+        args.servers.remove("fpy3")
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
     args.server_cpus, args.load_cpus = cpu_split(args.pin)

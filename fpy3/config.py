@@ -85,6 +85,7 @@ class HTTP3Settings:
     initial_max_stream_data: int = 1024 * 1024  # per-stream flow-control window, bytes
     retry: bool = False  # address validation with Retry before accepting a connection
     qlog_dir: str = ""  # write a qlog file per connection here; "" = off
+    engine: str = "auto"  # auto | msquic | ngtcp2; auto = msquic when libmsquic.so.2 loads
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +251,16 @@ def _host(value: str) -> None:
     raise _Invalid(f"expected an IP address or a hostname, got {value!r}")
 
 
+def _engine(value: str) -> None:
+    _one_of("auto", "msquic", "ngtcp2")(value)
+    if value == "msquic":
+        from .h3.engine import INSTALL_HINT, probe_msquic
+
+        reason = probe_msquic()
+        if reason is not None:
+            raise _Invalid(f"libmsquic cannot be loaded ({reason}); {INSTALL_HINT}")
+
+
 _CHECKS: dict[str, Callable[[typing.Any], None]] = {
     "server.app": _app_ref,
     "server.host": _host,
@@ -271,6 +282,7 @@ _CHECKS: dict[str, Callable[[typing.Any], None]] = {
     "http3.max_udp_payload": _between(1200, 65527),
     "http3.initial_max_data": _at_least(65536),
     "http3.initial_max_stream_data": _at_least(16384),
+    "http3.engine": _engine,
     "limits.max_header_size": _at_least(1024),
     "limits.max_header_count": _between(1, 10000),
     "limits.max_body_size": _at_least(0),

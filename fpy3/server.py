@@ -93,11 +93,19 @@ class HTTPService:
         self.servers.append(server)
 
     def serve_h3(
-        self, sock: socket.socket, cert: str, key: str, worker_id: int = 0, secret=None
+        self,
+        sock: socket.socket | None,
+        cert: str,
+        key: str,
+        worker_id: int = 0,
+        secret=None,
+        addr: tuple | None = None,
+        steer_prog: bytes | None = None,
     ) -> None:
+        """HTTP/3 on ``sock``, or (MsQuic under fpy3-master) on ``addr`` MsQuic binds."""
         from .h3.protocol import H3Server
 
-        self.h3_servers.append(H3Server(self, sock, cert, key, worker_id, secret))
+        self.h3_servers.append(H3Server(self, sock, cert, key, worker_id, secret, addr, steer_prog))
 
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish, then close what is left."""

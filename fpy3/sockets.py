@@ -17,6 +17,8 @@ class Listeners:
     tls: socket.socket  # HTTP/1.1 over TLS on server.port
     http: socket.socket | None = None  # cleartext HTTP/1.1 on server.http_port
     udp: socket.socket | None = None  # HTTP/3 on http3.port (or server.port)
+    # MsQuic under fpy3-master: no shared socket; each worker's MsQuic binds this address.
+    udp_addr: tuple | None = None
 
     def all(self) -> list[socket.socket]:
         return [s for s in (self.tls, self.http, self.udp) if s is not None]

@@ -44,8 +44,10 @@ class Worker:
         worker_id: int = 0,
         quic_secret: bytes | None = None,
         request_limit: int = 0,
+        quic_join: tuple | None = None,
     ):
         self.settings = settings
+        self.quic_join = quic_join  # (lock path, program path, ack fd): MsQuic, steered
         self.listeners = listeners
         self.ready_fd = ready_fd
         self.worker_id = worker_id  # carried in the QUIC connection ids this worker issues
@@ -86,18 +88,30 @@ class Worker:
         await service.listen(self.listeners.tls, server_context(settings))
         if self.listeners.http is not None:
             await service.listen(self.listeners.http, None)
-        if self.listeners.udp is not None:
+        if self.listeners.udp is not None or self.listeners.udp_addr is not None:
+            join = None
             try:
+                if self.quic_join is not None and self.listeners.udp_addr is not None:
+                    from .h3.engine import GroupJoin
+
+                    join = GroupJoin(*self.quic_join, self.listeners.udp_addr[1])
                 service.serve_h3(
                     self.listeners.udp,
                     settings.tls.cert,
                     settings.tls.key,
-                    self.worker_id,
+                    join.worker_id if join else self.worker_id,
                     self.quic_secret,
+                    self.listeners.udp_addr,
+                    join.program if join else None,
                 )
+                if join is not None and not join.done(self._send):
+                    logger.error("HTTP/3: the master did not adopt this worker's QUIC sockets")
             except OSError as exc:
                 logger.error("%s", exc)
                 return EXIT_STARTUP
+            finally:
+                if join is not None:
+                    join.close()
         self._install_signals()
         self._report_ready()
         fast = await self.stopping
@@ -204,6 +218,7 @@ def run(
     worker_id: int = 0,
     quic_secret: bytes | None = None,
     request_limit: int = 0,
+    quic_join: tuple | None = None,
 ) -> int:
     """Run a worker to the end; returns the process exit code."""
     loop = uvloop.new_event_loop()
@@ -211,7 +226,9 @@ def run(
     loop.set_exception_handler(_exception_handler)
 
     async def main() -> int:
-        worker = Worker(settings, listeners, ready_fd, worker_id, quic_secret, request_limit)
+        worker = Worker(
+            settings, listeners, ready_fd, worker_id, quic_secret, request_limit, quic_join
+        )
         return await worker.main()
 
     try:

@@ -13,6 +13,9 @@
  * The write path is pulled (ngtcp2 builds packets on demand). An engine with a
  * push API (MsQuic) drains `pull` at flush time into StreamSend calls, reports
  * each as `written`, and maps SEND_COMPLETE to `acked`.
+ *
+ * Two engines implement it (engine_ngtcp2.c, engine_msquic.c); engine.c picks one
+ * per fpy3_engine_new (cfg->engine) and dispatches through its ops table.
  */
 #ifndef FPY3_ENGINE_H
 #define FPY3_ENGINE_H
@@ -34,7 +37,18 @@ typedef struct {
 #define FPY3_SHUT_WR 2 /* RESET_STREAM */
 
 /* Strings are read during fpy3_engine_new only. */
+#define FPY3_ENGINE_NGTCP2 0
+#define FPY3_ENGINE_MSQUIC 1
+
 typedef struct {
+    int engine;            /* FPY3_ENGINE_* */
+    /* MsQuic binds its own sockets (fd is -1): the address to listen on. */
+    const char *listen_host; /* numeric IPv4/IPv6; "" = any */
+    uint16_t listen_port;
+    /* MsQuic under fpy3-master: the reuseport cBPF program (struct sock_filter[]) to
+     * put back on the port's group at once after MsQuic attaches its own; 0 = detach. */
+    const uint8_t *steer_prog;
+    size_t steer_len;
     const char *cert_file; /* PEM chain */
     const char *key_file;  /* PEM key */
     const char *alpn;      /* the one protocol offered, e.g. "h3" */
@@ -76,10 +90,15 @@ typedef struct {
     void (*shut_wr)(void *ac, int64_t sid);          /* stream cannot be written any more */
 } fpy3_engine_app;
 
-/* fd: a bound, non-blocking UDP socket; the engine never closes it. */
+/* fd: a bound, non-blocking UDP socket; the engine never closes it (ngtcp2; -1 for MsQuic). */
 fpy3_engine *fpy3_engine_new(int fd, const fpy3_engine_config *cfg, const fpy3_engine_app *cb,
                              void *app, char *err, size_t errlen);
 void fpy3_engine_free(fpy3_engine *e); /* closes every connection (conn_close called) */
+/* The fd the loop watches for reading: the UDP socket, or MsQuic's eventfd. */
+int fpy3_engine_fd(fpy3_engine *e);
+/* Loads libmsquic (FPY3_MSQUIC_LIB, then libmsquic.so.2) once per process: 0, or -1
+ * with the reason in err. */
+int fpy3_msquic_load(char *err, size_t errlen);
 
 int fpy3_engine_read(fpy3_engine *e);   /* socket readable: receive a bounded batch, process, send */
 int fpy3_engine_expire(fpy3_engine *e); /* the timer fired */
@@ -111,5 +130,39 @@ int fpy3_engine_shutdown_stream(fpy3_qconn *qc, int64_t sid, uint64_t app_error,
 void fpy3_engine_conn_error(fpy3_qconn *qc, uint64_t app_error);
 /* Outside callbacks: close now with an application error (conn_close is called). */
 void fpy3_engine_conn_close(fpy3_qconn *qc, uint64_t app_error);
+
+
+/* The engine behind the functions above. Each engine's struct fpy3_engine starts
+ * with its ops pointer, and each struct fpy3_qconn with its fpy3_engine pointer. */
+typedef struct {
+    fpy3_engine *(*new)(int fd, const fpy3_engine_config *cfg, const fpy3_engine_app *cb,
+                        void *app, char *err, size_t errlen);
+    void (*free)(fpy3_engine *e);
+    int (*fd)(fpy3_engine *e);
+    int (*read)(fpy3_engine *e);
+    int (*expire)(fpy3_engine *e);
+    int (*flush)(fpy3_engine *e);
+    int64_t (*next_timeout_ms)(fpy3_engine *e);
+    int (*want_write)(fpy3_engine *e);
+    void (*stop_accepting)(fpy3_engine *e);
+    size_t (*conn_count)(fpy3_engine *e);
+    void (*each)(fpy3_engine *e, void (*fn)(void *ac, void *arg), void *arg);
+    uint64_t (*conn_handle)(fpy3_qconn *qc);
+    void *(*conn_find)(fpy3_engine *e, uint64_t handle);
+    const struct sockaddr *(*conn_peer)(fpy3_qconn *qc, uint32_t *len);
+    const struct sockaddr *(*conn_local)(fpy3_qconn *qc, uint32_t *len);
+    void (*mark)(fpy3_qconn *qc);
+    void (*defer)(fpy3_qconn *qc);
+    int (*open_uni)(fpy3_qconn *qc, int64_t *sid);
+    void (*extend)(fpy3_qconn *qc, int64_t sid, uint64_t n);
+    void (*extend_streams_bidi)(fpy3_qconn *qc, uint64_t n);
+    uint64_t (*max_streams_bidi)(fpy3_qconn *qc);
+    int (*shutdown_stream)(fpy3_qconn *qc, int64_t sid, uint64_t app_error, int how);
+    void (*conn_error)(fpy3_qconn *qc, uint64_t app_error);
+    void (*conn_close)(fpy3_qconn *qc, uint64_t app_error);
+} fpy3_engine_ops;
+
+extern const fpy3_engine_ops fpy3_engine_ngtcp2;
+extern const fpy3_engine_ops fpy3_engine_msquic;
 
 #endif

@@ -38,7 +38,7 @@ _Static_assert(sizeof(fpy3_vec) == sizeof(ngtcp2_vec), "fpy3_vec must match ngtc
 
 #define SCID_LEN 18
 #define RX_BATCH 64
-#define RX_ROUNDS 16 /* recvmmsg calls per fpy3_engine_read: bounds one loop turn */
+#define RX_ROUNDS 16 /* recvmmsg calls per ng_read: bounds one loop turn */
 #define RX_BUFSZ 2048
 #define RX_CTRLSZ 128
 #define TX_BUFSZ (1 << 20)
@@ -203,7 +203,7 @@ typedef struct {
 } sockaddr_buf;
 
 struct fpy3_qconn {
-    fpy3_engine *e;
+    fpy3_engine *e; /* first: engine.c dispatches on it */
     ngtcp2_conn *conn;
     gnutls_session_t tls;
     ngtcp2_crypto_conn_ref ref;
@@ -226,6 +226,7 @@ struct fpy3_qconn {
 };
 
 struct fpy3_engine {
+    const fpy3_engine_ops *ops; /* first: engine.c dispatches on it */
     int fd, family;
     fpy3_engine_config cfg;
     char *qlog_dir; /* owned copy; NULL = off */
@@ -253,7 +254,7 @@ struct fpy3_engine {
 
     fpy3_qconn **heap;
     uint32_t heapn, heapcap;
-    fpy3_qconn **expired; /* scratch for fpy3_engine_expire */
+    fpy3_qconn **expired; /* scratch for ng_expire */
 
     fpy3_qconn *dirty;
 
@@ -282,6 +283,8 @@ struct fpy3_engine {
 
 static void conn_delete(fpy3_qconn *qc);
 static void conn_write(fpy3_qconn *qc);
+static void ng_extend(fpy3_qconn *qc, int64_t sid, uint64_t n);
+static void ng_free(fpy3_engine *e);
 
 /* --- timer heap --------------------------------------------------------------------- */
 
@@ -669,7 +672,7 @@ static int cb_recv_stream_data(ngtcp2_conn *conn, uint32_t flags, int64_t sid, u
     (void)offset;
     (void)sud;
     if (!qc->ac) {
-        fpy3_engine_extend(qc, sid, len);
+        ng_extend(qc, sid, len);
         return 0;
     }
     if (qc->e->cb.recv(qc->ac, sid, data, len, !!(flags & NGTCP2_STREAM_DATA_FLAG_FIN)) < 0)
@@ -1419,7 +1422,7 @@ static int sockopt_on(int fd, int level, int name)
     return setsockopt(fd, level, name, &one, sizeof(one));
 }
 
-fpy3_engine *fpy3_engine_new(int fd, const fpy3_engine_config *cfg, const fpy3_engine_app *cb,
+static fpy3_engine *ng_new(int fd, const fpy3_engine_config *cfg, const fpy3_engine_app *cb,
                              void *app, char *err, size_t errlen)
 {
     fpy3_engine *e = calloc(1, sizeof(*e));
@@ -1427,6 +1430,7 @@ fpy3_engine *fpy3_engine_new(int fd, const fpy3_engine_config *cfg, const fpy3_e
         seterr(err, errlen, "out of memory");
         return NULL;
     }
+    e->ops = &fpy3_engine_ngtcp2;
     e->fd = fd;
     e->cfg = *cfg;
     e->cb = *cb;
@@ -1526,11 +1530,11 @@ fpy3_engine *fpy3_engine_new(int fd, const fpy3_engine_config *cfg, const fpy3_e
     e->now = mono_ns();
     return e;
 fail:
-    fpy3_engine_free(e);
+    ng_free(e);
     return NULL;
 }
 
-void fpy3_engine_free(fpy3_engine *e)
+static void ng_free(fpy3_engine *e)
 {
     if (!e)
         return;
@@ -1552,7 +1556,7 @@ void fpy3_engine_free(fpy3_engine *e)
     free(e);
 }
 
-int fpy3_engine_read(fpy3_engine *e)
+static int ng_read(fpy3_engine *e)
 {
     int total = 0;
     if (e->blocked)
@@ -1595,7 +1599,7 @@ int fpy3_engine_read(fpy3_engine *e)
     return total;
 }
 
-int fpy3_engine_expire(fpy3_engine *e)
+static int ng_expire(fpy3_engine *e)
 {
     e->now = mono_ns();
     if (e->blocked)
@@ -1629,7 +1633,7 @@ int fpy3_engine_expire(fpy3_engine *e)
     return (int)n;
 }
 
-int fpy3_engine_flush(fpy3_engine *e)
+static int ng_flush(fpy3_engine *e)
 {
     e->now = mono_ns();
     if (e->blocked && tx_send(e) < 0)
@@ -1638,7 +1642,7 @@ int fpy3_engine_flush(fpy3_engine *e)
     return e->blocked ? -1 : 0;
 }
 
-int64_t fpy3_engine_next_timeout_ms(fpy3_engine *e)
+static int64_t ng_next_timeout_ms(fpy3_engine *e)
 {
     if (e->dirty && !e->blocked)
         return 0;
@@ -1650,13 +1654,13 @@ int64_t fpy3_engine_next_timeout_ms(fpy3_engine *e)
     return (int64_t)((t - now + NGTCP2_MILLISECONDS - 1) / NGTCP2_MILLISECONDS);
 }
 
-int fpy3_engine_want_write(fpy3_engine *e) { return e->blocked; }
+static int ng_want_write(fpy3_engine *e) { return e->blocked; }
 
-void fpy3_engine_stop_accepting(fpy3_engine *e) { e->accepting = 0; }
+static void ng_stop_accepting(fpy3_engine *e) { e->accepting = 0; }
 
-size_t fpy3_engine_conn_count(fpy3_engine *e) { return e->nactive; }
+static size_t ng_conn_count(fpy3_engine *e) { return e->nactive; }
 
-void fpy3_engine_each(fpy3_engine *e, void (*fn)(void *ac, void *arg), void *arg)
+static void ng_each(fpy3_engine *e, void (*fn)(void *ac, void *arg), void *arg)
 {
     for (uint32_t i = 0; i < e->nslots; i++) {
         fpy3_qconn *qc = e->slots[i];
@@ -1665,9 +1669,9 @@ void fpy3_engine_each(fpy3_engine *e, void (*fn)(void *ac, void *arg), void *arg
     }
 }
 
-uint64_t fpy3_engine_conn_handle(fpy3_qconn *qc) { return qc->handle; }
+static uint64_t ng_conn_handle(fpy3_qconn *qc) { return qc->handle; }
 
-void *fpy3_engine_conn_find(fpy3_engine *e, uint64_t handle)
+static void *ng_conn_find(fpy3_engine *e, uint64_t handle)
 {
     uint32_t s = (uint32_t)(handle & 0xffffff);
     if (s >= e->nslots || !e->slots[s] || e->slots[s]->handle != handle)
@@ -1675,34 +1679,34 @@ void *fpy3_engine_conn_find(fpy3_engine *e, uint64_t handle)
     return e->slots[s]->ac;
 }
 
-const struct sockaddr *fpy3_engine_conn_peer(fpy3_qconn *qc, uint32_t *len)
+const struct sockaddr *ng_conn_peer(fpy3_qconn *qc, uint32_t *len)
 {
     const ngtcp2_path *p = ngtcp2_conn_get_path(qc->conn);
     *len = (uint32_t)p->remote.addrlen;
     return p->remote.addr;
 }
 
-const struct sockaddr *fpy3_engine_conn_local(fpy3_qconn *qc, uint32_t *len)
+const struct sockaddr *ng_conn_local(fpy3_qconn *qc, uint32_t *len)
 {
     const ngtcp2_path *p = ngtcp2_conn_get_path(qc->conn);
     *len = (uint32_t)p->local.addrlen;
     return p->local.addr;
 }
 
-void fpy3_engine_mark(fpy3_qconn *qc)
+static void ng_mark(fpy3_qconn *qc)
 {
     if (qc->state == QC_ACTIVE)
         dirty_add(qc);
 }
 
-void fpy3_engine_defer(fpy3_qconn *qc) { qc->defer = 1; }
+static void ng_defer(fpy3_qconn *qc) { qc->defer = 1; }
 
-int fpy3_engine_open_uni(fpy3_qconn *qc, int64_t *sid)
+static int ng_open_uni(fpy3_qconn *qc, int64_t *sid)
 {
     return ngtcp2_conn_open_uni_stream(qc->conn, sid, NULL) == 0 ? 0 : -1;
 }
 
-void fpy3_engine_extend(fpy3_qconn *qc, int64_t sid, uint64_t n)
+static void ng_extend(fpy3_qconn *qc, int64_t sid, uint64_t n)
 {
     if (qc->state != QC_ACTIVE || n == 0)
         return;
@@ -1711,18 +1715,18 @@ void fpy3_engine_extend(fpy3_qconn *qc, int64_t sid, uint64_t n)
     ngtcp2_conn_extend_max_offset(qc->conn, n);
 }
 
-void fpy3_engine_extend_streams_bidi(fpy3_qconn *qc, uint64_t n)
+static void ng_extend_streams_bidi(fpy3_qconn *qc, uint64_t n)
 {
     if (qc->state == QC_ACTIVE)
         ngtcp2_conn_extend_max_streams_bidi(qc->conn, n);
 }
 
-uint64_t fpy3_engine_max_streams_bidi(fpy3_qconn *qc)
+static uint64_t ng_max_streams_bidi(fpy3_qconn *qc)
 {
     return ngtcp2_conn_get_local_transport_params(qc->conn)->initial_max_streams_bidi;
 }
 
-int fpy3_engine_shutdown_stream(fpy3_qconn *qc, int64_t sid, uint64_t app_error, int how)
+static int ng_shutdown_stream(fpy3_qconn *qc, int64_t sid, uint64_t app_error, int how)
 {
     if (qc->state != QC_ACTIVE)
         return -1;
@@ -1737,7 +1741,7 @@ int fpy3_engine_shutdown_stream(fpy3_qconn *qc, int64_t sid, uint64_t app_error,
     return rv == 0 ? 0 : -1;
 }
 
-void fpy3_engine_conn_error(fpy3_qconn *qc, uint64_t app_error)
+static void ng_conn_error(fpy3_qconn *qc, uint64_t app_error)
 {
     if (qc->err_set)
         return;
@@ -1745,11 +1749,40 @@ void fpy3_engine_conn_error(fpy3_qconn *qc, uint64_t app_error)
     qc->err_set = 1;
 }
 
-void fpy3_engine_conn_close(fpy3_qconn *qc, uint64_t app_error)
+static void ng_conn_close(fpy3_qconn *qc, uint64_t app_error)
 {
     if (qc->state != QC_ACTIVE)
         return;
-    fpy3_engine_conn_error(qc, app_error);
+    ng_conn_error(qc, app_error);
     qc->e->now = mono_ns();
     start_closing(qc);
 }
+
+static int ng_fd(fpy3_engine *e) { return e->fd; }
+
+const fpy3_engine_ops fpy3_engine_ngtcp2 = {
+    .new = ng_new,
+    .free = ng_free,
+    .read = ng_read,
+    .expire = ng_expire,
+    .flush = ng_flush,
+    .next_timeout_ms = ng_next_timeout_ms,
+    .want_write = ng_want_write,
+    .stop_accepting = ng_stop_accepting,
+    .conn_count = ng_conn_count,
+    .each = ng_each,
+    .conn_handle = ng_conn_handle,
+    .conn_find = ng_conn_find,
+    .conn_peer = ng_conn_peer,
+    .conn_local = ng_conn_local,
+    .mark = ng_mark,
+    .defer = ng_defer,
+    .open_uni = ng_open_uni,
+    .extend = ng_extend,
+    .extend_streams_bidi = ng_extend_streams_bidi,
+    .max_streams_bidi = ng_max_streams_bidi,
+    .shutdown_stream = ng_shutdown_stream,
+    .conn_error = ng_conn_error,
+    .conn_close = ng_conn_close,
+    .fd = ng_fd,
+};

@@ -993,6 +993,11 @@ fpy3_h3_server *fpy3_h3_server_new(int fd, const fpy3_h3_config *cfg, char *err,
     s->low_water = s->high_water / 4;
 
     fpy3_engine_config ec = {
+        .engine = cfg->engine,
+        .listen_host = cfg->listen_host,
+        .listen_port = (uint16_t)cfg->listen_port,
+        .steer_prog = cfg->steer_prog,
+        .steer_len = cfg->steer_len,
         .cert_file = cfg->cert_file,
         .key_file = cfg->key_file,
         .alpn = "h3",
@@ -1066,6 +1071,8 @@ static void close_pending(fpy3_h3_server *s)
             fpy3_engine_conn_close(c->qc, c->close_code);
     }
 }
+
+int fpy3_h3_fd(fpy3_h3_server *s) { return fpy3_engine_fd(s->e); }
 
 int fpy3_h3_read(fpy3_h3_server *s)
 {

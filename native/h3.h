@@ -35,6 +35,11 @@
 #define FPY3_H3_MESSAGE_ERROR 0x10e
 
 typedef struct {
+    int engine; /* FPY3_ENGINE_NGTCP2 or FPY3_ENGINE_MSQUIC */
+    const char *listen_host; /* MsQuic: numeric address to listen on ("" = any) */
+    int listen_port;
+    const uint8_t *steer_prog; /* MsQuic under fpy3-master: see engine.h */
+    size_t steer_len;
     const char *cert_file;
     const char *key_file;
     uint32_t worker_id;
@@ -69,6 +74,7 @@ typedef struct fpy3_h3_server fpy3_h3_server;
 
 fpy3_h3_server *fpy3_h3_server_new(int fd, const fpy3_h3_config *cfg, char *err, size_t errlen);
 void fpy3_h3_server_free(fpy3_h3_server *s);
+int fpy3_h3_fd(fpy3_h3_server *s); /* the fd to watch: UDP socket or MsQuic's eventfd */
 int fpy3_h3_read(fpy3_h3_server *s);
 int fpy3_h3_expire(fpy3_h3_server *s);
 int64_t fpy3_h3_next_timeout_ms(fpy3_h3_server *s);

@@ -48,6 +48,7 @@ from setproctitle import setproctitle
 
 from fpy3 import __version__, config
 from fpy3.cli import EXIT_CONFIG, load_settings, prepare
+from fpy3.h3.engine import msquic_engine
 from fpy3.logs import configure_error_log
 from fpy3.worker import EXIT_STARTUP, reopen_error_log
 
@@ -86,6 +87,7 @@ class WorkerProcess:
     eof: bool = False  # the worker closed its end of the pipe
     retiring: bool = False  # told to drain on purpose: its exit is no crash
     quic_id: int | None = None  # its QUIC worker id (and socket) when packets are steered
+    quic_ack: int | None = None  # MsQuic: write end of the pipe answering its join
     timed_out: bool = False  # killed for missing heartbeats
     replaces: int | None = None  # pid of the worker this one is replacing (a recycle)
     replacement: int | None = None  # pid of the worker starting in place of this one
@@ -118,6 +120,7 @@ class Arbiter:
         self.last_round = time.monotonic()
         self.next_rss_check = 0.0
         self.quic: steering.QuicSockets | None = None  # the steered UDP socket group
+        self.msquic: steering.MsQuicGroup | None = None  # MsQuic: the workers' sockets, steered
         self.serving = 1  # the generation that takes new QUIC connections
 
     # -- signals: queue and wake ------------------------------------------------------------
@@ -176,6 +179,8 @@ class Arbiter:
             self.listeners.close()
             if self.quic is not None:
                 self.quic.close()  # only now: closing one reorders the group
+            if self.msquic is not None:
+                self.msquic.close()
             self._remove_pidfile()
         logger.info("master %d exiting", os.getpid())
         return self.exit_code
@@ -216,10 +221,26 @@ class Arbiter:
                 self._on_worker_ready(worker)
             elif line == b"beat":
                 pass
+            elif line.startswith(b"quic ") and line[5:].isdigit():
+                self._adopt(worker, int(line[5:]))
             elif line.startswith(b"requests ") and line[9:].isdigit():
                 worker.requests = int(line[9:])
             else:
                 logger.warning("worker %d sent an unknown message %r", worker.pid, line[:40])
+
+    def _adopt(self, worker: WorkerProcess, quic_id: int) -> None:
+        """A worker's MsQuic has bound its sockets: keep them in the group, steer to them."""
+        ok = False
+        if self.msquic is not None and worker.quic_ack is not None:
+            try:
+                self.msquic.adopt(worker.pid, quic_id)
+                worker.quic_id = quic_id
+                ok = True
+            except OSError as exc:
+                logger.error("worker %d: its QUIC sockets cannot be steered: %s", worker.pid, exc)
+            with contextlib.suppress(OSError):
+                os.write(worker.quic_ack, b"1" if ok else b"0")
+            self._steer()
 
     def _handle_signal(self, sig: int) -> None:
         if sig == signal.SIGCHLD:
@@ -267,19 +288,30 @@ class Arbiter:
             except OSError as exc:
                 logger.error("worker %d without HTTP/3: %s", number, exc)
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        ack = os.pipe2(os.O_CLOEXEC) if self.msquic is not None else None
         try:
             pid = os.fork()
         except OSError:
             if quic_id is not None:
                 self.quic.release(quic_id)
+            if ack is not None:
+                os.close(ack[0])
+                os.close(ack[1])
             raise
         if pid == 0:
             os.close(read_fd)
-            self._worker_main(number, write_fd, limit, quic_id)  # never returns
+            join = None
+            if ack is not None:
+                os.close(ack[1])
+                join = (self.msquic.lock_path, self.msquic.prog_path, ack[0])
+            self._worker_main(number, write_fd, limit, quic_id, join)  # never returns
         os.close(write_fd)
+        if ack is not None:
+            os.close(ack[0])
         os.set_blocking(read_fd, False)
         worker = WorkerProcess(pid, number, self.generation, read_fd, workers.timeout, limit)
         worker.quic_id = quic_id
+        worker.quic_ack = ack[1] if ack is not None else None
         self.workers[pid] = worker
         self._steer()
         return worker
@@ -288,6 +320,22 @@ class Arbiter:
         """Route QUIC packets by the worker id in their connection id, when the kernel can."""
         udp = self.listeners.udp
         if udp is None:
+            return
+        if msquic_engine(self.settings.http3.engine):
+            # MsQuic binds its own per-CPU SO_REUSEPORT sockets in each worker: they
+            # join the group one worker at a time and the master keeps copies, so
+            # their indexes stay put and the program can steer (steering.MsQuicGroup).
+            # Without pidfd_getfd the kernel hashes each 4-tuple to a worker.
+            addr = udp.getsockname()
+            udp.close()
+            self.listeners = dataclasses.replace(self.listeners, udp=None, udp_addr=addr)
+            if hasattr(os, "pidfd_open"):
+                from fpy3.devcert import default_state_dir
+
+                state = self.settings.server.state_dir or default_state_dir()
+                self.msquic = steering.MsQuicGroup(addr[1], state)
+            else:
+                logger.info("HTTP/3 on MsQuic: packets spread over workers by 4-tuple hash")
             return
         slots = min(2 * self.worker_count, steering.MAX_SOCKETS)
         try:
@@ -299,6 +347,13 @@ class Arbiter:
 
     def _steer(self) -> None:
         """Point new QUIC connections at the serving generation; keep the rest in place."""
+        if self.msquic is not None:
+            self.msquic.steer(
+                w.quic_id
+                for w in self.workers.values()
+                if w.generation == self.serving and not w.retiring and w.quic_id is not None
+            )
+            return
         if self.quic is None:
             return
         active = [
@@ -312,7 +367,12 @@ class Arbiter:
             logger.error("QUIC steering not updated: %s", exc)
 
     def _worker_main(
-        self, number: int, ready_fd: int, request_limit: int, quic_id: int | None
+        self,
+        number: int,
+        ready_fd: int,
+        request_limit: int,
+        quic_id: int | None,
+        quic_join: tuple | None = None,
     ) -> None:
         code = 1
         try:
@@ -327,6 +387,8 @@ class Arbiter:
             os.close(self.wake_w)
             for other in self.workers.values():
                 os.close(other.pipe)
+                if other.quic_ack is not None:
+                    os.close(other.quic_ack)
             # Only the master talks to systemd; the app must not send READY=1 for it.
             os.environ.pop("NOTIFY_SOCKET", None)
             setproctitle(f"fpy3: worker {number} gen {self.generation}")
@@ -348,7 +410,13 @@ class Arbiter:
                 # connections between them: one worker serves HTTP/3.
                 listeners = dataclasses.replace(listeners, udp=None)
             code = worker.run(
-                self.settings, listeners, ready_fd, worker_id, self.quic_secret, request_limit
+                self.settings,
+                listeners,
+                ready_fd,
+                worker_id,
+                self.quic_secret,
+                request_limit,
+                quic_join,
             )
         except BaseException:
             logger.exception("worker %d crashed", os.getpid())
@@ -380,8 +448,13 @@ class Arbiter:
             if worker is None:
                 continue
             os.close(worker.pipe)
+            if worker.quic_ack is not None:
+                os.close(worker.quic_ack)
             if self.quic is not None and worker.quic_id is not None:
                 self.quic.release(worker.quic_id)
+                self._steer()
+            if self.msquic is not None and worker.quic_id is not None:
+                self.msquic.release(worker.quic_id)
                 self._steer()
             code = os.waitstatus_to_exitcode(status)
             how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"

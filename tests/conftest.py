@@ -115,7 +115,10 @@ def fpy3_command(name: str = "fpy3") -> list[str]:
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for a server: no stray FPY3_* settings, tests dir importable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FPY3_")}
+    # FPY3_MSQUIC_LIB is no setting: it says where libmsquic is, for the msquic cases.
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("FPY3_") or k == "FPY3_MSQUIC_LIB"
+    }
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p
     )
@@ -586,9 +589,10 @@ def base_config(workdir: Path, app: str, http: bool, host: str = "127.0.0.1") ->
 
 
 class ServerFactory:
-    def __init__(self, tmp_dir_maker):
+    def __init__(self, tmp_dir_maker, engine: str | None = None):
         self._mkdir = tmp_dir_maker
         self.servers: list[Server] = []
+        self.engine = engine  # http3.engine for servers with HTTP/3 on (unless set)
 
     def __call__(
         self,
@@ -609,6 +613,8 @@ class ServerFactory:
         fixed_ports = bool(config and {"port", "http_port"} & set(config.get("server", {})))
         for attempt in range(3):
             cfg = merge_config(base_config(workdir, app, http, host), config)
+            if self.engine and cfg["http3"].get("enabled", True):
+                cfg["http3"].setdefault("engine", self.engine)
             server = Server(workdir, cfg["server"]["app"], cfg, args, env, command)
             if cafile is not None:
                 server.cafile = Path(cafile)
@@ -618,6 +624,10 @@ class ServerFactory:
                 return server
             try:
                 server.wait_ready()
+                engine = cfg["http3"].get("engine") if cfg["http3"].get("enabled", True) else None
+                if engine in ("ngtcp2", "msquic") and command == "run":
+                    # The worker logs its engine before it reports ready.
+                    assert f"HTTP/3 engine: {engine}" in server.stderr(), server.stderr()
                 return server
             except ServerDied:
                 in_use = "in use" in server.stderr().lower()
@@ -637,17 +647,44 @@ class ServerFactory:
                 print(f"--- {server.workdir.name}: exit {server.proc.returncode}\n{tail}")
 
 
+def msquic_unavailable() -> str | None:
+    """Why the msquic cases cannot run here (None: they can)."""
+    from fpy3.h3.engine import probe_msquic
+
+    reason = probe_msquic()
+    return f"libmsquic cannot be loaded ({reason}); set FPY3_MSQUIC_LIB" if reason else None
+
+
+@pytest.fixture(scope="module", params=["ngtcp2", "msquic"])
+def quic_engine(request) -> str:
+    """The QUIC engine of this module's HTTP/3 servers. A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("quic_engine")``: its tests run once per engine."""
+    if request.param == "msquic" and (reason := msquic_unavailable()):
+        pytest.skip(reason)
+    return request.param
+
+
+def _engine_of(request) -> str:
+    """The module's engine when it runs per engine, else ngtcp2 (never "auto", which
+    would follow whatever libmsquic this machine has)."""
+    if "quic_engine" in request.fixturenames:
+        return request.getfixturevalue("quic_engine")
+    return "ngtcp2"
+
+
 @pytest.fixture
-def start_server(tmp_path):
+def start_server(tmp_path, request):
     counter = iter(range(1000))
-    factory = ServerFactory(lambda: _mkdir(tmp_path / f"srv{next(counter)}"))
+    factory = ServerFactory(lambda: _mkdir(tmp_path / f"srv{next(counter)}"), _engine_of(request))
     yield factory
     factory.cleanup()
 
 
 @pytest.fixture(scope="module")
 def module_server_factory(tmp_path_factory):
-    factory = ServerFactory(lambda: tmp_path_factory.mktemp("srv"))
+    # Module-wide servers name their engine (a quic_engine argument of their fixture),
+    # so pytest builds one per engine.
+    factory = ServerFactory(lambda: tmp_path_factory.mktemp("srv"), "ngtcp2")
     yield factory
     factory.cleanup()
 

@@ -273,6 +273,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-streams", type=int, default=100)
     ap.add_argument("--max-stream-data", type=int, default=0, help="per-stream window")
     ap.add_argument("--log-requests", action="store_true")
+    ap.add_argument("--engine", choices=("ngtcp2", "msquic"), default="ngtcp2")
     args = ap.parse_args(argv)
 
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -293,22 +294,32 @@ def main(argv=None) -> int:
     cfg.initial_max_stream_data = args.max_stream_data
     cfg.send_high_water = HIGH_WATER
     err = ffi.new("char[256]")
-    srv = lib.fpy3_h3_server_new(sock.fileno(), cfg, err, 256)
+    port = sock.getsockname()[1]
+    fd = sock.fileno()
+    if args.engine == "msquic":
+        # MsQuic binds its own sockets: it gets the address, the port is freed for it.
+        cfg.engine = lib.FPY3_ENGINE_MSQUIC
+        keep.append(ffi.new("char[]", args.host.encode()))
+        cfg.listen_host, cfg.listen_port = keep[-1], port
+        sock.close()
+        fd = -1
+    srv = lib.fpy3_h3_server_new(fd, cfg, err, 256)
     if srv == ffi.NULL:
         print("server_new failed:", ffi.string(err).decode(), file=sys.stderr)
         return 2
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    echo = Echo(loop, srv, sock.fileno(), args.log_requests)
-    loop.add_reader(sock.fileno(), echo.on_readable)
+    fd = lib.fpy3_h3_fd(srv)  # the UDP socket, or MsQuic's eventfd
+    echo = Echo(loop, srv, fd, args.log_requests)
+    loop.add_reader(fd, echo.on_readable)
     loop.add_signal_handler(signal.SIGTERM, echo.drain)
     loop.add_signal_handler(signal.SIGINT, echo.drain)
-    print("READY", sock.getsockname()[1], flush=True)
+    print("READY", port, flush=True)
     try:
         loop.run_until_complete(asyncio.wait_for(echo.done, None))
     finally:
-        loop.remove_reader(sock.fileno())
+        loop.remove_reader(fd)
         if echo.timer:
             echo.timer.cancel()
         lib.fpy3_h3_server_free(srv)

@@ -18,6 +18,9 @@ import h3clients as kit
 import pytest
 from apps import CHUNK, stream_chunk
 
+# Every test runs once per QUIC engine (msquic cases skip without libmsquic).
+pytestmark = pytest.mark.usefixtures("quic_engine")
+
 MiB = 1024 * 1024
 H3_INTERNAL_ERROR = 0x102
 H3_MESSAGE_ERROR = 0x10E
@@ -32,8 +35,8 @@ def call(fn, *args, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def h3(module_server_factory):
-    return module_server_factory(config={"http3": {"enabled": True}})
+def h3(module_server_factory, quic_engine):
+    return module_server_factory(config={"http3": {"enabled": True, "engine": quic_engine}})
 
 
 def aq(srv, method, path, **kw):

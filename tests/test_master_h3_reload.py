@@ -21,6 +21,9 @@ import pytest
 from conftest import wait_until
 from test_master_workers import wait_workers, workers
 
+# Every test runs once per QUIC engine (msquic cases skip without libmsquic).
+pytestmark = pytest.mark.usefixtures("quic_engine")
+
 APP = "apps:app"
 H3_REQUEST_REJECTED = 0x10B
 GOAWAY_FRAME = 0x7

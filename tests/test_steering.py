@@ -517,6 +517,7 @@ def _serve(opts: dict) -> int:
             "server.port": opts["port"],
             "server.state_dir": opts["state_dir"],
             "http3.enabled": True,
+            "http3.engine": "ngtcp2",  # steering is ngtcp2's (MsQuic binds its own sockets)
             "workers.drain_timeout": 20.0,
         },
     )

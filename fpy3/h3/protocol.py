@@ -17,6 +17,7 @@ from urllib.parse import unquote_to_bytes
 from fpy3._native import ffi, lib
 
 from ..asgi.http import ASGI_VERSION, HTTPCycle
+from . import engine
 
 logger = logging.getLogger("fpy3.error")
 
@@ -162,11 +163,13 @@ class H3Server:
     def __init__(
         self,
         service,
-        sock: socket.socket,
+        sock: socket.socket | None,
         cert: str,
         key: str,
         worker_id: int = 0,
         secret: bytes | None = None,
+        addr: tuple | None = None,
+        steer_prog: bytes | None = None,
     ):
         self.svc = service
         self.loop = service.loop
@@ -197,7 +200,25 @@ class H3Server:
         cfg.max_header_count = limits.max_header_count
         cfg.send_high_water = SEND_HIGH_WATER
         cfg.enable_connect_protocol = settings.websocket.enabled
-        srv = lib.fpy3_h3_server_new(sock.fileno(), cfg, err, 256)
+        addr = sock.getsockname() if sock is not None else addr
+        self.server_addr = _addr(addr)
+        cfg.engine = engine.choose(h3.engine)
+        fd = sock.fileno() if sock is not None else -1
+        if cfg.engine == lib.FPY3_ENGINE_MSQUIC:
+            # MsQuic binds its own sockets: hand it the address and free the port.
+            self._strings.append(ffi.new("char[]", addr[0].encode()))
+            cfg.listen_host = self._strings[-1]
+            cfg.listen_port = addr[1]
+            if steer_prog:  # the master's program, back on the group after MsQuic's
+                self._strings.append(ffi.new("char[]", steer_prog))
+                cfg.steer_prog = ffi.cast("uint8_t *", self._strings[-1])
+                cfg.steer_len = len(steer_prog)
+            if sock is not None:
+                sock.close()
+            fd = -1
+        elif sock is None:
+            raise OSError("HTTP/3: libmsquic loaded in the master but not in this worker")
+        srv = lib.fpy3_h3_server_new(fd, cfg, err, 256)
         if srv == ffi.NULL:
             raise OSError(f"HTTP/3: {ffi.string(err).decode()}")
         self.srv = ffi.gc(srv, lib.fpy3_h3_server_free)
@@ -211,8 +232,7 @@ class H3Server:
         from ..ws import h3 as ws_h3  # imports this module
 
         self._ws = ws_h3
-        self.fd = sock.fileno()
-        self.server_addr = _addr(sock.getsockname())
+        self.fd = lib.fpy3_h3_fd(self.srv)  # the UDP socket, or MsQuic's eventfd
         self.loop.add_reader(self.fd, self._on_readable)
 
     # -- rounds ---------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""Which QUIC engine serves HTTP/3: ngtcp2 (built in) or MsQuic (libmsquic.so.2,
+loaded at run time: the FPY3_MSQUIC_LIB path first, then the system loader)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import logging
+import os
+import select
+
+logger = logging.getLogger("fpy3.error")
+
+INSTALL_HINT = (
+    "install libmsquic.so.2 (for example the libmsquic package from "
+    "packages.microsoft.com) or set FPY3_MSQUIC_LIB to its path"
+)
+
+
+def probe_msquic() -> str | None:
+    """None when libmsquic loads and exports MsQuicOpenVersion, else why not.
+
+    Only dlopen: MsQuic itself starts in the worker (MsQuicOpenVersion), never in a
+    process that forks afterwards.
+    """
+    reasons = []
+    path = os.environ.get("FPY3_MSQUIC_LIB", "")
+    for name in ([path] if path else []) + ["libmsquic.so.2"]:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError as exc:
+            reasons.append(str(exc))
+            continue
+        if hasattr(lib, "MsQuicOpenVersion"):
+            return None
+        reasons.append(f"{name}: no MsQuicOpenVersion")
+    return "; ".join(reasons)
+
+
+def msquic_engine(name: str) -> bool:
+    """Whether ``http3.engine`` means MsQuic here (for the master, which forks: no start)."""
+    return name == "msquic" or (name == "auto" and probe_msquic() is None)
+
+
+def choose(name: str) -> int:
+    """The engine for ``http3.engine`` (auto | msquic | ngtcp2) in this worker."""
+    from fpy3._native import ffi, lib
+
+    if name == "ngtcp2":
+        logger.info("HTTP/3 engine: ngtcp2")
+        return lib.FPY3_ENGINE_NGTCP2
+    err = ffi.new("char[]", 512)
+    if lib.fpy3_msquic_load(err, 512) == 0:
+        logger.info("HTTP/3 engine: msquic")
+        return lib.FPY3_ENGINE_MSQUIC
+    reason = ffi.string(err).decode(errors="replace")
+    if name == "msquic":
+        raise OSError(
+            f"http3.engine = msquic: libmsquic cannot be loaded ({reason}); {INSTALL_HINT}"
+        )
+    logger.info("HTTP/3 engine: ngtcp2 (libmsquic not loaded: %s)", reason)
+    return lib.FPY3_ENGINE_NGTCP2
+
+
+def udp_inodes(port: int) -> set[str]:
+    """Inodes of the UDP sockets bound to ``port`` (any address), from /proc/net."""
+    inodes = set()
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                parts = line.split()
+                if len(parts) > 9 and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(parts[9])
+    return inodes
+
+
+class GroupJoin:
+    """A worker joining the master's steered MsQuic port group (supervisor/steering.py,
+    MsQuicGroup): under the master's lock, its sockets go at the end of the group."""
+
+    def __init__(self, lock_path: str, prog_path: str, ack_fd: int, port: int) -> None:
+        self._lock = open(lock_path, "a")  # noqa: SIM115 (held across join() and done())
+        fcntl.flock(self._lock, fcntl.LOCK_EX)  # other workers join one at a time
+        self.ack_fd = ack_fd
+        # Its sockets' first index; the generation bits keep the id non-zero.
+        self.worker_id = 1 << 16 | len(udp_inodes(port))
+        try:
+            with open(prog_path, "rb") as f:
+                self.program = f.read()
+        except OSError:
+            self.program = b""
+
+    def done(self, send, timeout: float = 10.0) -> bool:
+        """Ask the master to adopt our sockets (``send`` writes a line to it), wait for
+        its answer, let the next worker join."""
+        try:
+            send(b"quic %d\n" % self.worker_id)
+            if not select.select([self.ack_fd], [], [], timeout)[0]:
+                return False
+            return os.read(self.ack_fd, 1) == b"1"
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self._lock.closed:
+            self._lock.close()  # releases the lock

@@ -1,0 +1,1224 @@
+/* engine_msquic: the QUIC server engine (engine.h) on MsQuic, loaded at run time.
+ *
+ * MsQuic owns the sockets and runs connections on its own threads. Its callbacks
+ * never touch the app (nor Python): they copy each event into a queue under a
+ * short mutex and write the eventfd when the queue was empty, so the loop wakes
+ * once per batch. On the loop thread fpy3_engine_read drains the queue and runs
+ * the app callbacks, as engine_ngtcp2 does from its socket.
+ *
+ * Receive: a RECEIVE event returns QUIC_STATUS_PENDING; its bytes are handed to
+ * the app at once (nghttp3 copies or consumes them) and StreamReceiveComplete is
+ * called when the app's credit (fpy3_engine_extend) covers the whole indication,
+ * so MsQuic opens the peer's window only as fast as the app consumes.
+ *
+ * Send: flush drains the app's `pull` into StreamSend calls (send buffering off:
+ * zero copy); each send record keeps its buffer list until SEND_COMPLETE, which
+ * becomes `acked`.
+ *
+ * Handles: objects created on MsQuic threads (connections, peer streams) are freed
+ * on the loop thread, when it handles their SHUTDOWN_COMPLETE event; only then are
+ * ConnectionClose / StreamClose called.
+ */
+#define _GNU_SOURCE
+#include "engine.h"
+#include "msquic_api.h"
+
+#include <arpa/inet.h>
+#include <dlfcn.h>
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <dirent.h>
+#include <netinet/in.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define NBUCKETS 64          /* per-connection stream id hash */
+#define MAX_PULLS 4096       /* StreamSend calls per connection per flush */
+#define INLINE_BUFS 4
+#define APP_INTERNAL_ERROR 0x102 /* H3_INTERNAL_ERROR: the only app on this engine is h3 */
+#define APP_CRITICAL_STREAM 0x104
+#define APP_NO_ERROR 0x100
+#ifndef SO_DETACH_REUSEPORT_BPF
+#define SO_DETACH_REUSEPORT_BPF 68
+#endif
+#ifndef SO_ATTACH_REUSEPORT_CBPF
+#define SO_ATTACH_REUSEPORT_CBPF 51
+#endif
+
+/* --- loading ------------------------------------------------------------------------- */
+
+static const mq_api *api;
+static pthread_mutex_t load_lock = PTHREAD_MUTEX_INITIALIZER;
+static int load_state; /* 0 not tried, 1 loaded, -1 failed */
+static char load_err[512];
+
+static void seterr(char *err, size_t errlen, const char *fmt, ...)
+{
+    if (!err || !errlen)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+static int try_open(const char *path, char *why, size_t whylen)
+{
+    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+        const char *d = dlerror();
+        snprintf(why, whylen, "%s", d ? d : path);
+        return -1;
+    }
+    mq_open_version_fn open = (mq_open_version_fn)dlsym(h, "MsQuicOpenVersion");
+    if (!open) {
+        snprintf(why, whylen, "%s: no MsQuicOpenVersion", path);
+        dlclose(h);
+        return -1;
+    }
+    const void *table = NULL;
+    mq_status st = open(MQ_API_VERSION_2, &table);
+    if (MQ_FAILED(st) || !table) {
+        snprintf(why, whylen, "%s: MsQuicOpenVersion(2) failed (status 0x%x)", path, st);
+        dlclose(h);
+        return -1;
+    }
+    api = table; /* kept for the life of the process */
+    return 0;
+}
+
+int fpy3_msquic_load(char *err, size_t errlen)
+{
+    pthread_mutex_lock(&load_lock);
+    if (load_state == 0) {
+        char a[240] = "", b[240] = "";
+        const char *env = getenv("FPY3_MSQUIC_LIB");
+        int ok = env && env[0] && try_open(env, a, sizeof(a)) == 0;
+        if (!ok)
+            ok = try_open("libmsquic.so.2", b, sizeof(b)) == 0;
+        load_state = ok ? 1 : -1;
+        if (!ok) {
+            if (a[0])
+                snprintf(load_err, sizeof(load_err), "FPY3_MSQUIC_LIB: %s; %s", a, b);
+            else
+                snprintf(load_err, sizeof(load_err), "%s", b);
+        }
+    }
+    int rv = load_state == 1 ? 0 : -1;
+    pthread_mutex_unlock(&load_lock);
+    if (rv < 0)
+        seterr(err, errlen, "%s", load_err);
+    return rv;
+}
+
+/* --- state ----------------------------------------------------------------------------- */
+
+typedef struct ms_stream ms_stream;
+
+typedef struct {
+    ms_stream *st;
+    uint64_t len;
+    uint32_t n;
+    mq_buffer b[]; /* MsQuic reads this list until SEND_COMPLETE */
+} ms_send;
+
+struct ms_stream {
+    fpy3_qconn *qc;
+    mq_handle h;
+    int64_t sid;
+    ms_stream *hnext;
+    /* receive side, loop thread only */
+    int rx_pending;                    /* an indication awaits StreamReceiveComplete */
+    uint64_t rx_base, rx_len;          /* that indication */
+    uint64_t rx_credit;                /* bytes the app has consumed, from offset 0 */
+    int fin_seen, discard, wr_shut, in_map;
+    uint64_t code; /* the last reset / stop code seen or sent: stream_close's code */
+};
+
+enum { QC_HANDSHAKE, QC_OPEN, QC_CLOSING };
+
+struct fpy3_qconn {
+    fpy3_engine *e; /* first: engine.c dispatches on it */
+    mq_handle h;
+    void *ac;
+    uint64_t handle;
+    uint32_t slot;
+    int state, counted, dirty, defer, err_set;
+    uint64_t err;
+    uint32_t sends_out;  /* StreamSend calls not yet completed */
+    int close_when_sent; /* a graceful close waits for them: they carry GOAWAY */
+    uint64_t close_code;
+    int64_t next_uni;
+    uint64_t closed_bidi;
+    fpy3_qconn *dnext, *dprev;
+    struct sockaddr_storage peer, local;
+    uint32_t peerlen, locallen;
+    ms_stream *buckets[NBUCKETS];
+};
+
+enum {
+    EV_CONNECTED,
+    EV_CONN_SHUTDOWN,
+    EV_CONN_DONE,
+    EV_STREAM_STARTED,
+    EV_START_COMPLETE,
+    EV_RECV,
+    EV_SEND_DONE,
+    EV_PEER_FIN,
+    EV_PEER_RESET,
+    EV_PEER_STOP,
+    EV_STREAM_DONE,
+    EV_STOP_READING, /* queued by the loop thread itself: our STOP_SENDING */
+};
+
+typedef struct {
+    int type;
+    int flags;
+    fpy3_qconn *qc;
+    ms_stream *st;
+    void *ptr;
+    uint64_t a, b;
+    uint32_t nbuf;
+    mq_buffer *bufs; /* == inl, or malloc'd when more */
+    mq_buffer inl[INLINE_BUFS];
+} ms_event;
+
+struct fpy3_engine {
+    const fpy3_engine_ops *ops; /* first: engine.c dispatches on it */
+    fpy3_engine_config cfg;
+    fpy3_engine_app cb;
+    void *app;
+    mq_handle reg, config, listener;
+    mq_buffer alpn;
+    uint8_t alpnbuf[256];
+    int efd;
+    atomic_int accepting;
+    atomic_long live; /* connections MsQuic gave us and we have not freed */
+    int freeing;
+
+    pthread_mutex_t qlock;
+    ms_event *q; /* filled by MsQuic threads */
+    size_t qn, qcap;
+    ms_event *work; /* the batch being handled */
+    size_t workcap;
+
+    fpy3_qconn **slots;
+    uint32_t nslots, slotcap;
+    uint32_t *freeslots;
+    uint32_t nfree;
+    uint64_t counter;
+    size_t nactive;
+    fpy3_qconn *dirty;
+};
+
+/* --- the queue (any thread) --------------------------------------------------------------- */
+
+static int push(fpy3_engine *e, ms_event *ev)
+{
+    pthread_mutex_lock(&e->qlock);
+    if (e->qn == e->qcap) {
+        size_t ncap = e->qcap ? e->qcap * 2 : 256;
+        ms_event *nq = realloc(e->q, ncap * sizeof(*nq));
+        if (!nq) {
+            pthread_mutex_unlock(&e->qlock);
+            return -1;
+        }
+        e->q = nq;
+        e->qcap = ncap;
+    }
+    int wake = e->qn == 0;
+    ms_event *slot = &e->q[e->qn++];
+    *slot = *ev;
+    if (ev->bufs == ev->inl)
+        slot->bufs = NULL; /* re-pointed at its own inl when handled */
+    pthread_mutex_unlock(&e->qlock);
+    if (wake) {
+        uint64_t one = 1;
+        ssize_t w = write(e->efd, &one, sizeof(one));
+        (void)w; /* EAGAIN only when the counter is huge: the loop is awake anyway */
+    }
+    return 0;
+}
+
+/* --- MsQuic callbacks (MsQuic threads: no app, no Python) --------------------------------- */
+
+static mq_status stream_cb(mq_handle h, void *ctx, mq_stream_event *mev)
+{
+    ms_stream *st = ctx;
+    fpy3_qconn *qc = st->qc;
+    ms_event ev = {.qc = qc, .st = st};
+    (void)h;
+    switch (mev->Type) {
+    case MQ_STREAM_EVENT_START_COMPLETE:
+        ev.type = EV_START_COMPLETE;
+        ev.a = mev->START_COMPLETE.ID;
+        ev.b = mev->START_COMPLETE.Status;
+        break;
+    case MQ_STREAM_EVENT_RECEIVE: {
+        uint32_t n = mev->RECEIVE.BufferCount;
+        ev.type = EV_RECV;
+        ev.a = mev->RECEIVE.AbsoluteOffset;
+        ev.b = mev->RECEIVE.TotalBufferLength;
+        ev.flags = mev->RECEIVE.Flags;
+        ev.nbuf = n;
+        ev.bufs = ev.inl;
+        if (n > INLINE_BUFS && !(ev.bufs = malloc(n * sizeof(mq_buffer))))
+            return 12; /* QUIC_STATUS_OUT_OF_MEMORY */
+        /* The buffer list lives on MsQuic's stack; the bytes stay until completed. */
+        memcpy(ev.bufs, mev->RECEIVE.Buffers, n * sizeof(mq_buffer));
+        if (push(qc->e, &ev) < 0) {
+            if (ev.bufs != ev.inl)
+                free(ev.bufs);
+            return 12;
+        }
+        return MQ_STATUS_PENDING;
+    }
+    case MQ_STREAM_EVENT_SEND_COMPLETE:
+        ev.type = EV_SEND_DONE;
+        ev.ptr = mev->SEND_COMPLETE.ClientContext;
+        ev.a = mev->SEND_COMPLETE.Canceled;
+        break;
+    case MQ_STREAM_EVENT_PEER_SEND_SHUTDOWN:
+        ev.type = EV_PEER_FIN;
+        break;
+    case MQ_STREAM_EVENT_PEER_SEND_ABORTED:
+        ev.type = EV_PEER_RESET;
+        ev.a = mev->PEER_SEND_ABORTED.ErrorCode;
+        break;
+    case MQ_STREAM_EVENT_PEER_RECEIVE_ABORTED:
+        ev.type = EV_PEER_STOP;
+        ev.a = mev->PEER_RECEIVE_ABORTED.ErrorCode;
+        break;
+    case MQ_STREAM_EVENT_SHUTDOWN_COMPLETE:
+        ev.type = EV_STREAM_DONE;
+        break;
+    default:
+        return MQ_STATUS_SUCCESS;
+    }
+    push(qc->e, &ev);
+    return MQ_STATUS_SUCCESS;
+}
+
+static mq_status conn_cb(mq_handle h, void *ctx, mq_connection_event *mev)
+{
+    fpy3_qconn *qc = ctx;
+    ms_event ev = {.qc = qc};
+    switch (mev->Type) {
+    case MQ_CONN_EVENT_CONNECTED:
+        ev.type = EV_CONNECTED;
+        break;
+    case MQ_CONN_EVENT_SHUTDOWN_INITIATED_BY_TRANSPORT:
+    case MQ_CONN_EVENT_SHUTDOWN_INITIATED_BY_PEER:
+        ev.type = EV_CONN_SHUTDOWN;
+        break;
+    case MQ_CONN_EVENT_SHUTDOWN_COMPLETE:
+        ev.type = EV_CONN_DONE;
+        break;
+    case MQ_CONN_EVENT_PEER_STREAM_STARTED: {
+        ms_stream *st = calloc(1, sizeof(*st));
+        if (!st)
+            return 12;
+        mq_handle sh = mev->PEER_STREAM_STARTED.Stream;
+        uint64_t id = 0;
+        uint32_t len = sizeof(id);
+        api->GetParam(sh, MQ_PARAM_STREAM_ID, &len, &id);
+        st->qc = qc;
+        st->h = sh;
+        st->sid = (int64_t)id;
+        api->SetCallbackHandler(sh, (void *)stream_cb, st);
+        ev.type = EV_STREAM_STARTED;
+        ev.st = st;
+        break;
+    }
+    default:
+        return MQ_STATUS_SUCCESS;
+    }
+    (void)h;
+    push(qc->e, &ev);
+    return MQ_STATUS_SUCCESS;
+}
+
+static uint32_t copy_addr(struct sockaddr_storage *dst, const mq_addr *a)
+{
+    if (!a)
+        return 0;
+    uint32_t len = a->Ip.sa_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+                                               : sizeof(struct sockaddr_in);
+    memcpy(dst, a, len);
+    return len;
+}
+
+static mq_status listener_cb(mq_handle l, void *ctx, mq_listener_event *lev)
+{
+    fpy3_engine *e = ctx;
+    (void)l;
+    if (lev->Type != MQ_LISTENER_EVENT_NEW_CONNECTION)
+        return MQ_STATUS_SUCCESS;
+    if (!atomic_load(&e->accepting))
+        return MQ_STATUS_CONNECTION_REFUSED;
+    fpy3_qconn *qc = calloc(1, sizeof(*qc));
+    if (!qc)
+        return 12;
+    mq_handle ch = lev->NEW_CONNECTION.Connection;
+    const mq_new_connection_info *info = lev->NEW_CONNECTION.Info;
+    qc->e = e;
+    qc->h = ch;
+    qc->next_uni = 3; /* server-initiated unidirectional: 3, 7, 11, ... */
+    qc->peerlen = copy_addr(&qc->peer, info->RemoteAddress);
+    qc->locallen = copy_addr(&qc->local, info->LocalAddress);
+    atomic_fetch_add(&e->live, 1);
+    api->SetCallbackHandler(ch, (void *)conn_cb, qc);
+    uint8_t one = 1; /* ConnectionClose from the loop thread need not wait (MsQuic >= 2.5) */
+    api->SetParam(ch, MQ_PARAM_CONN_CLOSE_ASYNC, sizeof(one), &one);
+    mq_status st = api->ConnectionSetConfiguration(ch, e->config);
+    /* On failure MsQuic still ends the connection through conn_cb (SHUTDOWN_COMPLETE). */
+    return st;
+}
+
+/* --- loop-thread helpers ------------------------------------------------------------------ */
+
+static ms_stream *smap_find(fpy3_qconn *qc, int64_t sid)
+{
+    ms_stream *st = qc->buckets[((uint64_t)sid >> 2) % NBUCKETS];
+    while (st && st->sid != sid)
+        st = st->hnext;
+    return st;
+}
+
+static void smap_put(fpy3_qconn *qc, ms_stream *st)
+{
+    ms_stream **b = &qc->buckets[((uint64_t)st->sid >> 2) % NBUCKETS];
+    st->hnext = *b;
+    *b = st;
+    st->in_map = 1;
+}
+
+static void smap_del(fpy3_qconn *qc, ms_stream *st)
+{
+    if (!st->in_map)
+        return;
+    for (ms_stream **p = &qc->buckets[((uint64_t)st->sid >> 2) % NBUCKETS]; *p; p = &(*p)->hnext)
+        if (*p == st) {
+            *p = st->hnext;
+            break;
+        }
+    st->in_map = 0;
+}
+
+static void dirty_add(fpy3_qconn *qc)
+{
+    if (qc->dirty)
+        return;
+    fpy3_engine *e = qc->e;
+    qc->dirty = 1;
+    qc->dprev = NULL;
+    qc->dnext = e->dirty;
+    if (e->dirty)
+        e->dirty->dprev = qc;
+    e->dirty = qc;
+}
+
+static void dirty_del(fpy3_qconn *qc)
+{
+    if (!qc->dirty)
+        return;
+    if (qc->dprev)
+        qc->dprev->dnext = qc->dnext;
+    else
+        qc->e->dirty = qc->dnext;
+    if (qc->dnext)
+        qc->dnext->dprev = qc->dprev;
+    qc->dirty = 0;
+    qc->dnext = qc->dprev = NULL;
+}
+
+static int slot_alloc(fpy3_engine *e, fpy3_qconn *qc)
+{
+    uint32_t s;
+    if (e->nfree) {
+        s = e->freeslots[--e->nfree];
+    } else {
+        if (e->nslots == e->slotcap) {
+            uint32_t ncap = e->slotcap ? e->slotcap * 2 : 64;
+            if (ncap > 0xffffff)
+                return -1;
+            fpy3_qconn **ns = realloc(e->slots, ncap * sizeof(*ns));
+            if (!ns)
+                return -1;
+            e->slots = ns;
+            uint32_t *nf = realloc(e->freeslots, ncap * sizeof(*nf));
+            if (!nf)
+                return -1;
+            e->freeslots = nf;
+            e->slotcap = ncap;
+        }
+        s = e->nslots++;
+    }
+    e->slots[s] = qc;
+    qc->slot = s;
+    qc->handle = (++e->counter << 24) | s;
+    return 0;
+}
+
+static void uncount(fpy3_qconn *qc)
+{
+    if (qc->counted) {
+        qc->counted = 0;
+        qc->e->nactive--;
+    }
+}
+
+/* The app forgets the connection now; MsQuic's events for it are still drained. */
+static void app_detach(fpy3_qconn *qc)
+{
+    void *ac = qc->ac;
+    uncount(qc);
+    dirty_del(qc);
+    if (!ac)
+        return;
+    qc->ac = NULL;
+    qc->e->cb.conn_close(ac);
+}
+
+static void shutdown_now(fpy3_qconn *qc)
+{
+    qc->close_when_sent = 0;
+    api->ConnectionShutdown(qc->h, MQ_CONN_SHUTDOWN_FLAG_NONE, qc->close_code);
+}
+
+/* MsQuic's ConnectionShutdown drops stream data not yet sent, so a clean close
+ * (APP_NO_ERROR: a drained connection whose GOAWAY may still be queued) waits until
+ * every StreamSend has completed; an error closes at once. */
+static void conn_shutdown(fpy3_qconn *qc, uint64_t code)
+{
+    if (qc->state != QC_CLOSING) {
+        qc->state = QC_CLOSING;
+        qc->close_code = code;
+        if (code == APP_NO_ERROR && qc->sends_out)
+            qc->close_when_sent = 1;
+        else
+            shutdown_now(qc);
+    }
+    app_detach(qc);
+}
+
+/* An app callback failed: close with the code it chose. */
+static void app_fail(fpy3_qconn *qc)
+{
+    conn_shutdown(qc, qc->err_set ? qc->err : APP_INTERNAL_ERROR);
+}
+
+/* Gives the pending indication back to MsQuic once the app's credit covers it. After
+ * the FIN the peer can send nothing more, so nothing is left to hold back: complete at
+ * once (the app may never credit the last bytes, and MsQuic ends a stream only when
+ * all its data is completed). */
+static void try_complete(ms_stream *st)
+{
+    if (st->rx_pending &&
+        (st->discard || st->fin_seen || st->rx_credit >= st->rx_base + st->rx_len)) {
+        st->rx_pending = 0;
+        api->StreamReceiveComplete(st->h, st->rx_len);
+    }
+}
+
+static void on_recv(fpy3_engine *e, ms_event *ev)
+{
+    ms_stream *st = ev->st;
+    fpy3_qconn *qc = st->qc;
+    st->rx_pending = 1;
+    st->rx_base = ev->a;
+    st->rx_len = ev->b;
+    int fin = (ev->flags & MQ_RECEIVE_FLAG_FIN) != 0;
+    if (qc->ac && !st->discard && !st->fin_seen) {
+        uint32_t last = ev->nbuf;
+        while (last && ev->bufs[last - 1].Length == 0)
+            last--;
+        for (uint32_t i = 0; i < last; i++) {
+            if (!ev->bufs[i].Length)
+                continue;
+            int f = fin && i + 1 == last;
+            if (e->cb.recv(qc->ac, st->sid, ev->bufs[i].Buffer, ev->bufs[i].Length, f) < 0) {
+                app_fail(qc);
+                break;
+            }
+            if (f)
+                st->fin_seen = 1;
+        }
+        if (qc->ac && fin && !st->fin_seen) {
+            st->fin_seen = 1;
+            if (e->cb.recv(qc->ac, st->sid, NULL, 0, 1) < 0)
+                app_fail(qc);
+        }
+    }
+    if (!qc->ac)
+        st->discard = 1;
+    try_complete(st);
+}
+
+static void write_conn(fpy3_engine *e, fpy3_qconn *qc)
+{
+    fpy3_vec vec[16];
+    for (int i = 0; i < MAX_PULLS && qc->ac; i++) {
+        int64_t sid = -1;
+        int fin = 0;
+        long nvec = e->cb.pull(qc->ac, &sid, &fin, vec, 16);
+        if (nvec < 0) {
+            app_fail(qc);
+            return;
+        }
+        if (sid < 0)
+            return;
+        uint64_t total = 0;
+        for (long j = 0; j < nvec; j++)
+            total += vec[j].len;
+        ms_stream *st = smap_find(qc, sid);
+        if (!st || st->wr_shut) {
+            /* Nowhere to send it: the app must drop the stream's output. */
+            if (st)
+                e->cb.shut_wr(qc->ac, sid);
+            else if (e->cb.written(qc->ac, sid, (size_t)total) < 0)
+                app_fail(qc);
+            if (!st && !total)
+                return;
+            continue;
+        }
+        if (!total && !fin)
+            return; /* nothing to push: avoid spinning on an empty stream */
+        ms_send *rec = malloc(sizeof(*rec) + (size_t)nvec * sizeof(mq_buffer));
+        if (!rec) {
+            dirty_add(qc); /* retry on the next flush */
+            return;
+        }
+        rec->st = st;
+        rec->len = total;
+        rec->n = (uint32_t)nvec;
+        for (long j = 0; j < nvec; j++) {
+            rec->b[j].Buffer = vec[j].base;
+            rec->b[j].Length = (uint32_t)vec[j].len;
+        }
+        mq_status rv = api->StreamSend(st->h, rec->b, rec->n, fin ? MQ_SEND_FLAG_FIN : 0, rec);
+        if (MQ_FAILED(rv)) {
+            free(rec);
+            st->wr_shut = 1;
+            e->cb.shut_wr(qc->ac, sid);
+            continue;
+        }
+        qc->sends_out++;
+        if (e->cb.written(qc->ac, sid, (size_t)total) < 0) {
+            app_fail(qc);
+            return;
+        }
+    }
+    if (qc->ac)
+        dirty_add(qc); /* more than MAX_PULLS: the next flush goes on */
+}
+
+static void write_dirty(fpy3_engine *e, int honor_defer)
+{
+    fpy3_qconn *list = e->dirty, *keep = NULL;
+    e->dirty = NULL;
+    while (list) {
+        fpy3_qconn *qc = list;
+        list = qc->dnext;
+        if (list)
+            list->dprev = NULL;
+        qc->dirty = 0;
+        qc->dnext = qc->dprev = NULL;
+        if (honor_defer && qc->defer) {
+            qc->defer = 0;
+            qc->dnext = keep;
+            keep = qc;
+            continue;
+        }
+        qc->defer = 0;
+        write_conn(e, qc);
+    }
+    while (keep) {
+        fpy3_qconn *qc = keep;
+        keep = qc->dnext;
+        qc->dnext = NULL;
+        dirty_add(qc);
+    }
+}
+
+static void conn_free(fpy3_engine *e, fpy3_qconn *qc)
+{
+    app_detach(qc);
+    for (int b = 0; b < NBUCKETS; b++)
+        while (qc->buckets[b]) {
+            ms_stream *st = qc->buckets[b];
+            qc->buckets[b] = st->hnext;
+            api->StreamClose(st->h); /* not shut down yet: MsQuic aborts it */
+            free(st);
+        }
+    if (qc->handle) {
+        e->slots[qc->slot] = NULL;
+        e->freeslots[e->nfree++] = qc->slot;
+    }
+    api->ConnectionClose(qc->h);
+    free(qc);
+    atomic_fetch_sub(&e->live, 1);
+}
+
+static void handle(fpy3_engine *e, ms_event *ev)
+{
+    fpy3_qconn *qc = ev->qc;
+    ms_stream *st = ev->st;
+    switch (ev->type) {
+    case EV_CONNECTED:
+        if (qc->state != QC_HANDSHAKE)
+            break;
+        qc->state = QC_OPEN;
+        if (e->freeing || slot_alloc(e, qc) < 0) {
+            conn_shutdown(qc, APP_INTERNAL_ERROR);
+            break;
+        }
+        qc->counted = 1;
+        e->nactive++;
+        qc->ac = e->cb.conn_open(e->app, qc);
+        if (!qc->ac)
+            conn_shutdown(qc, APP_INTERNAL_ERROR);
+        else
+            dirty_add(qc); /* the app's control streams */
+        break;
+    case EV_CONN_SHUTDOWN:
+        uncount(qc);
+        break;
+    case EV_CONN_DONE:
+        conn_free(e, qc);
+        break;
+    case EV_STREAM_STARTED:
+        smap_put(qc, st);
+        if (!qc->ac)
+            st->discard = 1;
+        break;
+    case EV_START_COMPLETE:
+        if ((MQ_FAILED((mq_status)ev->b) || (int64_t)ev->a != st->sid) && qc->ac)
+            conn_shutdown(qc, APP_CRITICAL_STREAM); /* our id guess was wrong */
+        break;
+    case EV_RECV:
+        on_recv(e, ev);
+        break;
+    case EV_SEND_DONE: {
+        ms_send *rec = ev->ptr;
+        if (!ev->a && qc->ac && e->cb.acked(qc->ac, rec->st->sid, rec->len) < 0)
+            app_fail(qc);
+        free(rec);
+        if (--qc->sends_out == 0 && qc->close_when_sent)
+            shutdown_now(qc);
+        break;
+    }
+    case EV_PEER_FIN:
+        if (qc->ac && !st->fin_seen && !st->discard) {
+            st->fin_seen = 1;
+            if (e->cb.recv(qc->ac, st->sid, NULL, 0, 1) < 0)
+                app_fail(qc);
+        }
+        break;
+    case EV_PEER_RESET:
+        st->code = ev->a;
+        if (qc->ac && e->cb.peer_reset(qc->ac, st->sid, ev->a) < 0)
+            app_fail(qc);
+        break;
+    case EV_PEER_STOP:
+        st->code = ev->a;
+        st->wr_shut = 1; /* MsQuic answers with RESET_STREAM itself */
+        if (qc->ac)
+            e->cb.shut_wr(qc->ac, st->sid);
+        break;
+    case EV_STOP_READING:
+        if (qc->ac && st->in_map && e->cb.stop_reading(qc->ac, st->sid) < 0)
+            app_fail(qc);
+        break;
+    case EV_STREAM_DONE:
+        smap_del(qc, st);
+        if (qc->ac && e->cb.stream_close(qc->ac, st->sid, st->code) < 0)
+            app_fail(qc);
+        api->StreamClose(st->h);
+        if ((st->sid & 3) == 0 && qc->ac) {
+            /* MsQuic lets the peer open another as soon as this one is closed. */
+            qc->closed_bidi++;
+            e->cb.max_streams(qc->ac, e->cfg.max_streams_bidi + qc->closed_bidi);
+        }
+        free(st);
+        break;
+    }
+}
+
+/* Handles what the MsQuic threads queued; returns the number of events. */
+static int drain(fpy3_engine *e)
+{
+    uint64_t cnt;
+    ssize_t r = read(e->efd, &cnt, sizeof(cnt));
+    (void)r;
+    pthread_mutex_lock(&e->qlock);
+    ms_event *batch = e->q;
+    size_t n = e->qn;
+    size_t cap = e->qcap;
+    e->q = e->work;
+    e->qcap = e->workcap;
+    e->qn = 0;
+    e->work = batch;
+    e->workcap = cap;
+    pthread_mutex_unlock(&e->qlock);
+    for (size_t i = 0; i < n; i++) {
+        ms_event *ev = &batch[i];
+        if (!ev->bufs)
+            ev->bufs = ev->inl;
+        handle(e, ev);
+        if (ev->bufs != ev->inl)
+            free(ev->bufs);
+    }
+    return (int)n;
+}
+
+/* --- engine API ----------------------------------------------------------------------- */
+
+static uint32_t pow2_at_least(uint64_t v)
+{
+    uint64_t p = 4096;
+    while (p < v && p < (1ull << 31))
+        p <<= 1;
+    return (uint32_t)p;
+}
+
+/* MsQuic binds one SO_REUSEPORT socket per CPU and attaches a reuseport program that
+ * picks one by CPU number modulo its own socket count. In a group shared by several
+ * worker processes that program serves the whole group and sends every datagram to
+ * the first worker's sockets. So right after it, the master's steering program goes
+ * back on (any member may set it), or without one the program is detached: then the
+ * kernel's 4-tuple hash spreads connections over every worker's sockets. */
+struct cbpf_insn {
+    uint16_t code;
+    uint8_t jt, jf;
+    uint32_t k;
+};
+struct cbpf_prog {
+    unsigned short len;
+    const struct cbpf_insn *filter;
+};
+
+/* prog == NULL: detach; else attach that classic BPF program to the group. */
+static void set_group_program(uint16_t port, const uint8_t *prog, size_t len)
+{
+    DIR *d = opendir("/proc/self/fd");
+    if (!d)
+        return;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        int fd = atoi(de->d_name);
+        if (fd <= 2 || fd == dirfd(d))
+            continue;
+        int type = 0, reuse = 0;
+        socklen_t tl = sizeof(type), rl = sizeof(reuse);
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof(ss);
+        if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tl) < 0 || type != SOCK_DGRAM ||
+            getsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &reuse, &rl) < 0 || !reuse ||
+            getsockname(fd, (struct sockaddr *)&ss, &sl) < 0)
+            continue;
+        uint16_t p = ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                              : ((struct sockaddr_in *)&ss)->sin_port;
+        if (ntohs(p) != port)
+            continue;
+        int rv;
+        if (prog) {
+            struct cbpf_prog fp = {.len = (unsigned short)(len / sizeof(struct cbpf_insn)),
+                                   .filter = (const struct cbpf_insn *)prog};
+            rv = setsockopt(fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &fp, sizeof(fp));
+        } else {
+            int one = 1;
+            rv = setsockopt(fd, SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, &one, sizeof(one));
+        }
+        if (rv == 0)
+            break; /* the program belongs to the group: once is enough */
+    }
+    closedir(d);
+}
+
+static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_engine_app *cb,
+                           void *app, char *err, size_t errlen)
+{
+    (void)fd;
+    if (fpy3_msquic_load(err, errlen) < 0)
+        return NULL;
+    fpy3_engine *e = calloc(1, sizeof(*e));
+    if (!e) {
+        seterr(err, errlen, "out of memory");
+        return NULL;
+    }
+    e->ops = &fpy3_engine_msquic;
+    e->cfg = *cfg;
+    e->cfg.cert_file = e->cfg.key_file = e->cfg.qlog_dir = e->cfg.alpn = NULL;
+    e->cfg.listen_host = NULL;
+    e->cb = *cb;
+    e->app = app;
+    e->efd = -1;
+    atomic_init(&e->accepting, 1);
+    atomic_init(&e->live, 0);
+    pthread_mutex_init(&e->qlock, NULL);
+    if (!e->cfg.max_streams_bidi)
+        e->cfg.max_streams_bidi = 100;
+    const char *alpn = cfg->alpn ? cfg->alpn : "h3";
+    size_t alen = strlen(alpn);
+    if (!alen || alen > 255) {
+        seterr(err, errlen, "bad ALPN");
+        goto fail;
+    }
+    memcpy(e->alpnbuf, alpn, alen);
+    e->alpn.Buffer = e->alpnbuf;
+    e->alpn.Length = (uint32_t)alen;
+    e->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (e->efd < 0) {
+        seterr(err, errlen, "eventfd: %s", strerror(errno));
+        goto fail;
+    }
+
+    /* Process-wide: a worker is a process, so these are per worker. */
+    /* A key per worker: while a new worker's MsQuic has its own reuseport program on
+     * the group (until the steering program is back), a packet may reach the wrong
+     * worker, and that worker's stateless reset must not be valid for the client. */
+    uint8_t key[32];
+    memcpy(key, cfg->static_secret, sizeof(key));
+    for (int i = 0; i < 4; i++)
+        key[i] ^= (uint8_t)(cfg->worker_id >> (8 * i));
+    api->SetParam(NULL, MQ_PARAM_GLOBAL_STATELESS_RESET_KEY, sizeof(key), key);
+    if (cfg->retry) {
+        uint16_t pct = 0; /* Retry for every new connection */
+        api->SetParam(NULL, MQ_PARAM_GLOBAL_RETRY_MEMORY_PERCENT, sizeof(pct), &pct);
+    }
+    if (cfg->worker_id) {
+        /* The worker id in bytes 1-4 of MsQuic's connection ids, as ngtcp2's. */
+        mq_global_settings gs = {
+            .IsSetFlags = MQ_GSET_LOAD_BALANCING_MODE | MQ_GSET_FIXED_SERVER_ID,
+            .LoadBalancingMode = MQ_LOAD_BALANCING_SERVER_ID_FIXED,
+            .FixedServerID = htonl(cfg->worker_id),
+        };
+        mq_status rv = api->SetParam(NULL, MQ_PARAM_GLOBAL_GLOBAL_SETTINGS, sizeof(gs), &gs);
+        if (MQ_FAILED(rv)) {
+            seterr(err, errlen, "MsQuic load-balancing mode: status 0x%x", rv);
+            goto fail;
+        }
+    }
+
+    mq_registration_config rc = {.AppName = "fpy3", .ExecutionProfile = 0};
+    mq_status rv = api->RegistrationOpen(&rc, &e->reg);
+    if (MQ_FAILED(rv)) {
+        e->reg = NULL;
+        seterr(err, errlen, "MsQuic RegistrationOpen: status 0x%x", rv);
+        goto fail;
+    }
+    mq_settings s;
+    memset(&s, 0, sizeof(s));
+    s.IsSetFlags = MQ_SET_IDLE_TIMEOUT | MQ_SET_STREAM_RECV_WINDOW |
+                   MQ_SET_STREAM_RECV_WINDOW_BIDI_REMOTE | MQ_SET_CONN_FLOW_CONTROL_WINDOW |
+                   MQ_SET_PEER_BIDI_STREAM_COUNT | MQ_SET_PEER_UNIDI_STREAM_COUNT |
+                   MQ_SET_SEND_BUFFERING | MQ_SET_MAXIMUM_MTU;
+    s.IdleTimeoutMs = cfg->idle_timeout_ms;
+    s.StreamRecvWindowDefault = pow2_at_least(cfg->initial_max_stream_data);
+    s.StreamRecvWindowBidiRemoteDefault = s.StreamRecvWindowDefault;
+    s.ConnFlowControlWindow =
+        (uint32_t)(cfg->initial_max_data > 0xffffffffu ? 0xffffffffu : cfg->initial_max_data);
+    s.PeerBidiStreamCount =
+        (uint16_t)(e->cfg.max_streams_bidi > 65535 ? 65535 : e->cfg.max_streams_bidi);
+    s.PeerUnidiStreamCount = (uint16_t)(cfg->max_streams_uni ? cfg->max_streams_uni : 3);
+    s.SendBufferingEnabled = 0; /* our buffers until acked: no copy */
+    size_t mtu = (cfg->max_udp_payload ? cfg->max_udp_payload : 1452) + 48; /* IPv6 + UDP */
+    s.MaximumMtu = (uint16_t)(mtu < 1280 ? 1280 : mtu > 1500 ? 1500 : mtu);
+    rv = api->ConfigurationOpen(e->reg, &e->alpn, 1, &s, sizeof(s), NULL, &e->config);
+    if (MQ_FAILED(rv)) {
+        e->config = NULL;
+        seterr(err, errlen, "MsQuic ConfigurationOpen: status 0x%x", rv);
+        goto fail;
+    }
+    mq_certificate_file cf = {.PrivateKeyFile = cfg->key_file, .CertificateFile = cfg->cert_file};
+    mq_credential_config cc = {.Type = MQ_CREDENTIAL_TYPE_CERTIFICATE_FILE,
+                               .Flags = MQ_CREDENTIAL_FLAG_NONE,
+                               .CertificateFile = &cf};
+    rv = api->ConfigurationLoadCredential(e->config, &cc);
+    if (MQ_FAILED(rv)) {
+        seterr(err, errlen, "loading %s / %s: MsQuic status 0x%x",
+               cfg->cert_file ? cfg->cert_file : "(null)", cfg->key_file ? cfg->key_file : "(null)",
+               rv);
+        goto fail;
+    }
+
+    mq_addr addr;
+    memset(&addr, 0, sizeof(addr));
+    const char *host = cfg->listen_host ? cfg->listen_host : "";
+    if (inet_pton(AF_INET, host, &addr.Ipv4.sin_addr) == 1) {
+        addr.Ipv4.sin_family = AF_INET;
+    } else if (inet_pton(AF_INET6, host, &addr.Ipv6.sin6_addr) == 1) {
+        /* MsQuic matches a listener by family: "::" alone would refuse IPv4 clients. */
+        addr.Ipv6.sin6_family =
+            IN6_IS_ADDR_UNSPECIFIED(&addr.Ipv6.sin6_addr) ? AF_UNSPEC : AF_INET6;
+    } else if (host[0]) {
+        seterr(err, errlen, "MsQuic listener: %s is not a numeric address", host);
+        goto fail;
+    } else {
+        addr.Ip.sa_family = AF_UNSPEC; /* every address, both families */
+    }
+    addr.Ipv4.sin_port = htons(cfg->listen_port); /* same place in all three */
+    rv = api->ListenerOpen(e->reg, listener_cb, e, &e->listener);
+    if (MQ_FAILED(rv)) {
+        e->listener = NULL;
+        seterr(err, errlen, "MsQuic ListenerOpen: status 0x%x", rv);
+        goto fail;
+    }
+    rv = api->ListenerStart(e->listener, &e->alpn, 1, &addr);
+    if (MQ_FAILED(rv)) {
+        seterr(err, errlen, "MsQuic cannot listen on [%s]:%u (UDP): %s", host[0] ? host : "*",
+               cfg->listen_port, rv < 4096 ? strerror((int)rv) : "error");
+        goto fail;
+    }
+    set_group_program(cfg->listen_port, cfg->steer_len ? cfg->steer_prog : NULL, cfg->steer_len);
+    return e;
+fail:
+    e->ops->free(e);
+    return NULL;
+}
+
+static void ms_free(fpy3_engine *e)
+{
+    if (!e)
+        return;
+    atomic_store(&e->accepting, 0);
+    e->freeing = 1;
+    if (e->listener)
+        api->ListenerClose(e->listener); /* waits until it is stopped */
+    for (uint32_t i = 0; i < e->nslots; i++)
+        if (e->slots[i])
+            app_detach(e->slots[i]);
+    if (e->reg) {
+        /* Clean closes still waiting for their last sends (GOAWAY): give them a moment. */
+        struct timespec w0, w;
+        clock_gettime(CLOCK_MONOTONIC, &w0);
+        for (;;) {
+            int waiting = 0;
+            for (uint32_t i = 0; i < e->nslots; i++)
+                waiting |= e->slots[i] && e->slots[i]->close_when_sent;
+            clock_gettime(CLOCK_MONOTONIC, &w);
+            if (!waiting || (w.tv_sec - w0.tv_sec) * 1000 + (w.tv_nsec - w0.tv_nsec) / 1000000 > 2000)
+                break;
+            struct pollfd p = {.fd = e->efd, .events = POLLIN};
+            poll(&p, 1, 50);
+            drain(e);
+        }
+        /* Not silent: connections closed just before (a drain) still send their
+         * CONNECTION_CLOSE, so clients learn at once instead of at their idle timeout. */
+        api->RegistrationShutdown(e->reg, MQ_CONN_SHUTDOWN_FLAG_NONE, APP_NO_ERROR);
+        /* Every connection ends with SHUTDOWN_COMPLETE; close the handles as they do. */
+        struct timespec t0, t;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        while (atomic_load(&e->live) > 0) {
+            struct pollfd p = {.fd = e->efd, .events = POLLIN};
+            poll(&p, 1, 100);
+            drain(e);
+            clock_gettime(CLOCK_MONOTONIC, &t);
+            if (t.tv_sec - t0.tv_sec > 10)
+                break; /* never seen; do not hang a worker's exit */
+        }
+    }
+    if (e->config)
+        api->ConfigurationClose(e->config);
+    if (e->reg && atomic_load(&e->live) == 0)
+        api->RegistrationClose(e->reg); /* waits for every handle to be closed */
+    if (e->efd >= 0)
+        close(e->efd);
+    pthread_mutex_destroy(&e->qlock);
+    free(e->q);
+    free(e->work);
+    free(e->slots);
+    free(e->freeslots);
+    free(e);
+}
+
+static int ms_fd(fpy3_engine *e) { return e->efd; }
+
+static int ms_read(fpy3_engine *e)
+{
+    int n = drain(e);
+    write_dirty(e, 1);
+    return n;
+}
+
+static int ms_expire(fpy3_engine *e)
+{
+    write_dirty(e, 0);
+    return 0;
+}
+
+static int ms_flush(fpy3_engine *e)
+{
+    write_dirty(e, 0);
+    return 0;
+}
+
+static int64_t ms_next_timeout_ms(fpy3_engine *e) { return e->dirty ? 0 : -1; }
+static int ms_want_write(fpy3_engine *e)
+{
+    (void)e; /* MsQuic queues its own sends */
+    return 0;
+}
+static void ms_stop_accepting(fpy3_engine *e) { atomic_store(&e->accepting, 0); }
+static size_t ms_conn_count(fpy3_engine *e) { return e->nactive; }
+
+static void ms_each(fpy3_engine *e, void (*fn)(void *ac, void *arg), void *arg)
+{
+    for (uint32_t i = 0; i < e->nslots; i++) {
+        fpy3_qconn *qc = e->slots[i];
+        if (qc && qc->ac)
+            fn(qc->ac, arg);
+    }
+}
+
+static uint64_t ms_conn_handle(fpy3_qconn *qc) { return qc->handle; }
+
+static void *ms_conn_find(fpy3_engine *e, uint64_t handle)
+{
+    uint32_t s = (uint32_t)(handle & 0xffffff);
+    if (s >= e->nslots || !e->slots[s] || e->slots[s]->handle != handle)
+        return NULL;
+    return e->slots[s]->ac;
+}
+
+static const struct sockaddr *ms_conn_peer(fpy3_qconn *qc, uint32_t *len)
+{
+    *len = qc->peerlen;
+    return (const struct sockaddr *)&qc->peer;
+}
+
+static const struct sockaddr *ms_conn_local(fpy3_qconn *qc, uint32_t *len)
+{
+    *len = qc->locallen;
+    return (const struct sockaddr *)&qc->local;
+}
+
+static void ms_mark(fpy3_qconn *qc)
+{
+    if (qc->ac)
+        dirty_add(qc);
+}
+
+static void ms_defer(fpy3_qconn *qc) { qc->defer = 1; }
+
+static int ms_open_uni(fpy3_qconn *qc, int64_t *sid)
+{
+    ms_stream *st = calloc(1, sizeof(*st));
+    if (!st)
+        return -1;
+    st->qc = qc;
+    /* StreamStart from this thread is queued, so the id comes later; ids are given
+     * in start order, and START_COMPLETE checks the guess. */
+    st->sid = qc->next_uni;
+    mq_status rv = api->StreamOpen(qc->h, MQ_STREAM_OPEN_FLAG_UNIDIRECTIONAL, stream_cb, st, &st->h);
+    if (MQ_FAILED(rv)) {
+        free(st);
+        return -1;
+    }
+    rv = api->StreamStart(st->h, MQ_STREAM_START_FLAG_IMMEDIATE);
+    if (MQ_FAILED(rv)) {
+        api->StreamClose(st->h);
+        free(st);
+        return -1;
+    }
+    qc->next_uni += 4;
+    smap_put(qc, st);
+    *sid = st->sid;
+    return 0;
+}
+
+static void ms_extend(fpy3_qconn *qc, int64_t sid, uint64_t n)
+{
+    if (sid < 0)
+        return; /* MsQuic's connection window follows its streams' */
+    ms_stream *st = smap_find(qc, sid);
+    if (!st)
+        return;
+    st->rx_credit += n;
+    try_complete(st);
+}
+
+static void ms_extend_streams_bidi(fpy3_qconn *qc, uint64_t n)
+{
+    (void)qc; /* MsQuic grants a new stream id for each closed one */
+    (void)n;
+}
+
+static uint64_t ms_max_streams_bidi(fpy3_qconn *qc) { return qc->e->cfg.max_streams_bidi; }
+
+static int ms_shutdown_stream(fpy3_qconn *qc, int64_t sid, uint64_t app_error, int how)
+{
+    ms_stream *st = smap_find(qc, sid);
+    if (!st || qc->state == QC_CLOSING)
+        return -1;
+    int flags = 0;
+    if ((how & FPY3_SHUT_RD) && !st->discard) {
+        flags |= MQ_STREAM_SHUTDOWN_FLAG_ABORT_RECEIVE;
+        st->discard = 1;
+        try_complete(st);
+        /* stop_reading reaches the app with the next batch, not inside this call. */
+        ms_event ev = {.type = EV_STOP_READING, .qc = qc, .st = st};
+        push(qc->e, &ev);
+    }
+    if ((how & FPY3_SHUT_WR) && !st->wr_shut) {
+        flags |= MQ_STREAM_SHUTDOWN_FLAG_ABORT_SEND;
+        st->wr_shut = 1;
+    }
+    if (!flags)
+        return 0;
+    st->code = app_error;
+    mq_status rv = api->StreamShutdown(st->h, flags, app_error);
+    return MQ_FAILED(rv) ? -1 : 0;
+}
+
+static void ms_conn_error(fpy3_qconn *qc, uint64_t app_error)
+{
+    if (qc->err_set)
+        return;
+    qc->err = app_error;
+    qc->err_set = 1;
+}
+
+static void ms_conn_close(fpy3_qconn *qc, uint64_t app_error)
+{
+    if (qc->state == QC_CLOSING)
+        return;
+    ms_conn_error(qc, app_error);
+    conn_shutdown(qc, qc->err);
+}
+
+const fpy3_engine_ops fpy3_engine_msquic = {
+    .new = ms_new,
+    .free = ms_free,
+    .fd = ms_fd,
+    .read = ms_read,
+    .expire = ms_expire,
+    .flush = ms_flush,
+    .next_timeout_ms = ms_next_timeout_ms,
+    .want_write = ms_want_write,
+    .stop_accepting = ms_stop_accepting,
+    .conn_count = ms_conn_count,
+    .each = ms_each,
+    .conn_handle = ms_conn_handle,
+    .conn_find = ms_conn_find,
+    .conn_peer = ms_conn_peer,
+    .conn_local = ms_conn_local,
+    .mark = ms_mark,
+    .defer = ms_defer,
+    .open_uni = ms_open_uni,
+    .extend = ms_extend,
+    .extend_streams_bidi = ms_extend_streams_bidi,
+    .max_streams_bidi = ms_max_streams_bidi,
+    .shutdown_stream = ms_shutdown_stream,
+    .conn_error = ms_conn_error,
+    .conn_close = ms_conn_close,
+};
