@@ -11,6 +11,7 @@ Adding a server or a mode is one entry in SERVERS or MODES below.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -434,9 +435,16 @@ class Server:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports (all held open while picking, so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def tool(name: str) -> str:
@@ -488,7 +496,7 @@ def hypercorn(mode: Mode, tls: Tls) -> Launch:
 
 
 def fpy3(mode: Mode, tls: Tls, engine: str = "ngtcp2") -> Launch:
-    tls_port, http_port = free_port(), free_port()
+    tls_port, http_port = free_ports(2)
     argv = [tool("fpy3"), "run", APP, "--port", str(tls_port), "--http-port", str(http_port)]
     argv += ["--host", "127.0.0.1", "--workers", "1", "--no-access-log", "--log-level", "warning"]
     # Always given: --port is TLS in every mode, and fpy3 would otherwise make a dev cert.

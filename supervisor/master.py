@@ -389,6 +389,8 @@ class Arbiter:
                 os.close(other.pipe)
                 if other.quic_ack is not None:
                     os.close(other.quic_ack)
+            if self.msquic is not None:
+                self.msquic.forget_in_child()
             # Only the master talks to systemd; the app must not send READY=1 for it.
             os.environ.pop("NOTIFY_SOCKET", None)
             setproctitle(f"fpy3: worker {number} gen {self.generation}")

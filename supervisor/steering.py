@@ -50,6 +50,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import resource
 import socket
 import struct
 from collections.abc import Iterable
@@ -354,6 +355,13 @@ class QuicSockets:
         self.live.add(wid)
         return wid
 
+    def forget_in_child(self) -> None:
+        """In a forked worker: close the inherited copies. A worker that kept them would
+        show them as its own sockets, and the master would adopt them again."""
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+
     def release(self, worker_id: int) -> None:
         """The worker has exited: its socket is free. Call steer() next."""
         self.live.discard(worker_id)
@@ -449,6 +457,11 @@ class MsQuicGroup:
 
     def __init__(self, port: int, state_dir: str) -> None:
         self.port = port
+        # Every worker ever started leaves its sockets here (a few fds per worker and
+        # reload): allow what the hard limit allows, as nginx's worker_rlimit_nofile does.
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         os.makedirs(state_dir, exist_ok=True)
         base = os.path.join(state_dir, f"quic-{os.getpid()}")
         self.lock_path, self.prog_path = base + ".lock", base + ".prog"
@@ -466,6 +479,13 @@ class MsQuicGroup:
             raise OSError(errno.ENOENT, f"worker {pid} has no UDP socket on port {self.port}")
         self.sockets += _pidfd_getfd(pid, fds)
         self.live.add(worker_id)
+
+    def forget_in_child(self) -> None:
+        """In a forked worker: close the inherited copies. A worker that kept them would
+        show them as its own sockets, and the master would adopt them again."""
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
 
     def release(self, worker_id: int) -> None:
         """The worker has exited (its sockets stay: the master holds them)."""

@@ -19,6 +19,7 @@ import time
 import h3clients
 import pytest
 from conftest import wait_until
+from fpy3.supervisor.steering import udp_fds
 from test_master_workers import wait_workers, workers
 
 # Every test runs once per QUIC engine (msquic cases skip without libmsquic).
@@ -210,6 +211,10 @@ def test_h3_requests_survive_two_reloads(start_server):
     # At the end only the newest generation answers.
     assert load.pids_since(since) <= generation and load.pids_since(since)
     assert load.goaways >= 1 and load.connects > load.connections
+    # The master holds each UDP socket of the port once, however many reloads passed
+    # (with MsQuic, the copies of the workers' sockets it keeps).
+    links = [os.readlink(f"/proc/{srv.pid}/fd/{fd}") for fd in udp_fds(srv.pid, srv.port)]
+    assert links and len(links) == len(set(links)), links
     print(
         f"HTTP/3 over 2 reloads: {load.count()} answered, 0 failed,"
         f" {len(load.retried)} refused unprocessed and retried, {load.connects} connections,"

@@ -96,7 +96,9 @@ class GroupJoin:
         its answer, let the next worker join."""
         try:
             send(b"quic %d\n" % self.worker_id)
-            if not select.select([self.ack_fd], [], [], timeout)[0]:
+            poller = select.poll()  # not select(): the fd may be past FD_SETSIZE
+            poller.register(self.ack_fd, select.POLLIN)
+            if not poller.poll(timeout * 1000):
                 return False
             return os.read(self.ack_fd, 1) == b"1"
         finally:
