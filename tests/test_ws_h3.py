@@ -21,9 +21,15 @@ from wsraw import close_payload, frame
 SETTINGS_ENABLE_CONNECT_PROTOCOL = 0x8
 
 
+# Every test runs once per QUIC engine (msquic cases skip without libmsquic).
+pytestmark = pytest.mark.usefixtures("quic_engine")
+
+
 @pytest.fixture(scope="module")
-def h3ws(module_server_factory):
-    return module_server_factory(app="ws_apps:app", config={"http3": {"enabled": True}})
+def h3ws(module_server_factory, quic_engine):
+    return module_server_factory(
+        app="ws_apps:app", config={"http3": {"enabled": True, "engine": quic_engine}}
+    )
 
 
 def parse_frames(buf: bytearray) -> list[tuple[int, bytes]]:
