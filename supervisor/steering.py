@@ -355,13 +355,6 @@ class QuicSockets:
         self.live.add(wid)
         return wid
 
-    def forget_in_child(self) -> None:
-        """In a forked worker: close the inherited copies. A worker that kept them would
-        show them as its own sockets, and the master would adopt them again."""
-        for sock in self.sockets:
-            sock.close()
-        self.sockets = []
-
     def release(self, worker_id: int) -> None:
         """The worker has exited: its socket is free. Call steer() next."""
         self.live.discard(worker_id)

@@ -353,7 +353,7 @@ def test_qlog_per_connection_and_worker_id_in_cid(start_echo, quic_engine, tmp_p
     assert len(files) == 1
     deadline = time.monotonic() + 10  # written through stdio: whole once the connection is gone
     while files[0].stat().st_size == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.02)  # poll until the deadline
     assert files[0].stat().st_size > 0
     # Named after the server's first connection id: 18 bytes, worker id in bytes 1-4.
     cid = bytes.fromhex(files[0].stem)
