@@ -17,6 +17,7 @@ import time
 import h3clients as kit
 import pytest
 from apps import CHUNK, stream_chunk
+from conftest import call
 
 # Every test runs once per QUIC engine (msquic cases skip without libmsquic).
 pytestmark = pytest.mark.usefixtures("quic_engine")
@@ -24,14 +25,6 @@ pytestmark = pytest.mark.usefixtures("quic_engine")
 MiB = 1024 * 1024
 H3_INTERNAL_ERROR = 0x102
 H3_MESSAGE_ERROR = 0x10E
-
-
-def call(fn, *args, **kwargs):
-    """Run a kit function; skip the test when its client is missing here."""
-    try:
-        return fn(*args, **kwargs)
-    except kit.ClientUnavailable as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(scope="module")

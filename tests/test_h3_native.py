@@ -22,6 +22,7 @@ from pathlib import Path
 
 import h3clients as h3c
 import pytest
+from conftest import client_missing
 
 from fpy3.devcert import ensure_dev_cert
 
@@ -138,7 +139,7 @@ def aioquic(srv, method, path, body=b"", timeout=15.0):
             srv.host, srv.port, method, path, body=body, cafile=srv.cafile, timeout=timeout
         )
     except h3c.ClientUnavailable as e:
-        pytest.skip(str(e))
+        client_missing(e)
 
 
 # --- aioquic ---------------------------------------------------------------------------
@@ -263,7 +264,7 @@ def test_gtlsclient_get(echo):
     try:
         r = h3c.gtlsclient_request(echo.host, echo.port, "/hello", timeout=10)
     except h3c.ClientUnavailable as e:
-        pytest.skip(str(e))
+        client_missing(e)
     assert (r.status, r.body) == (200, b"hello")
 
 
@@ -274,7 +275,7 @@ def test_gtlsclient_post_echo(echo, tmp_path):
     try:
         r = h3c.gtlsclient_request(echo.host, echo.port, "/echo", body_file=str(path), timeout=15)
     except h3c.ClientUnavailable as e:
-        pytest.skip(str(e))
+        client_missing(e)
     assert r.status == 200 and r.body == body
 
 
@@ -284,7 +285,7 @@ def test_curl_get(echo):
             f"https://{echo.host}:{echo.port}/hello", cafile=echo.cafile, timeout=10
         )
     except h3c.ClientUnavailable as e:
-        pytest.skip(str(e))
+        client_missing(e)
     assert (r.status, r.body, r.http_version) == (200, b"hello", "3")
 
 
@@ -299,7 +300,7 @@ def test_curl_post_echo(echo):
             timeout=15,
         )
     except h3c.ClientUnavailable as e:
-        pytest.skip(str(e))
+        client_missing(e)
     assert r.status == 200 and r.body == body
 
 

@@ -14,7 +14,7 @@ import time
 
 import h3clients as kit
 import pytest
-from conftest import free_port, ipv6_available
+from conftest import call, free_port, ipv6_available
 
 from fpy3.devcert import spki_sha256_b64
 
@@ -22,14 +22,6 @@ from fpy3.devcert import spki_sha256_b64
 pytestmark = pytest.mark.usefixtures("quic_engine")
 
 H3_ON = {"http3": {"enabled": True}}
-
-
-def call(fn, *args, **kwargs):
-    """Run a kit function; skip the test when its client is missing here."""
-    try:
-        return fn(*args, **kwargs)
-    except kit.ClientUnavailable as e:
-        pytest.skip(str(e))
 
 
 def authority(srv, port: int | None = None) -> str:

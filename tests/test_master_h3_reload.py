@@ -18,7 +18,7 @@ import time
 
 import h3clients
 import pytest
-from conftest import wait_until
+from conftest import client_missing, wait_until
 from fpy3.supervisor.steering import udp_fds
 from test_master_workers import wait_workers, workers
 
@@ -51,7 +51,7 @@ class H3Load:
         try:
             h3clients._aioquic()
         except h3clients.ClientUnavailable as exc:
-            pytest.skip(str(exc))
+            client_missing(exc)
         self.thread.start()
         return self
 

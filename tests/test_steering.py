@@ -21,6 +21,7 @@ import sys
 import time
 
 import pytest
+from conftest import client_missing
 from fpy3.supervisor import steering
 from fpy3.supervisor.steering import CID_LEN, QuicSockets, build_program
 
@@ -457,7 +458,7 @@ def test_workers_share_http3_through_steering(tmp_path):
     try:
         kit._aioquic()
     except kit.ClientUnavailable as exc:
-        pytest.skip(str(exc))
+        client_missing(exc)
     master = MiniMaster(tmp_path, workers=3)
     try:
         gen1 = set(master.expect("ready")["pids"])
