@@ -334,18 +334,17 @@ def test_ipv6(start_echo):
     assert r.body == b"z" * 100_000
 
 
+# GSO batching is ngtcp2's (MsQuic does its own sends).
+@pytest.mark.parametrize("quic_engine", ["ngtcp2"], indirect=True)
 def test_without_gso(start_echo, quic_engine):
-    if quic_engine != "ngtcp2":
-        pytest.skip("GSO batching is ngtcp2's (MsQuic does its own sends)")
     srv = start_echo(env={"FPY3_NO_GSO": "1"})
     n = 2_000_000
     r = aioquic(srv, "GET", f"/big?n={n}", timeout=30)
     assert len(r.body) == n
 
 
+@pytest.mark.parametrize("quic_engine", ["ngtcp2"], indirect=True)  # qlog is ngtcp2's
 def test_qlog_per_connection_and_worker_id_in_cid(start_echo, quic_engine, tmp_path):
-    if quic_engine != "ngtcp2":
-        pytest.skip("qlog is ngtcp2's")
     qdir = tmp_path / "qlog"
     qdir.mkdir()
     srv = start_echo(args=["--qlog-dir", str(qdir), "--worker-id", str(0xA1B2C3D4)])

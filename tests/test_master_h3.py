@@ -68,9 +68,8 @@ def test_h3_spreads_over_workers_and_survives_reload(start_server):
     assert srv.stop() == 0, srv.stderr()
 
 
+@pytest.mark.parametrize("quic_engine", ["msquic"], indirect=True)  # its connection ids
 def test_msquic_workers_steered_by_the_id_in_their_connection_ids(start_server, quic_engine):
-    if quic_engine != "msquic":
-        pytest.skip("MsQuic's load-balancing connection ids")
     srv = start_server(
         app=APP, command="master", config={"workers": {"count": 2}, "http3": {"enabled": True}}
     )
