@@ -76,7 +76,7 @@ def udp_inodes(port: int) -> set[str]:
 
 
 class GroupJoin:
-    """A worker joining the master's steered MsQuic port group (supervisor/steering.py,
+    """A worker joining the master's steered MsQuic port group (fpy3/supervisor/steering.py,
     MsQuicGroup): under the master's lock, its sockets go at the end of the group."""
 
     def __init__(self, lock_path: str, prog_path: str, ack_fd: int, port: int) -> None:

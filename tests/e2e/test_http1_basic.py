@@ -8,7 +8,7 @@ import time
 from datetime import UTC, datetime
 
 import pytest
-from conftest import ipv6_available
+from harness import ipv6_available
 
 HELLO = b"GET /hello HTTP/1.1\r\nHost: localhost\r\n\r\n"
 
@@ -150,7 +150,7 @@ def test_server_header_custom_via_env(start_server):
 
 
 def test_alt_svc_uses_http3_port(start_server):
-    from conftest import free_port
+    from harness import free_port
 
     udp = free_port(udp=True)
     srv = start_server(config={"http3": {"enabled": True, "port": udp}})
@@ -159,7 +159,7 @@ def test_alt_svc_uses_http3_port(start_server):
 
 
 def test_alt_svc_defaults_to_server_port(start_server):
-    from conftest import free_port
+    from harness import free_port
 
     port = free_port(udp=True)
     srv = start_server(config={"server": {"port": port}, "http3": {"enabled": True}})

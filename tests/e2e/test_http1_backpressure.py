@@ -14,7 +14,7 @@ import time
 
 import pytest
 from apps import CHUNK, stream_chunk
-from conftest import wait_until
+from harness import wait_until
 
 MiB = 1024 * 1024
 UPLOAD_CHUNKS = 3072  # 192 MiB, far above socket buffers (tcp_rmem max can be 32 MiB)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import wait_until
-from test_master_workers import APP, wait_workers, workers
+from harness import wait_until
+from masters import APP, wait_workers, workers
 
 
 def test_pidfile_written_after_bind_and_removed_on_exit(start_server):

@@ -2,7 +2,7 @@
 
 import signal
 
-from conftest import wait_until
+from harness import wait_until
 
 
 def test_startup_and_shutdown_complete(start_server):

@@ -3,7 +3,7 @@
 import json
 from datetime import UTC, datetime
 
-from conftest import ACCESS_COMMON_RE, wait_until
+from harness import ACCESS_COMMON_RE, wait_until
 
 UA = "fpy3-tests/1.0"
 REFERER = "https://ref.example/page"

@@ -12,7 +12,7 @@ import os
 import signal
 
 import pytest
-from conftest import wait_until
+from harness import wait_until
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 from wsraw import RawWS, close_payload, frame

@@ -1,7 +1,7 @@
 """Malformed and request-smuggling input: rejected with 400 (or 501/505), then closed."""
 
 import pytest
-from conftest import RawConn
+from harness import RawConn
 
 H = b"Host: x\r\n"
 

@@ -1,4 +1,4 @@
-"""QUIC steering (supervisor/steering.py): the cBPF program against a model, a real
+"""QUIC steering (fpy3/supervisor/steering.py): the cBPF program against a model, a real
 SO_REUSEPORT group on 127.0.0.1, and real fpy3 workers behind it with aioquic.
 
 Run as a script (``python test_steering.py serve OPTIONS``) this file is the small
@@ -21,7 +21,8 @@ import sys
 import time
 
 import pytest
-from conftest import client_missing
+from harness import client_missing
+
 from fpy3.supervisor import steering
 from fpy3.supervisor.steering import CID_LEN, QuicSockets, build_program
 
@@ -400,7 +401,7 @@ class MiniMaster:
     """This file run as ``serve``: a subprocess that binds, forks and reloads."""
 
     def __init__(self, tmp_path, workers: int):
-        from conftest import clean_env, free_port
+        from harness import clean_env, free_port
 
         self.port = free_port(HOST, udp=True)
         self.state = tmp_path / "state"
@@ -507,13 +508,15 @@ def _serve(opts: dict) -> int:
     from fpy3 import config, worker
     from fpy3.cli import prepare
 
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    support_dir = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support"
+    )
     settings = config.load(
         None,
         env={},
         overrides={
             "server.app": "apps:app",
-            "server.app_dir": tests_dir,
+            "server.app_dir": support_dir,
             "server.host": HOST,
             "server.port": opts["port"],
             "server.state_dir": opts["state_dir"],

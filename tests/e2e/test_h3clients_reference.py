@@ -20,7 +20,7 @@ import time
 
 import h3clients as kit
 import pytest
-from conftest import ALL_CLIENTS, call, free_port, ipv6_available, wait_until
+from harness import ALL_CLIENTS, call, free_port, ipv6_available, wait_until
 
 from fpy3.devcert import ensure_dev_cert, spki_sha256_b64
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import clean_env, free_port
+from harness import clean_env, free_port
 
 PROGRAM = r"""
 import asyncio, json, os, socket, ssl, sys, time

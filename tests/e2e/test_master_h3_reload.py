@@ -18,9 +18,9 @@ import time
 
 import h3clients
 import pytest
-from conftest import client_missing, wait_until
 from fpy3.supervisor.steering import udp_fds
-from test_master_workers import wait_workers, workers
+from harness import client_missing, wait_until
+from masters import wait_workers, workers
 
 # Every test runs once per QUIC engine (msquic cases skip without libmsquic).
 pytestmark = pytest.mark.usefixtures("quic_engine")

@@ -8,8 +8,8 @@ from collections import Counter
 
 import h3clients
 import pytest
-from conftest import client_missing, wait_until
-from test_master_workers import wait_workers, workers
+from harness import client_missing, wait_until
+from masters import wait_workers, workers
 
 # Every test runs once per QUIC engine (msquic cases skip without libmsquic).
 pytestmark = pytest.mark.usefixtures("quic_engine")

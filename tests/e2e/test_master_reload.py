@@ -9,9 +9,9 @@ import threading
 import time
 
 import psutil
-from conftest import to_toml, wait_until
-from test_master_support import Load
-from test_master_workers import APP, wait_workers, workers
+from harness import to_toml, wait_until
+from master_support import Load
+from masters import APP, wait_workers, workers
 
 
 def rewrite_config(srv, **sections) -> None:

@@ -9,7 +9,7 @@ import tomllib
 
 import psutil
 import pytest
-from conftest import free_port, to_toml, wait_until
+from harness import free_port, to_toml, wait_until
 
 
 def write_config(path, config) -> str:

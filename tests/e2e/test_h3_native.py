@@ -22,11 +22,11 @@ from pathlib import Path
 
 import h3clients as h3c
 import pytest
-from conftest import client_missing
+from harness import client_missing
 
 from fpy3.devcert import ensure_dev_cert
 
-ECHO = Path(__file__).resolve().parent / "h3_native_echo.py"
+ECHO = Path(__file__).resolve().parents[1] / "support" / "h3_native_echo.py"
 START_TIMEOUT = float(os.environ.get("FPY3_H3_ECHO_START_TIMEOUT", "15"))
 H3_MESSAGE_ERROR = 0x10E
 

@@ -1,7 +1,7 @@
-"""Shared by tests/test_master_*.py (no tests here): an app with a loop-blocking route,
-and a load generator that records which worker answered each request and what failed.
+"""Shared by the master tests: an app with a loop-blocking route, and a load generator
+that records which worker answered each request and what failed.
 
-The workers import ``test_master_support:app``; keep this module light (no conftest).
+The workers import ``master_support:app``; keep this module light (no pytest, no harness).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class Load:
     ``keepalive=True``: each thread keeps one connection until the server answers
     ``Connection: close``; when a request fails, it records the failure with the pid
     that connection was talking to, then reconnects.
-    ``connect`` returns a conftest.RawConn (``srv.connect``); ``conns`` optionally gives
+    ``connect`` returns a harness.RawConn (``srv.connect``); ``conns`` optionally gives
     the keep-alive threads their first connections, as ``(conn, pid)`` pairs.
     """
 

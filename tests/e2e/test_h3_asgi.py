@@ -17,7 +17,7 @@ import time
 import h3clients as kit
 import pytest
 from apps import CHUNK, stream_chunk
-from conftest import call
+from harness import call
 
 # Every test runs once per QUIC engine (msquic cases skip without libmsquic).
 pytestmark = pytest.mark.usefixtures("quic_engine")

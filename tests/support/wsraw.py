@@ -8,7 +8,7 @@ import os
 import struct
 import time
 
-from conftest import RawConn
+from harness import RawConn
 
 
 def frame(

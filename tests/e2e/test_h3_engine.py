@@ -6,7 +6,7 @@ import ctypes.util
 
 import h3clients as kit
 import pytest
-from conftest import msquic_unavailable
+from harness import msquic_unavailable
 
 MISSING = "/nonexistent/libmsquic.so.2"
 

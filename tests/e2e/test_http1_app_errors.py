@@ -4,7 +4,7 @@ Each test checks what the client sees, what is logged, and that the worker keeps
 """
 
 import pytest
-from conftest import wait_until
+from harness import wait_until
 
 REQ = b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n"
 TRACEBACK_MARK = "Exception in ASGI application"

@@ -3,7 +3,7 @@
 import time
 
 import pytest
-from conftest import RawConn, wait_until
+from harness import RawConn, wait_until
 
 LIMITS = {
     "limits": {

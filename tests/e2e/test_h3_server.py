@@ -14,7 +14,7 @@ import time
 
 import h3clients as kit
 import pytest
-from conftest import call, free_port, ipv6_available
+from harness import call, free_port, ipv6_available
 
 from fpy3.devcert import spki_sha256_b64
 

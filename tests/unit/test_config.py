@@ -24,7 +24,7 @@ from fpy3.config import (
     overrides_from_args,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
 
 SECTIONS = [f.name for f in dataclasses.fields(Settings) if f.name != "config_file"]
 KEYS = {name: [f.name for f in dataclasses.fields(getattr(Settings(), name))] for name in SECTIONS}
