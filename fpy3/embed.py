@@ -6,9 +6,9 @@ import asyncio
 import dataclasses
 import logging
 
-from .asgi.lifespan import Lifespan
 from .config import Settings
-from .server import HTTPService
+from .core.lifespan import Lifespan
+from .service import HTTPService
 from .sockets import bind_tcp
 from .tls import server_context
 

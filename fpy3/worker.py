@@ -21,11 +21,11 @@ import sys
 
 import uvloop
 
-from .asgi.lifespan import Lifespan, LifespanError
 from .config import Settings
+from .core.lifespan import Lifespan, LifespanError
 from .importer import AppImportError, import_app
 from .logs import AccessLog
-from .server import HTTPService
+from .service import HTTPService
 from .sockets import Listeners
 from .tls import server_context
 
@@ -84,6 +84,25 @@ class Worker:
         access_log = self.access_log = AccessLog(log) if log.access_log else None
         service = HTTPService(app, self.loop, settings, state=lifespan.state, access_log=access_log)
         self.service = service
+        try:
+            code = await self._serve(service)
+            if code != EXIT_OK:
+                return code
+            fast = await self.stopping
+            await service.drain(0.0 if fast else settings.workers.drain_timeout)
+        finally:
+            # Whatever happened: QUIC clients get a CONNECTION_CLOSE now, not a silence
+            # until their idle timeout (a forked worker leaves through os._exit).
+            service.close()
+        await lifespan.shutdown()
+        if self._pulse is not None:
+            self._pulse.cancel()
+        if access_log is not None:
+            access_log.close()
+        return EXIT_OK
+
+    async def _serve(self, service: HTTPService) -> int:
+        settings = self.settings
         service.start()
         await service.listen(self.listeners.tls, server_context(settings))
         if self.listeners.http is not None:
@@ -114,13 +133,6 @@ class Worker:
                     join.close()
         self._install_signals()
         self._report_ready()
-        fast = await self.stopping
-        await service.drain(0.0 if fast else settings.workers.drain_timeout)
-        await lifespan.shutdown()
-        if self._pulse is not None:
-            self._pulse.cancel()
-        if access_log is not None:
-            access_log.close()
         return EXIT_OK
 
     def _install_signals(self) -> None:

@@ -1,13 +1,5 @@
-"""ASGI: the state machines shared by every protocol, and the embedding API."""
+"""The public embedding API: ``fpy3.asgi.ASGIServer`` (see ``fpy3.embed``)."""
 
-
-def __getattr__(name: str):
-    # Imported lazily: the server pulls in the protocols, which import this package.
-    if name == "ASGIServer":
-        from ..embed import ASGIServer
-
-        return ASGIServer
-    raise AttributeError(name)
-
+from ..embed import ASGIServer
 
 __all__ = ["ASGIServer"]

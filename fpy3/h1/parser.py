@@ -5,6 +5,8 @@ module-level buffer (NUL is invalid in a head) and the integers into a struct.
 Module state is not thread-safe; each worker parses on its event loop thread only.
 """
 
+from typing import NamedTuple
+
 from fpy3._native import ffi as _ffi
 from fpy3._native import lib as _lib
 
@@ -15,6 +17,7 @@ __all__ = [
     "UPGRADE",
     "ChunkedDecoder",
     "ParseError",
+    "RequestHead",
     "parse_head",
 ]
 
@@ -22,6 +25,19 @@ KEEP_ALIVE = 1
 CHUNKED = 2
 EXPECT_CONTINUE = 4
 UPGRADE = 8
+
+
+class RequestHead(NamedTuple):
+    end: int  # offset just past the head in the buffer parsed
+    method: bytes
+    raw_path: bytes
+    query_string: bytes
+    path: str  # percent-decoded
+    minor: int  # HTTP/1.<minor>
+    headers: list[tuple[bytes, bytes]]  # names lowercase
+    content_length: int  # -1 when none
+    flags: int  # KEEP_ALIVE | CHUNKED | EXPECT_CONTINUE | UPGRADE
+    upgrade: bytes | None  # the Upgrade header's value
 
 
 class ParseError(Exception):
@@ -65,12 +81,9 @@ def _pairs(parts: list) -> list:
     return [*zip(it, it)]  # noqa: B905 (one iterator, pairs by construction)
 
 
-def parse_head(buf, start: int, max_size: int, max_count: int):
-    """Parse the request head at ``buf[start:]``; None while incomplete.
-
-    Returns (end, method, raw_path, query_string, path, http_minor, headers,
-    content_length, flags, upgrade); raises ParseError.
-    """
+def parse_head(buf, start: int, max_size: int, max_count: int) -> RequestHead | None:
+    """Parse the request head at ``buf[start:]``; None while incomplete; raises
+    ParseError."""
     if max_size > _cap_for:
         _grow(max_size)
     try:
@@ -88,7 +101,7 @@ def parse_head(buf, start: int, max_size: int, max_count: int):
             path = path.decode()  # no-argument decode is ~3x cheaper than passing "replace"
         except UnicodeDecodeError:
             path = path.decode("utf-8", "replace")
-        return (
+        return RequestHead(
             end,
             parts[0],
             parts[1],

@@ -129,8 +129,13 @@ def test_response_headers_kept_and_lowercased(h3):
 
 
 def test_response_without_content_length(h3):
+    # The whole body came in one message: the core gives it a length, as on HTTP/1.1.
     r = aq(h3, "GET", "/nocl")
     assert (r.status, r.body) == (200, b"no content-length here")
+    assert r.header_all("content-length") == ["22"]
+    # A streamed one has none.
+    r = aq(h3, "GET", "/stream?n=3&size=4")
+    assert (r.status, r.body) == (200, b"0:..1:..2:..")
     assert r.header("content-length") is None
 
 
@@ -428,10 +433,13 @@ def test_exception_after_start_raw(h3):
 
 
 def test_incomplete_response_resets_stream(h3):
-    # Fewer bytes than the declared content-length, then the app returns.
+    # Fewer bytes than the declared content-length after the head went out: reset.
     with pytest.raises(kit.StreamReset) as e:
-        aq(h3, "GET", "/cl-less")
+        aq(h3, "GET", "/cl-less-stream")
     assert e.value.error_code == H3_INTERNAL_ERROR, str(e.value)
+    # In one message, nothing went out yet: a 500.
+    r = aq(h3, "GET", "/cl-less")
+    assert (r.status, r.body) == (500, b"Internal Server Error\n")
     assert_serving(h3)
 
 

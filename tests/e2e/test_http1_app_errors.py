@@ -115,10 +115,24 @@ def test_content_length_too_much_closes_connection(server):
     server.assert_serving()
 
 
-def test_content_length_too_little_closes_connection(server):
+def test_content_length_too_little_in_one_message_is_a_500(server):
+    # Nothing was on the wire yet: the declared length is checked before the head goes.
     offset = server.stderr_size()
     with server.connect() as conn:
         conn.send(REQ % b"/cl-less")
+        resp = conn.read_response()
+        assert resp.status == 500
+        assert resp.body == b"Internal Server Error\n"
+        conn.send(REQ % b"/hello")  # the connection stays usable
+        assert conn.read_response().body == b"Hello, world!"
+    wait_for_log(server, offset, "content-length")
+    server.assert_serving()
+
+
+def test_content_length_too_little_streamed_closes_connection(server):
+    offset = server.stderr_size()
+    with server.connect() as conn:
+        conn.send(REQ % b"/cl-less-stream")
         resp = conn.read_response(allow_incomplete=True)
         assert conn.eof or conn.read_until_close() == b""
     assert resp.status == 200

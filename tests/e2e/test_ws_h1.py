@@ -73,6 +73,21 @@ def test_echo_text_and_bytes(ws_server, tls, compression):
     ws_server.wait_record("ws-echo", "disconnect 1000 ")
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+@pytest.mark.parametrize("compression", [None, "deflate"])
+def test_empty_messages_both_ways(ws_server, tls, compression):
+    with ws_connect(ws_server, "/empty", tls=tls, compression=compression) as ws:
+        assert ws.recv(timeout=10) == ""
+        assert ws.recv(timeout=10) == b""
+        assert ws.recv(timeout=10) == ""
+        ws.send("")
+        assert ws.recv(timeout=10) == ""
+        ws.send(b"")
+        assert ws.recv(timeout=10) == b""
+    ws_server.wait_record("ws-empty", "disconnect 1000")
+    assert ws_server.record("ws-empty")[:2] == ["text ''", "bytes b''"]
+
+
 def test_subprotocol_negotiation(ws_server):
     with ws_connect(ws_server, subprotocols=["unknown", "superchat", "chat"]) as ws:
         assert ws.subprotocol == "superchat"

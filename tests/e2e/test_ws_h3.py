@@ -139,6 +139,27 @@ def test_h3_websocket_echo(h3ws):
     h3ws.wait_record("ws-echo", "disconnect 1000 ")
 
 
+def test_h3_websocket_empty_messages_both_ways(h3ws):
+    async def script(head, send, recv):
+        ex = await head()
+        assert ex.status == 200
+        assert await recv() == (1, b"")
+        assert await recv() == (2, b"")
+        assert await recv() == (1, b"")
+        send(frame(1, b""))
+        assert await recv() == (1, b"")
+        send(frame(2, b""))
+        assert await recv() == (2, b"")
+        send(frame(8, close_payload(1000)))
+        assert await recv() == (8, close_payload(1000))
+        return True
+
+    _, ok = run_session(h3ws, "/empty", script)
+    assert ok
+    h3ws.wait_record("ws-empty", "disconnect 1000")
+    assert h3ws.record("ws-empty")[:2] == ["text ''", "bytes b''"]
+
+
 def test_h3_websocket_scope_and_protocol_error(h3ws):
     async def script(head, send, recv):
         await head()

@@ -215,6 +215,15 @@ async def h_cl_less(scope, receive, send):
     await send({"type": "http.response.body", "body": b"01234"})
 
 
+async def h_cl_less_stream(scope, receive, send):
+    # The head goes out with the first part; the end comes 5 bytes short.
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"10")]}
+    )
+    await send({"type": "http.response.body", "body": b"01234", "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
 async def h_slow_consumer(scope, receive, send):
     # Reads nothing until the test creates the flag, so the upload must stall.
     name = query(scope).get("flag", "consume")
@@ -300,6 +309,155 @@ async def h_state(scope, receive, send):
     await respond_json(send, {"state": snapshot})
 
 
+# --- the response rules (tests/e2e/test_response_rules.py) ---------------------------
+
+
+async def h_background(scope, receive, send):
+    # Background work after the response (FastAPI BackgroundTasks, Starlette's
+    # BackgroundTask): the connection must go on without waiting for it.
+    name = query(scope).get("flag", "background")
+    await respond(send, b"responded")
+    record(name + "-log", "background-started")
+    ok = await wait_for_file(name, timeout=60)
+    record(name + "-log", "background-finished" if ok else "background-timed-out")
+
+
+async def h_file(scope, receive, send):
+    # Starlette's FileResponse: Content-Length always; on HEAD an empty body.
+    body = b"0123456789" * 123
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain"), (b"content-length", b"1230")],
+        }
+    )
+    payload = b"" if scope["method"] == "HEAD" else body
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def h_bodyless(scope, receive, send):
+    # A 204 or 304 with a body from the app: the body must never go out.
+    code = int(query(scope).get("code", "204"))
+    headers = [(b"etag", b'"v1"')]
+    if "cl" in query(scope):
+        headers.append((b"content-length", query(scope)["cl"].encode()))
+    await send({"type": "http.response.start", "status": code, "headers": headers})
+    await send({"type": "http.response.body", "body": b"must not", "more_body": True})
+    await send({"type": "http.response.body", "body": b" be sent"})
+
+
+async def h_body_type(scope, receive, send):
+    import array
+
+    kind = query(scope).get("kind", "bytes")
+    raw = b"hello bytes-like world"
+    body = {
+        "bytes": raw,
+        "bytearray": bytearray(raw),
+        "memoryview": memoryview(raw),
+        "memoryview-slice": memoryview(b"xx" + raw + b"yy")[2:-2],
+        "array": array.array("B", raw),
+    }[kind]
+    streamed = "stream" in query(scope)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    if streamed:
+        half = len(raw) // 2
+        await send({"type": "http.response.body", "body": body[:half], "more_body": True})
+        await send({"type": "http.response.body", "body": body[half:]})
+    else:
+        await send({"type": "http.response.body", "body": body})
+
+
+BAD_STATUS = {
+    "true": True,
+    "minus1": -1,
+    "99": 99,
+    "100": 100,
+    "103": 103,
+    "199": 199,
+    "600": 600,
+    "1000": 1000,
+    "str": "200",
+    "float": 200.0,
+}
+BAD_HEADERS = {
+    "space-name": [(b"bad name", b"x")],
+    "colon-name": [(b"bad:name", b"x")],
+    "empty-name": [(b"", b"x")],
+    "cr-value": [(b"x-split", b"a\rb")],
+    "lf-value": [(b"x-split", b"a\nset-cookie: evil=1")],
+    "crlf-value": [(b"x-split", b"a\r\nset-cookie: evil=1")],
+    "nul-value": [(b"x-nul", b"a\x00b")],
+    "lf-name": [(b"x-a\nb", b"x")],
+    "str-name": [("x-str", b"x")],
+    "str-value": [(b"x-str", "x")],
+    "cl-letters": [(b"content-length", b"abc")],
+    "cl-negative": [(b"content-length", b"-1")],
+    "cl-duplicate": [(b"content-length", b"5"), (b"content-length", b"5")],
+    "cl-two-values": [(b"content-length", b"5, 5")],
+}
+
+
+async def h_bad_status(scope, receive, send):
+    value = BAD_STATUS[query(scope)["v"]]
+    await send({"type": "http.response.start", "status": value, "headers": []})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
+async def h_bad_header(scope, receive, send):
+    headers = BAD_HEADERS[query(scope)["v"]]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
+async def h_server_date(scope, receive, send):
+    # Server and Date from the app replace the server's own.
+    await respond(
+        send,
+        b"own headers",
+        headers=[(b"Server", b"my-app/1.0"), (b"date", b"Mon, 01 Jan 2024 00:00:00 GMT")],
+    )
+
+
+async def h_sse(scope, receive, send):
+    # Streams events until send() fails; records how it failed.
+    name = query(scope).get("name", "sse")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/event-stream")],
+        }
+    )
+    i = 0
+    try:
+        while i < 6000:  # bounded: a minute at most
+            await send(
+                {"type": "http.response.body", "body": b"data: %d\n\n" % i, "more_body": True}
+            )
+            i += 1
+            await asyncio.sleep(0.01)
+        record(name, "never-failed")
+    except OSError as exc:
+        record(name, f"{type(exc).__name__} {isinstance(exc, OSError)} after {i}")
+        raise
+    except BaseException as exc:
+        record(name, f"other {type(exc).__name__}")
+        raise
+
+
+async def h_cancellable(scope, receive, send):
+    # Runs until cancelled (the drain deadline); records that it was, and unwinds.
+    name = query(scope).get("name", "cancellable")
+    record(name, "started")
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        record(name, "cancelled")
+        raise
+
+
 ROUTES = {
     "/__ready__": h_ready,
     "/hello": h_hello,
@@ -318,6 +476,7 @@ ROUTES = {
     "/body-after-final": h_body_after_final,
     "/cl-more": h_cl_more,
     "/cl-less": h_cl_less,
+    "/cl-less-stream": h_cl_less_stream,
     "/slow-consumer": h_slow_consumer,
     "/big-stream": h_big_stream,
     "/wait-disconnect": h_wait_disconnect,
@@ -326,6 +485,15 @@ ROUTES = {
     "/pid": h_pid,
     "/wait-flag": h_wait_flag,
     "/state": h_state,
+    "/background": h_background,
+    "/file": h_file,
+    "/bodyless": h_bodyless,
+    "/body-type": h_body_type,
+    "/bad-status": h_bad_status,
+    "/bad-header": h_bad_header,
+    "/server-date": h_server_date,
+    "/sse": h_sse,
+    "/cancellable": h_cancellable,
 }
 
 

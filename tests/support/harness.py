@@ -285,6 +285,16 @@ class RawConn:
                 self.sock.settimeout(self.timeout)
         return True
 
+    def read_until(self, needle: bytes, timeout: float = 10.0) -> bytes:
+        """Bytes up to and including ``needle`` (raw: chunk framing and all)."""
+        deadline = time.monotonic() + timeout
+        while (i := self.buf.find(needle)) < 0:
+            if not self._fill(deadline):
+                raise AssertionError(f"EOF before {needle!r}: {bytes(self.buf[-200:])!r}")
+        data = bytes(self.buf[: i + len(needle)])
+        del self.buf[: i + len(needle)]
+        return data
+
     def read_until_close(self, timeout: float = 10.0) -> bytes:
         """Everything up to EOF; fails if the server keeps the connection open."""
         deadline = time.monotonic() + timeout

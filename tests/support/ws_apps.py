@@ -124,7 +124,30 @@ async def ws_slow_reader(scope, receive, send):
         total += len(msg.get("bytes") or b"")
 
 
+async def ws_empty(scope, receive, send):
+    """Empty messages both ways: sends an empty text and an empty binary message, then
+    reports what it receives ("text ''" / "bytes b''") until the end."""
+    await receive()
+    await send({"type": "websocket.accept"})
+    await send({"type": "websocket.send", "text": ""})
+    await send({"type": "websocket.send", "bytes": b""})
+    # Both keys present, one None: as some frameworks send it.
+    await send({"type": "websocket.send", "bytes": None, "text": ""})
+    while True:
+        msg = await receive()
+        if msg["type"] == "websocket.disconnect":
+            apps.record(_name(scope), f"disconnect {msg['code']}")
+            return
+        if msg.get("text") is not None:
+            apps.record(_name(scope), f"text {msg['text']!r}")
+            await send({"type": "websocket.send", "text": msg["text"]})
+        else:
+            apps.record(_name(scope), f"bytes {msg['bytes']!r}")
+            await send({"type": "websocket.send", "bytes": msg["bytes"]})
+
+
 ROUTES = {
+    "/empty": ws_empty,
     "/echo": ws_echo,
     "/scope": ws_scope,
     "/deny": ws_deny,

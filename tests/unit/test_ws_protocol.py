@@ -10,13 +10,13 @@ import pytest
 from fpy3._native import ffi, lib
 from wsraw import close_payload, frame
 
-from fpy3.ws.protocol import (
+from fpy3.wsproto.handshake import accept_key
+from fpy3.wsproto.protocol import (
     CLOSED,
     CLOSING,
     Deflate,
     ProtocolError,
     WSProtocol,
-    accept_key,
     negotiate_deflate,
 )
 

@@ -3,19 +3,17 @@
 Bytes in, events and bytes out. Frame checks, unmasking and UTF-8 validation are
 done in C (``native/ws.c``); this module assembles messages, inflates and deflates
 them (permessage-deflate, RFC 7692), answers pings and runs the close handshake.
-The handshake helpers (accept key, subprotocols, extension negotiation) are here too,
-shared by the HTTP/1.1 Upgrade and the HTTP/3 extended CONNECT adapters.
+The handshake helpers are in ``handshake.py``.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import struct
 import zlib
 
 from fpy3._native import ffi, lib
+
+from ..core.errors import ProtocolError
 
 __all__ = [
     "CLOSED",
@@ -24,10 +22,8 @@ __all__ = [
     "Deflate",
     "ProtocolError",
     "WSProtocol",
-    "accept_key",
-    "app_close_code_ok",
     "negotiate_deflate",
-    "parse_subprotocols",
+    "open_protocol",
 ]
 
 OPEN, CLOSING, CLOSED = range(3)
@@ -41,7 +37,6 @@ _MAX_FRAMES = 64
 _frames = ffi.new("int64_t[]", 4 * _MAX_FRAMES)
 _receive = lib.fpy3_ws_receive
 _unpack = ffi.unpack
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _TAIL = b"\x00\x00\xff\xff"
 
 # Headers of unmasked server frames with short payloads, built once: a lookup here
@@ -51,39 +46,6 @@ _SHORT = {
     for op in (OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG)
     for rsv1 in (False, True)
 }
-
-
-class ProtocolError(Exception):
-    def __init__(self, code: int, reason: str):
-        super().__init__(code, reason)
-        self.code = code
-        self.reason = reason
-
-
-def accept_key(key: bytes) -> bytes:
-    return base64.b64encode(hashlib.sha1(key + _GUID).digest())
-
-
-def valid_key(key: bytes | None) -> bool:
-    if not key:
-        return False
-    try:
-        return len(base64.b64decode(key.strip(), validate=True)) == 16
-    except binascii.Error:
-        return False
-
-
-def parse_subprotocols(headers) -> list[str]:
-    out = []
-    for name, value in headers:
-        if name == b"sec-websocket-protocol":
-            out += [p.strip() for p in value.decode("latin-1").split(",") if p.strip()]
-    return out
-
-
-def app_close_code_ok(code: int) -> bool:
-    """Codes an app may send (1005, 1006 and 1015 are never put on the wire)."""
-    return code == 1000 or 1001 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
 def _header(op: int, n: int, rsv1: bool = False) -> bytes:
@@ -236,12 +198,24 @@ class WSProtocol:
 
     # -- input ----------------------------------------------------------------------------
 
-    def receive_data(self, data, size: int = -1) -> list:
-        """Bytes from the peer (or a C pointer and its ``size``): copied in at once."""
+    @property
+    def open(self) -> bool:
+        return self.state == OPEN
+
+    @property
+    def closed(self) -> bool:
+        return self.state == CLOSED
+
+    def receive_data(self, data) -> list:
+        """Bytes from the peer (any bytes-like object): copied into the parser at once."""
         if self.state == CLOSED:
             return []
         p = self._p
-        n = _receive(p, data, len(data) if size < 0 else size, _frames, _MAX_FRAMES)
+        if data.__class__ is bytes:
+            n = _receive(p, data, len(data), _frames, _MAX_FRAMES)
+        else:
+            view = memoryview(data)
+            n = _receive(p, ffi.from_buffer(view), view.nbytes, _frames, _MAX_FRAMES)
         if not n:
             return []
         events: list = []
@@ -364,3 +338,15 @@ class WSProtocol:
             text = text[:123].decode("utf-8", "ignore").encode()
         payload = code.to_bytes(2) + text
         return _header(OP_CLOSE, len(payload)) + payload
+
+
+def open_protocol(headers, settings) -> tuple[WSProtocol, bytes]:
+    """The protocol for an accepted handshake, with permessage-deflate when the client
+    offered it and ``settings`` (the [websocket] section) allows it; and the
+    Sec-WebSocket-Extensions response value (b"" without an extension)."""
+    deflate, ext = None, b""
+    if settings.per_message_deflate:
+        deflate, ext = negotiate_deflate(
+            headers, settings.deflate_window_bits, settings.deflate_level
+        )
+    return WSProtocol(settings.max_message_size, deflate), ext

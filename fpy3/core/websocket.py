@@ -1,55 +1,80 @@
-"""The ASGI ``websocket`` state machine, shared by HTTP/1.1 Upgrade and HTTP/3 CONNECT.
+"""The ASGI ``websocket`` cycle, shared by every transport (HTTP/1.1 Upgrade, HTTP/3
+and HTTP/2 extended CONNECT).
 
-A transport adapter hands the cycle a scope and the peer's bytes; the cycle drives
-the sans-I/O ``WSProtocol`` and owns the ASGI message rules (connect, accept, the
-``websocket.http.response`` denial, receive, send, close, disconnect), the keep-alive
-pings, the idle limit and the close handshake's deadline.
+A transport adapter hands the cycle a scope and the peer's bytes; the cycle drives a
+sans-I/O websocket protocol (``fpy3.wsproto``, given as a factory so the core does not
+depend on it) and owns the ASGI message rules: connect, accept, the
+``websocket.http.response`` denial (an ordinary response through ``HTTPCycle``, so the
+response rules are the same), receive, send, close, disconnect, the keep-alive pings,
+the idle limit and the close handshake's deadline.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Awaitable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
-from fpy3._native import ffi
-
-from ..ws.protocol import (
-    CLOSED,
-    OPEN,
-    ProtocolError,
-    WSProtocol,
-    app_close_code_ok,
-    negotiate_deflate,
-)
-from .http import internal_error
+from .errors import ClientDisconnected, ProtocolError
+from .flow import RECV_HIGH_WATER, Waiter
+from .host import Host
+from .http import AppError, HTTPAdapter, HTTPCycle, response_headers
 
 logger = logging.getLogger("fpy3.error")
 
 CONNECTING, ACCEPTED, RESPONSE, DONE = range(4)
 
-# Received message bytes not yet taken by the app above which we stop reading.
-RECV_HIGH_WATER = 256 * 1024
-
 _CONNECT = {"type": "websocket.connect"}
+# Fields of the handshake response the server sets itself.
+_RESERVED = frozenset(
+    {b"sec-websocket-accept", b"sec-websocket-extensions", b"sec-websocket-protocol"}
+)
+_QUEUED_OVERHEAD = 64  # counted per queued message besides its payload
 
 
-class ClientDisconnected(OSError):
-    """send() on a websocket that is closed (the ASGI spec asks for an OSError)."""
+def app_close_code_ok(code: int) -> bool:
+    """Codes an app may send (1005, 1006 and 1015 are never put on the wire)."""
+    return code == 1000 or 1001 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+class WSProtocol(Protocol):
+    """The websocket protocol the cycle drives (``fpy3.wsproto.WSProtocol``)."""
+
+    outgoing: list[bytes]  # bytes to send that the protocol produced (pongs, close)
+    close_sent: bool
+
+    @property
+    def closed(self) -> bool: ...
+
+    @property
+    def open(self) -> bool: ...
+
+    def receive_data(self, data) -> list: ...
+
+    def message(self, data, text: bool) -> list[bytes]: ...
+
+    def ping(self, payload: bytes = b"") -> bytes: ...
+
+    def close(self, code: int = 1000, reason: str = "") -> bytes: ...
+
+
+# (request headers, [websocket] settings) -> (protocol, Sec-WebSocket-Extensions value)
+ProtocolFactory = Callable[[list, Any], tuple[WSProtocol, bytes]]
 
 
 class WebSocketAdapter(Protocol):
     """What a transport gives the cycle."""
 
-    def accept(self, subprotocol: str | None, headers: list, extensions: bytes) -> None:
-        """Complete the handshake (101 on HTTP/1.1, 200 on HTTP/3)."""
+    method: str  # the request's method, for a denial's access-log line
 
-    def respond(self, status: int, headers: list) -> None:
-        """Denial: an HTTP response head instead of the handshake."""
+    def accept(self, headers: list, flags: int) -> None:
+        """Complete the handshake (101 on HTTP/1.1, 200 on HTTP/2 and HTTP/3) with these
+        checked, lowercase fields besides the transport's own; ``flags`` as for
+        ``HTTPAdapter.write_head`` (APP_SERVER, APP_DATE)."""
 
-    def respond_body(self, body: bytes, more: bool) -> Awaitable[None] | None:
-        """Denial: response body."""
+    def http(self) -> HTTPAdapter:
+        """The adapter a denial response goes through."""
 
     def write(self, frames: list[bytes]) -> Awaitable[None] | None:
         """Frame bytes; returns an awaitable while the peer is not keeping up."""
@@ -71,14 +96,23 @@ class WebSocketAdapter(Protocol):
 class WebSocketCycle:
     """One websocket session between a transport adapter and the app."""
 
-    def __init__(self, scope: dict, adapter: WebSocketAdapter, loop, settings, debug: bool):
+    def __init__(
+        self,
+        scope: dict,
+        adapter: WebSocketAdapter,
+        host: Host,
+        settings,
+        open_protocol: ProtocolFactory,
+    ):
         self.scope = scope
         self.adapter = adapter
-        self.loop = loop
+        self.host = host
+        self.loop = host.loop
         self.settings = settings  # the [websocket] section
-        self.debug = debug
+        self.open_protocol = open_protocol
         self.state = CONNECTING
         self.proto: WSProtocol | None = None
+        self.denial: HTTPCycle | None = None  # the HTTP response instead of the handshake
         self.queue: deque = deque()
         self.queued = 0
         self.paused = False
@@ -90,9 +124,9 @@ class WebSocketCycle:
         self.draining = False
         self.code = 1006
         self.reason = ""
-        self.waiter = None
-        self.task = None
+        self.waiter = Waiter(self.loop)
         self.timer = None
+        self.started_at = self.loop.time()
         self.last_rx = 0.0
         self.last_msg = 0.0
         self.ping_at = 0.0  # when the outstanding keep-alive ping was sent; 0 = none
@@ -104,16 +138,16 @@ class WebSocketCycle:
 
     # -- adapter -> cycle --------------------------------------------------------------
 
-    def feed_data(self, data, size: int = -1) -> None:
-        """Bytes from the peer: bytes, or a C pointer and its ``size`` (copied before
-        this returns)."""
+    def feed_data(self, data) -> None:
+        """Bytes from the peer (any bytes-like object, read before this returns)."""
         proto = self.proto
         if proto is None:
-            self.early.append(bytes(data) if size < 0 else ffi.buffer(data, size)[:])
+            if self.state == CONNECTING:
+                self.early.append(bytes(data))
             return
         self.last_rx = self.loop.time()
         try:
-            events = proto.receive_data(data, size)
+            events = proto.receive_data(data)
         except ProtocolError as exc:
             logger.debug("websocket from %s: %s (%d)", self.scope["client"], exc.reason, exc.code)
             self._flush()
@@ -124,7 +158,7 @@ class WebSocketCycle:
         if events:
             self._events(events)
         self._flush()
-        if proto.state == CLOSED:
+        if proto.closed:
             self.finished = True
             self._cancel_timer()
             self.adapter.finish()
@@ -144,22 +178,24 @@ class WebSocketCycle:
                     msg = {"type": "websocket.receive", "text": ev[1]}
                 else:
                     msg = {"type": "websocket.receive", "bytes": ev[1]}
-                self.queue.append(msg)
-                self.queued += len(ev[1]) + 64
+                self.queue.append((msg, len(ev[1]) + _QUEUED_OVERHEAD))
+                self.queued += len(ev[1]) + _QUEUED_OVERHEAD
             elif kind == "pong":
                 self.ping_at = 0.0
             elif kind == "close":
                 self._end(ev[1], ev[2])
-        self._wake()
+        self.waiter.wake()
 
     def feed_disconnect(self) -> None:
         """The transport is gone."""
         if not self.gone:
             self.gone = True
             self._cancel_timer()
+            if self.denial is not None:
+                self.denial.feed_disconnect()
             if not self.finished:
                 self._end(1006, "")
-            self._wake()
+            self.waiter.wake()
 
     def server_close(self, code: int = 1001, reason: str = "") -> None:
         """The server goes away (drain): close the websocket with ``code``."""
@@ -172,14 +208,7 @@ class WebSocketCycle:
         if not self.finished:
             self.finished = True
             self.code, self.reason = code, reason
-        self._wake()
-
-    def _wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        self.waiter.wake()
 
     def _flush(self) -> None:
         out = self.proto.outgoing
@@ -194,11 +223,10 @@ class WebSocketCycle:
             self.connect_sent = True
             return _CONNECT.copy()
         while not self.queue and not self.finished and not self.gone:
-            self.waiter = self.loop.create_future()
-            await self.waiter
+            await self.waiter.wait()
         if self.queue:
-            msg = self.queue.popleft()
-            self.queued -= len(msg.get("text") or msg.get("bytes")) + 64
+            msg, size = self.queue.popleft()
+            self.queued -= size
             if self.paused and self.queued < RECV_HIGH_WATER // 2:
                 self.paused = False
                 self.adapter.resume_reading()
@@ -236,11 +264,21 @@ class WebSocketCycle:
                 self._accept(message)
             elif kind == "websocket.close":
                 # Closing before accepting denies the handshake (ASGI: 403).
-                self._deny_simple(403)
-            elif kind == "websocket.http.response.start":
-                self.state = RESPONSE
+                self.state = DONE
+                self._end(1006, "")
                 if not self.gone:
-                    self.adapter.respond(message["status"], message.get("headers") or [])
+                    self._denial().reply(403, [(b"content-length", b"0")], b"")
+            elif kind == "websocket.http.response.start":
+                if self.gone:
+                    raise ClientDisconnected("the client went away before the response")
+                await self._denial().send(
+                    {
+                        "type": "http.response.start",
+                        "status": message["status"],
+                        "headers": message.get("headers") or [],
+                    }
+                )
+                self.state = RESPONSE
             else:
                 raise RuntimeError(
                     f"expected 'websocket.accept' or 'websocket.close', got {kind!r}"
@@ -253,29 +291,38 @@ class WebSocketCycle:
             if not more:
                 self.state = DONE
                 self._end(1000, "")
-            if not self.gone:
-                pending = self.adapter.respond_body(message.get("body", b""), more)
-                if pending is not None:
-                    await pending
+            await self.denial.send(
+                {"type": "http.response.body", "body": message.get("body", b""), "more_body": more}
+            )
             return
         raise RuntimeError(f"ASGI message {kind!r} sent after the websocket closed")
+
+    def _denial(self) -> HTTPCycle:
+        if self.denial is None:
+            scope = {**self.scope, "type": "http", "method": self.adapter.method}
+            self.denial = HTTPCycle(scope, self.adapter.http(), self.host, False)
+            self.denial.body_done = True
+        return self.denial
 
     def _accept(self, message: dict) -> None:
         subprotocol = message.get("subprotocol")
         if subprotocol is not None and subprotocol not in self.scope["subprotocols"]:
-            raise RuntimeError(f"subprotocol {subprotocol!r} was not offered by the client")
-        headers = list(message.get("headers") or [])
-        s = self.settings
-        deflate, ext = None, b""
-        if s.per_message_deflate:
-            deflate, ext = negotiate_deflate(
-                self.scope["headers"], s.deflate_window_bits, s.deflate_level
-            )
+            raise AppError(f"subprotocol {subprotocol!r} was not offered by the client")
+        headers, flags, _ = response_headers(message.get("headers") or ())
+        fields = [h for h in headers if h[0] not in _RESERVED]
+        if subprotocol is not None:
+            fields.append((b"sec-websocket-protocol", subprotocol.encode("latin-1")))
+        proto, extensions = self.open_protocol(self.scope["headers"], self.settings)
+        if extensions:
+            fields.append((b"sec-websocket-extensions", extensions))
         self.state = ACCEPTED
         if self.gone:
             return
-        self.proto = WSProtocol(s.max_message_size, deflate)
-        self.adapter.accept(subprotocol, headers, ext)
+        self.proto = proto
+        self.adapter.accept(fields, flags)
+        status = 101 if self.scope["http_version"] == "1.1" else 200
+        log_scope = {**self.scope, "method": self.adapter.method}
+        self.host.response_done(log_scope, status, 0, self.started_at)
         now = self.loop.time()
         self.last_rx = self.last_msg = now
         self._arm_timer()
@@ -285,19 +332,12 @@ class WebSocketCycle:
         if self.draining:
             self._send_close(1001, "")
 
-    def _deny_simple(self, status: int) -> None:
-        self.state = DONE
-        self._end(1006, "")
-        if not self.gone:
-            self.adapter.respond(status, [(b"content-length", b"0")])
-            self.adapter.respond_body(b"", False)
-
     def _send_close(self, code: int, reason: str) -> None:
         proto = self.proto
         if proto is None or proto.close_sent or self.gone:
             return
         frame = proto.close(code, reason)
-        if proto.state == CLOSED:  # the peer's close came first: this completes it
+        if proto.closed:  # the peer's close came first: this completes it
             self.adapter.write([frame])
             self.adapter.finish()
             return
@@ -352,7 +392,7 @@ class WebSocketCycle:
                 self._end(1006, "")
                 return
         elif s.ping_interval and not self.ping_at and now >= self.last_rx + s.ping_interval:
-            if self.proto.state == OPEN:
+            if self.proto.open:
                 self.ping_at = now
                 self.adapter.write([self.proto.ping(b"fpy3")])
         self._arm_timer()
@@ -364,26 +404,28 @@ class WebSocketCycle:
 
     # -- running the app ------------------------------------------------------------------------
 
-    async def run(self, app) -> None:
+    async def run(self) -> None:
         try:
-            await app(self.scope, self.receive, self.send)
+            await self.host.app(self.scope, self.receive, self.send)
         except BaseException as exc:
             self._app_failed(exc)
             if not isinstance(exc, Exception):
                 raise
         else:
             if self.state == CONNECTING:
-                self._app_failed(RuntimeError("ASGI app returned without accepting the websocket"))
+                logger.error("ASGI app returned without accepting the websocket")
+                self._app_failed(None)
             elif self.state == ACCEPTED:
                 self._send_close(1000, "")
             elif self.state == RESPONSE:
                 logger.error("ASGI app returned without completing the response")
-                self.adapter.abort()
+                self.denial.fail(None)
         finally:
             self.app_done = True
+            self._cancel_timer()
             self.adapter.cycle_done(self)
 
-    def _app_failed(self, exc: BaseException) -> None:
+    def _app_failed(self, exc: BaseException | None) -> None:
         if isinstance(exc, Exception) and not isinstance(exc, ClientDisconnected):
             logger.error("Exception in ASGI application", exc_info=exc)
         if self.gone:
@@ -392,11 +434,10 @@ class WebSocketCycle:
             self._send_close(1011, "")
             return
         if self.state == RESPONSE:
-            self.adapter.abort()
+            self.denial.fail(exc)
             return
         if self.state == DONE:
             return
         self.state = DONE
-        headers, body = internal_error(exc, self.debug)
-        self.adapter.respond(500, headers)
-        self.adapter.respond_body(body, False)
+        self._end(1006, "")
+        self._denial().fail(exc)

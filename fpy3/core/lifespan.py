@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .http import ASGI_VERSION
+from .scope import ASGI_VERSION
 
 logger = logging.getLogger("fpy3.error")
 

@@ -1,0 +1,311 @@
+"""HTTP/3 on one worker: native event batches to request streams, and back.
+
+The native side (``native/h3.c`` over a QUIC engine) owns the UDP socket, QUIC,
+QPACK and every byte buffer. Python is called once per readiness or timer round with
+a batch of events, and answers through a few native calls. Writes made by the app
+outside a round are flushed once per loop iteration. Streams are dispatched by
+method: an extended CONNECT for ``websocket`` becomes a websocket stream, anything
+else an HTTP stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+
+from ..core.flow import SEND_HIGH_WATER
+from ..core.http import APP_DATE, APP_SERVER, HTTPCycle
+from ..core.scope import build_scope, decode_path
+from . import engine, websocket
+from .native import END, H3_NO_ERROR, REQUEST, ffi, lib
+from .stream import HTTPStream, Stream
+
+logger = logging.getLogger("fpy3.error")
+
+
+class H3Server:
+    """The HTTP/3 listener of one worker, on a UDP socket it was handed."""
+
+    def __init__(
+        self,
+        service,
+        sock: socket.socket | None,
+        cert: str,
+        key: str,
+        worker_id: int = 0,
+        secret: bytes | None = None,
+        addr: tuple | None = None,
+        steer_prog: bytes | None = None,
+    ):
+        self.svc = service
+        self.loop = service.loop
+        self.sock = sock
+        settings = service.settings
+        h3 = settings.http3
+        limits = settings.limits
+        err = ffi.new("char[]", 256)
+        cfg = ffi.new("fpy3_h3_config *")
+        # cfg points into these; they live as long as this object.
+        self._strings = [
+            ffi.new("char[]", cert.encode()),
+            ffi.new("char[]", key.encode()),
+            ffi.new("char[]", h3.qlog_dir.encode()),
+        ]
+        cfg.cert_file, cfg.key_file, cfg.qlog_dir = self._strings
+        cfg.worker_id = worker_id
+        # Shared by all workers of a master, so any of them can reset another's connections.
+        ffi.memmove(cfg.static_secret, secret or os.urandom(32), 32)
+        cfg.retry = h3.retry
+        cfg.idle_timeout_ms = int(h3.idle_timeout * 1000)
+        cfg.max_streams_bidi = h3.max_concurrent_streams
+        cfg.max_udp_payload = h3.max_udp_payload
+        cfg.initial_max_data = h3.initial_max_data
+        cfg.initial_max_stream_data = h3.initial_max_stream_data
+        cfg.max_header_size = limits.max_header_size
+        cfg.max_header_count = limits.max_header_count
+        cfg.send_high_water = SEND_HIGH_WATER
+        cfg.enable_connect_protocol = settings.websocket.enabled
+        addr = sock.getsockname() if sock is not None else addr
+        self.server_addr = _addr(addr)
+        cfg.engine = engine.choose(h3.engine)
+        fd = sock.fileno() if sock is not None else -1
+        if cfg.engine == lib.FPY3_ENGINE_MSQUIC:
+            # MsQuic binds its own sockets: hand it the address and free the port.
+            self._strings.append(ffi.new("char[]", addr[0].encode()))
+            cfg.listen_host = self._strings[-1]
+            cfg.listen_port = addr[1]
+            if steer_prog:  # the master's program, back on the group after MsQuic's
+                self._strings.append(ffi.new("char[]", steer_prog))
+                cfg.steer_prog = ffi.cast("uint8_t *", self._strings[-1])
+                cfg.steer_len = len(steer_prog)
+            if sock is not None:
+                sock.close()
+            fd = -1
+        elif sock is None:
+            raise OSError("HTTP/3: libmsquic loaded in the master but not in this worker")
+        srv = lib.fpy3_h3_server_new(fd, cfg, err, 256)
+        if srv == ffi.NULL:
+            raise OSError(f"HTTP/3: {ffi.string(err).decode()}")
+        # Freed by close() (which first closes every connection), or with this object.
+        self.srv = ffi.gc(srv, lib.fpy3_h3_server_free)
+        self._count = ffi.new("size_t *")
+        self.streams: dict[tuple[int, int], Stream] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = -1.0
+        self._flush_scheduled = False
+        self._writer = False
+        self._closed = False
+        self._drained: asyncio.Future | None = None
+        self._second = -1
+        self._fields: list[bytes] = [b""] * 16
+        self.fd = lib.fpy3_h3_fd(self.srv)  # the UDP socket, or MsQuic's eventfd
+        self.loop.add_reader(self.fd, self._on_readable)
+
+    # -- rounds ---------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        if lib.fpy3_h3_read(self.srv) > 0:
+            self._handle_batch()
+        self._round()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = -1.0
+        if lib.fpy3_h3_expire(self.srv) > 0:
+            self._handle_batch()
+        self._round()
+
+    def _on_writable(self) -> None:
+        self.loop.remove_writer(self.fd)
+        self._writer = False
+        self._round()
+
+    def _round(self) -> None:
+        """After a batch: flush what the app wrote, watch the socket, re-arm the timer."""
+        self._flush_scheduled = False
+        if self._closed:
+            return
+        # Events a flush raises (resets, closes) come with the next read/expire round;
+        # the timer is armed at 0 until then.
+        lib.fpy3_h3_flush(self.srv)
+        if not self._writer and lib.fpy3_h3_want_write(self.srv):
+            # The socket buffer is full: resume when it drains.
+            self._writer = True
+            self.loop.add_writer(self.fd, self._on_writable)
+        self._arm_timer()
+        if self._drained is not None and not lib.fpy3_h3_connection_count(self.srv):
+            if not self._drained.done():
+                self._drained.set_result(None)
+
+    def _handle_batch(self) -> None:
+        """The events of the last read or expire call (valid until the next one)."""
+        events = lib.fpy3_h3_events(self.srv, self._count)
+        count = self._count[0]
+        streams = self.streams
+        i = 0
+        while i < count:
+            ev = events[i]
+            kind = ev.type
+            if kind == REQUEST:
+                # A request without a body ends in the same batch: start it complete.
+                fin = False
+                if i + 1 < count:
+                    nxt = events[i + 1]
+                    fin = nxt.type == END and nxt.stream == ev.stream and nxt.conn == ev.conn
+                self._start_request(ev, fin)
+                i += 2 if fin else 1
+                continue
+            key = (ev.conn, ev.stream)
+            stream = streams.get(key)
+            if stream is not None:
+                stream.handle(kind, ev)
+                if stream.closed:
+                    del streams[key]
+            i += 1
+
+    def schedule_flush(self) -> None:
+        """The app wrote outside a round: flush once, at the end of this loop iteration."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_scheduled:
+            self._round()
+
+    def _arm_timer(self) -> None:
+        ms = lib.fpy3_h3_next_timeout_ms(self.srv)
+        if ms < 0:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            return
+        when = self.loop.time() + ms / 1000
+        if self._timer is not None:
+            if abs(when - self._timer_at) < 0.001:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._on_timer)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _start_request(self, ev, fin: bool) -> None:
+        svc = self.svc
+        block = ffi.buffer(ev.data, ev.len)[:]
+        fields = block.split(b"\0")
+        end = len(fields) - 1  # the block ends with a NUL
+        # nghttp3 has checked the block: pseudo-header fields come first, once each.
+        pseudo = {}
+        i = 0
+        while i < end and fields[i][:1] == b":":
+            pseudo[fields[i]] = fields[i + 1]
+            i += 2
+        it = iter(fields[i:end])
+        headers = [*zip(it, it)]  # noqa: B905 (pairs by construction)
+        authority = pseudo.get(b":authority")
+        if authority and b"\0host\0" not in block and not block.startswith(b"host\0"):
+            headers.insert(0, (b"host", authority))
+        method = pseudo.get(b":method", b"")
+        raw_path, _, query = pseudo.get(b":path", b"").partition(b"?")
+        client = ffi.string(ev.peer).decode() if ev.peer != ffi.NULL else ""
+        websocket_request = (
+            method == b"CONNECT" and pseudo.get(b":protocol") == b"websocket" and svc.ws.enabled
+        )
+        scope = build_scope(
+            svc,
+            "websocket" if websocket_request else "http",
+            "3",
+            pseudo.get(b":scheme", b"https").decode("latin-1") or "https",
+            method.decode("latin-1"),
+            decode_path(raw_path),
+            raw_path,
+            query,
+            headers,
+            [client, ev.peer_port] if client else None,
+            self.server_addr,
+        )
+        if websocket_request:
+            websocket.start(self, ev.conn, ev.stream, scope)
+            return
+        stream = HTTPStream(self, ev.conn, ev.stream)
+        self.streams[(ev.conn, ev.stream)] = stream
+        cycle = stream.cycle = HTTPCycle(scope, stream, svc, not fin)
+        svc.spawn(cycle.run())
+
+    def header_block(self, headers, flags: int) -> bytes:
+        """Response fields as "name\\0value\\0...", the defaults first (Date and Server,
+        unless the app set them). The core has checked the names and values."""
+        clock = self.svc.clock
+        if clock.second != self._second:
+            self._refresh(clock)
+        parts = [self._fields[flags & (APP_SERVER | APP_DATE)]]
+        for name, value in headers:
+            parts += (name, b"\0", value, b"\0")
+        return b"".join(parts)
+
+    def _refresh(self, clock) -> None:
+        self._second = clock.second
+        date = b"date\0" + clock.date + b"\0"
+        server_header = self.svc.server_header
+        server = b"server\0" + server_header + b"\0" if server_header else b""
+        for flags in (0, APP_SERVER, APP_DATE, APP_SERVER | APP_DATE):
+            self._fields[flags] = (b"" if flags & APP_DATE else date) + (
+                b"" if flags & APP_SERVER else server
+            )
+
+    # -- drain and close ----------------------------------------------------------------------
+
+    def connection_count(self) -> int:
+        return 0 if self._closed else lib.fpy3_h3_connection_count(self.srv)
+
+    async def drain(self, grace: float) -> None:
+        """GOAWAY on every connection, then wait until they are gone (the service
+        cancels this wait at its deadline).
+
+        The notice goes first; the final GOAWAY follows after a grace period so that
+        requests the client sent before it saw the notice are still answered.
+        """
+        self._drained = self.loop.create_future()
+        websocket.drain(self)
+        lib.fpy3_h3_shutdown(self.srv, 1)
+        self._round()
+        if self.connection_count():
+            await asyncio.sleep(grace)
+        if self._closed:
+            return
+        lib.fpy3_h3_shutdown(self.srv, 2)
+        self._round()
+        await asyncio.shield(self._drained)
+
+    def close(self) -> None:
+        """Close every connection at once (CONNECTION_CLOSE, so clients learn now, not
+        at their idle timeout) and free the native server."""
+        if self._closed:
+            return
+        left = lib.fpy3_h3_connection_count(self.srv)
+        if left:
+            logger.info("HTTP/3: closing %d connection(s)", left)
+        self._closed = True
+        self.loop.remove_reader(self.fd)
+        if self._writer:
+            self.loop.remove_writer(self.fd)
+        if self._timer is not None:
+            self._timer.cancel()
+        close_all = getattr(lib, "fpy3_h3_close_all", None)  # TEMP until native merge
+        if close_all is not None:
+            close_all(self.srv, H3_NO_ERROR)
+        for stream in list(self.streams.values()):
+            stream.closed = True
+            stream.handle(lib.FPY3_H3_CLOSED, None)
+        self.streams.clear()
+        srv, self.srv = self.srv, None
+        ffi.release(srv)  # fpy3_h3_server_free, now rather than at garbage collection
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+
+def _addr(addr):
+    return [addr[0], addr[1]] if isinstance(addr, tuple) else None

@@ -1,1 +1,0 @@
-"""WebSocket: the sans-I/O protocol and one adapter per transport."""

@@ -1,0 +1,322 @@
+"""The HTTP/1.1 connection in-process: the real service and connection, a mock
+transport (as uvicorn's tests/protocols do); no sockets, milliseconds per test."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from fpy3.config import Settings
+from fpy3.h1.connection import H1Listener
+from fpy3.service import HTTPService
+
+
+class Transport(asyncio.Transport):
+    def __init__(self):
+        super().__init__()
+        self.out = bytearray()
+        self.closed = False
+        self.paused = False
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": ("127.0.0.1", 5555), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+    def write(self, data):
+        assert not self.closed, "write after close"
+        self.out += data
+
+    def writelines(self, parts):
+        for p in parts:
+            self.write(p)
+
+    def close(self):
+        self.closed = True
+
+    def abort(self):
+        self.closed = True
+
+    def is_closing(self):
+        return self.closed
+
+    def pause_reading(self):
+        self.paused = True
+
+    def resume_reading(self):
+        self.paused = False
+
+    def take(self) -> bytes:
+        data = bytes(self.out)
+        self.out.clear()
+        return data
+
+
+def responses(data: bytes) -> list[tuple[bytes, dict, bytes]]:
+    """Split raw HTTP/1.1 responses (Content-Length or chunked framing)."""
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        headers = {}
+        for line in lines[1:]:
+            k, _, v = line.partition(b": ")
+            headers.setdefault(k.lower(), []).append(v)
+        status = lines[0]
+        if b"content-length" in headers and b" 304 " not in status and b" 204 " not in status:
+            n = int(headers[b"content-length"][0])
+            body, data = rest[:n], rest[n:]
+        elif headers.get(b"transfer-encoding") == [b"chunked"]:
+            body = b""
+            while True:
+                size, _, rest = rest.partition(b"\r\n")
+                n = int(size, 16)
+                body += rest[:n]
+                rest = rest[n + 2 :]
+                if n == 0:
+                    break
+            data = rest
+        else:
+            body, data = b"", rest
+        out.append((status, headers, body))
+    return out
+
+
+class Harness:
+    def __init__(self, app, **settings):
+        self.loop = asyncio.get_running_loop()
+        s = Settings()
+        for section, values in settings.items():
+            import dataclasses
+
+            s = dataclasses.replace(
+                s, **{section: dataclasses.replace(getattr(s, section), **values)}
+            )
+        self.svc = HTTPService(app, self.loop, s)
+        self.svc.start()
+        self.conn = H1Listener(self.svc, "http")()
+        self.transport = Transport()
+        self.conn.connection_made(self.transport)
+
+    def feed(self, data: bytes) -> None:
+        self.conn.data_received(data)
+
+    async def until(self, predicate, timeout: float = 2.0):
+        deadline = self.loop.time() + timeout
+        while not predicate():
+            if self.loop.time() > deadline:
+                raise AssertionError(f"not met; transport has {bytes(self.transport.out)!r}")
+            await asyncio.sleep(0.001)
+
+    async def close(self):
+        self.svc.close()
+        await asyncio.sleep(0)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+async def hello(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"hello " + scope["path"].encode()})
+
+
+GET = b"GET /%s HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def test_pipelined_requests_answered_in_order():
+    async def main():
+        h = Harness(hello)
+        h.feed(GET % b"a" + GET % b"b" + GET % b"c")
+        await h.until(lambda: h.transport.out.count(b"HTTP/1.1 200") == 3)
+        got = [r[2] for r in responses(h.transport.take())]
+        assert got == [b"hello /a", b"hello /b", b"hello /c"]
+        await h.close()
+
+    run(main())
+
+
+def test_next_request_runs_while_background_work_of_the_last_goes_on():
+    release = asyncio.Event()
+    log = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+        if scope["path"] == "/slow":
+            log.append("background started")
+            await release.wait()
+            log.append("background done")
+
+    async def main():
+        h = Harness(app)
+        h.feed(GET % b"slow")
+        await h.until(lambda: log == ["background started"])
+        h.feed(GET % b"next")
+        await h.until(lambda: h.transport.out.count(b"HTTP/1.1 200") == 2)
+        assert [r[2] for r in responses(h.transport.take())] == [b"/slow", b"/next"]
+        assert log == ["background started"]
+        assert len(h.svc.tasks) == 1  # the background work, tracked for the drain
+        release.set()
+        await h.until(lambda: not h.svc.tasks)
+        await h.close()
+
+    run(main())
+
+
+def test_unread_body_is_discarded_and_the_connection_goes_on():
+    async def main():
+        h = Harness(hello)
+        h.feed(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n01234")
+        await h.until(lambda: b"hello /up" in h.transport.out)
+        h.feed(b"56789" + GET % b"after")
+        await h.until(lambda: b"hello /after" in h.transport.out)
+        assert [r[2] for r in responses(h.transport.take())] == [b"hello /up", b"hello /after"]
+        await h.close()
+
+    run(main())
+
+
+def test_head_and_bodyless_framing():
+    async def app(scope, receive, send):
+        status = int(scope["path"][1:])
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"dropped", "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def main():
+        h = Harness(app)
+        h.feed(b"HEAD /200 HTTP/1.1\r\nHost: x\r\n\r\n" + GET % b"204" + GET % b"304")
+        await h.until(lambda: h.transport.out.count(b"HTTP/1.1") == 3)
+        out = h.transport.take()
+        assert b"dropped" not in out and b"chunked" not in out
+        assert not h.transport.closed
+        await h.close()
+
+    run(main())
+
+
+def test_http10_streamed_response_closes():
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await send({"type": "http.response.body", "body": b"b"})
+
+    async def main():
+        h = Harness(app)
+        h.feed(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        await h.until(lambda: h.transport.closed)
+        out = h.transport.take()
+        assert out.startswith(b"HTTP/1.0 200 OK\r\n") and out.endswith(b"\r\n\r\nab")
+        assert b"connection: close" in out
+        await h.close()
+
+    run(main())
+
+
+def test_expect_continue_when_the_app_reads():
+    async def app(scope, receive, send):
+        msg = await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": msg["body"]})
+
+    async def main():
+        h = Harness(app)
+        h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+        await h.until(lambda: b"100 Continue" in h.transport.out)
+        h.feed(b"abc")
+        await h.until(lambda: h.transport.out.endswith(b"abc"))
+        await h.close()
+
+    run(main())
+
+
+def test_app_connection_close_closes_after_the_response():
+    async def app(scope, receive, send):
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"connection", b"close")]}
+        )
+        await send({"type": "http.response.body", "body": b"bye"})
+
+    async def main():
+        h = Harness(app)
+        h.feed(GET % b"")
+        await h.until(lambda: h.transport.closed)
+        out = h.transport.take()
+        assert out.count(b"connection: close") == 1 and out.endswith(b"bye")
+        await h.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("draining", [False, True])
+def test_drain_says_connection_close(draining):
+    async def main():
+        h = Harness(hello)
+        if draining:
+            h.svc.draining = True
+        h.feed(GET % b"x")
+        await h.until(lambda: b"hello /x" in h.transport.out)
+        assert (b"connection: close" in h.transport.out) == draining
+        assert h.transport.closed == draining
+        await h.close()
+
+    run(main())
+
+
+def test_server_and_date_from_the_app_replace_ours():
+    async def app(scope, receive, send):
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"server", b"mine"), (b"date", b"then")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b""})
+
+    async def main():
+        h = Harness(app)
+        h.feed(GET % b"")
+        await h.until(lambda: h.transport.out.endswith(b"\r\n\r\n"))
+        [(_, headers, _)] = responses(h.transport.take())
+        assert headers[b"server"] == [b"mine"] and headers[b"date"] == [b"then"]
+        await h.close()
+
+    run(main())
+
+
+def test_disconnect_reaches_the_app_and_send_raises():
+    seen = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        assert (await receive())["type"] == "http.request"
+        seen.append(await receive())
+        try:
+            await send({"type": "http.response.body", "body": b"b", "more_body": True})
+        except OSError as exc:
+            seen.append(type(exc).__name__)
+
+    async def main():
+        h = Harness(app)
+        h.feed(GET % b"")
+        await h.until(lambda: b"\r\n\r\n" in h.transport.out)
+        h.conn.connection_lost(None)
+        await h.until(lambda: len(seen) == 2)
+        assert seen == [{"type": "http.disconnect"}, "ClientDisconnected"]
+        await h.close()
+
+    run(main())
+
+
+def test_header_timeout_answers_408():
+    async def main():
+        h = Harness(hello, http1={"header_timeout": 0.2})
+        h.feed(b"GET / HTTP/1.1\r\n")
+        await h.until(lambda: h.transport.closed)
+        assert h.transport.take().startswith(b"HTTP/1.1 408 ")
+        await h.close()
+
+    run(main())
