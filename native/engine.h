@@ -15,7 +15,9 @@
  * each as `written`, and maps SEND_COMPLETE to `acked`.
  *
  * Two engines implement it (engine_ngtcp2.c, engine_msquic.c); engine.c picks one
- * per fpy3_engine_new (cfg->engine) and dispatches through its ops table.
+ * per fpy3_engine_new (cfg->engine) and dispatches through its ops table. What they
+ * share is in engine_common.c (connection table and handles, dirty list); ngtcp2's
+ * socket side is udp_batch.c, cid_map.c and timer_heap.c.
  */
 #ifndef FPY3_ENGINE_H
 #define FPY3_ENGINE_H
@@ -133,7 +135,8 @@ void fpy3_engine_conn_close(fpy3_qconn *qc, uint64_t app_error);
 
 
 /* The engine behind the functions above. Each engine's struct fpy3_engine starts
- * with its ops pointer, and each struct fpy3_qconn with its fpy3_engine pointer. */
+ * with its ops pointer, and each struct fpy3_qconn with its fpy3_engine pointer
+ * (engine_common.h: fpy3_engine_base and fpy3_qconn_base). */
 typedef struct {
     fpy3_engine *(*new)(int fd, const fpy3_engine_config *cfg, const fpy3_engine_app *cb,
                         void *app, char *err, size_t errlen);

@@ -21,14 +21,12 @@
  */
 #define _GNU_SOURCE
 #include "engine.h"
-#include "msquic_api.h"
 
 #include <arpa/inet.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,6 +37,9 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "engine_common.h"
+#include "msquic_api.h"
 
 #define NBUCKETS 64          /* per-connection stream id hash */
 #define MAX_PULLS 4096       /* StreamSend calls per connection per flush */
@@ -59,16 +60,6 @@ static const mq_api *api;
 static pthread_mutex_t load_lock = PTHREAD_MUTEX_INITIALIZER;
 static int load_state; /* 0 not tried, 1 loaded, -1 failed */
 static char load_err[512];
-
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || !errlen)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 static int try_open(const char *path, char *why, size_t whylen)
 {
@@ -115,7 +106,7 @@ int fpy3_msquic_load(char *err, size_t errlen)
     int rv = load_state == 1 ? 0 : -1;
     pthread_mutex_unlock(&load_lock);
     if (rv < 0)
-        seterr(err, errlen, "%s", load_err);
+        fpy3_seterr(err, errlen, "%s", load_err);
     return rv;
 }
 
@@ -146,19 +137,15 @@ struct ms_stream {
 enum { QC_HANDSHAKE, QC_OPEN, QC_CLOSING };
 
 struct fpy3_qconn {
-    fpy3_engine *e; /* first: engine.c dispatches on it */
+    fpy3_qconn_base b; /* first: engine, app state, handle, dirty list */
     mq_handle h;
-    void *ac;
-    uint64_t handle;
-    uint32_t slot;
-    int state, counted, dirty, defer, err_set;
+    int state, counted, err_set;
     uint64_t err;
     uint32_t sends_out;  /* StreamSend calls not yet completed */
     int close_when_sent; /* a graceful close waits for them: they carry GOAWAY */
     uint64_t close_code;
     int64_t next_uni;
     uint64_t closed_bidi;
-    fpy3_qconn *dnext, *dprev;
     struct sockaddr_storage peer, local;
     uint32_t peerlen, locallen;
     ms_stream *buckets[NBUCKETS];
@@ -192,10 +179,8 @@ typedef struct {
 } ms_event;
 
 struct fpy3_engine {
-    const fpy3_engine_ops *ops; /* first: engine.c dispatches on it */
+    fpy3_engine_base b; /* first: ops, app callbacks, connection table, dirty list */
     fpy3_engine_config cfg;
-    fpy3_engine_app cb;
-    void *app;
     mq_handle reg, config, listener;
     mq_buffer alpn;
     uint8_t alpnbuf[256];
@@ -210,14 +195,10 @@ struct fpy3_engine {
     ms_event *work; /* the batch being handled */
     size_t workcap;
 
-    fpy3_qconn **slots;
-    uint32_t nslots, slotcap;
-    uint32_t *freeslots;
-    uint32_t nfree;
-    uint64_t counter;
     size_t nactive;
-    fpy3_qconn *dirty;
 };
+
+static void ms_free(fpy3_engine *e);
 
 /* --- the queue (any thread) --------------------------------------------------------------- */
 
@@ -274,7 +255,7 @@ static mq_status stream_cb(mq_handle h, void *ctx, mq_stream_event *mev)
             return 12; /* QUIC_STATUS_OUT_OF_MEMORY */
         /* The buffer list lives on MsQuic's stack; the bytes stay until completed. */
         memcpy(ev.bufs, mev->RECEIVE.Buffers, n * sizeof(mq_buffer));
-        if (push(qc->e, &ev) < 0) {
+        if (push(qc->b.e, &ev) < 0) {
             if (ev.bufs != ev.inl)
                 free(ev.bufs);
             return 12;
@@ -303,7 +284,7 @@ static mq_status stream_cb(mq_handle h, void *ctx, mq_stream_event *mev)
     default:
         return MQ_STATUS_SUCCESS;
     }
-    push(qc->e, &ev);
+    push(qc->b.e, &ev);
     return MQ_STATUS_SUCCESS;
 }
 
@@ -342,7 +323,7 @@ static mq_status conn_cb(mq_handle h, void *ctx, mq_connection_event *mev)
         return MQ_STATUS_SUCCESS;
     }
     (void)h;
-    push(qc->e, &ev);
+    push(qc->b.e, &ev);
     return MQ_STATUS_SUCCESS;
 }
 
@@ -369,7 +350,7 @@ static mq_status listener_cb(mq_handle l, void *ctx, mq_listener_event *lev)
         return 12;
     mq_handle ch = lev->NEW_CONNECTION.Connection;
     const mq_new_connection_info *info = lev->NEW_CONNECTION.Info;
-    qc->e = e;
+    qc->b.e = e;
     qc->h = ch;
     qc->next_uni = 3; /* server-initiated unidirectional: 3, 7, 11, ... */
     qc->peerlen = copy_addr(&qc->peer, info->RemoteAddress);
@@ -413,79 +394,24 @@ static void smap_del(fpy3_qconn *qc, ms_stream *st)
     st->in_map = 0;
 }
 
-static void dirty_add(fpy3_qconn *qc)
-{
-    if (qc->dirty)
-        return;
-    fpy3_engine *e = qc->e;
-    qc->dirty = 1;
-    qc->dprev = NULL;
-    qc->dnext = e->dirty;
-    if (e->dirty)
-        e->dirty->dprev = qc;
-    e->dirty = qc;
-}
-
-static void dirty_del(fpy3_qconn *qc)
-{
-    if (!qc->dirty)
-        return;
-    if (qc->dprev)
-        qc->dprev->dnext = qc->dnext;
-    else
-        qc->e->dirty = qc->dnext;
-    if (qc->dnext)
-        qc->dnext->dprev = qc->dprev;
-    qc->dirty = 0;
-    qc->dnext = qc->dprev = NULL;
-}
-
-static int slot_alloc(fpy3_engine *e, fpy3_qconn *qc)
-{
-    uint32_t s;
-    if (e->nfree) {
-        s = e->freeslots[--e->nfree];
-    } else {
-        if (e->nslots == e->slotcap) {
-            uint32_t ncap = e->slotcap ? e->slotcap * 2 : 64;
-            if (ncap > 0xffffff)
-                return -1;
-            fpy3_qconn **ns = realloc(e->slots, ncap * sizeof(*ns));
-            if (!ns)
-                return -1;
-            e->slots = ns;
-            uint32_t *nf = realloc(e->freeslots, ncap * sizeof(*nf));
-            if (!nf)
-                return -1;
-            e->freeslots = nf;
-            e->slotcap = ncap;
-        }
-        s = e->nslots++;
-    }
-    e->slots[s] = qc;
-    qc->slot = s;
-    qc->handle = (++e->counter << 24) | s;
-    return 0;
-}
-
 static void uncount(fpy3_qconn *qc)
 {
     if (qc->counted) {
         qc->counted = 0;
-        qc->e->nactive--;
+        qc->b.e->nactive--;
     }
 }
 
 /* The app forgets the connection now; MsQuic's events for it are still drained. */
 static void app_detach(fpy3_qconn *qc)
 {
-    void *ac = qc->ac;
+    void *ac = qc->b.ac;
     uncount(qc);
-    dirty_del(qc);
+    fpy3_dirty_del(qc);
     if (!ac)
         return;
-    qc->ac = NULL;
-    qc->e->cb.conn_close(ac);
+    qc->b.ac = NULL;
+    qc->b.e->b.cb.conn_close(ac);
 }
 
 static void shutdown_now(fpy3_qconn *qc)
@@ -537,7 +463,7 @@ static void on_recv(fpy3_engine *e, ms_event *ev)
     st->rx_base = ev->a;
     st->rx_len = ev->b;
     int fin = (ev->flags & MQ_RECEIVE_FLAG_FIN) != 0;
-    if (qc->ac && !st->discard && !st->fin_seen) {
+    if (qc->b.ac && !st->discard && !st->fin_seen) {
         uint32_t last = ev->nbuf;
         while (last && ev->bufs[last - 1].Length == 0)
             last--;
@@ -545,20 +471,20 @@ static void on_recv(fpy3_engine *e, ms_event *ev)
             if (!ev->bufs[i].Length)
                 continue;
             int f = fin && i + 1 == last;
-            if (e->cb.recv(qc->ac, st->sid, ev->bufs[i].Buffer, ev->bufs[i].Length, f) < 0) {
+            if (e->b.cb.recv(qc->b.ac, st->sid, ev->bufs[i].Buffer, ev->bufs[i].Length, f) < 0) {
                 app_fail(qc);
                 break;
             }
             if (f)
                 st->fin_seen = 1;
         }
-        if (qc->ac && fin && !st->fin_seen) {
+        if (qc->b.ac && fin && !st->fin_seen) {
             st->fin_seen = 1;
-            if (e->cb.recv(qc->ac, st->sid, NULL, 0, 1) < 0)
+            if (e->b.cb.recv(qc->b.ac, st->sid, NULL, 0, 1) < 0)
                 app_fail(qc);
         }
     }
-    if (!qc->ac)
+    if (!qc->b.ac)
         st->discard = 1;
     try_complete(st);
 }
@@ -566,10 +492,10 @@ static void on_recv(fpy3_engine *e, ms_event *ev)
 static void write_conn(fpy3_engine *e, fpy3_qconn *qc)
 {
     fpy3_vec vec[16];
-    for (int i = 0; i < MAX_PULLS && qc->ac; i++) {
+    for (int i = 0; i < MAX_PULLS && qc->b.ac; i++) {
         int64_t sid = -1;
         int fin = 0;
-        long nvec = e->cb.pull(qc->ac, &sid, &fin, vec, 16);
+        long nvec = e->b.cb.pull(qc->b.ac, &sid, &fin, vec, 16);
         if (nvec < 0) {
             app_fail(qc);
             return;
@@ -583,8 +509,8 @@ static void write_conn(fpy3_engine *e, fpy3_qconn *qc)
         if (!st || st->wr_shut) {
             /* Nowhere to send it: the app must drop the stream's output. */
             if (st)
-                e->cb.shut_wr(qc->ac, sid);
-            else if (e->cb.written(qc->ac, sid, (size_t)total) < 0)
+                e->b.cb.shut_wr(qc->b.ac, sid);
+            else if (e->b.cb.written(qc->b.ac, sid, (size_t)total) < 0)
                 app_fail(qc);
             if (!st && !total)
                 return;
@@ -594,7 +520,7 @@ static void write_conn(fpy3_engine *e, fpy3_qconn *qc)
             return; /* nothing to push: avoid spinning on an empty stream */
         ms_send *rec = malloc(sizeof(*rec) + (size_t)nvec * sizeof(mq_buffer));
         if (!rec) {
-            dirty_add(qc); /* retry on the next flush */
+            fpy3_dirty_add(qc); /* retry on the next flush */
             return;
         }
         rec->st = st;
@@ -608,45 +534,28 @@ static void write_conn(fpy3_engine *e, fpy3_qconn *qc)
         if (MQ_FAILED(rv)) {
             free(rec);
             st->wr_shut = 1;
-            e->cb.shut_wr(qc->ac, sid);
+            e->b.cb.shut_wr(qc->b.ac, sid);
             continue;
         }
         qc->sends_out++;
-        if (e->cb.written(qc->ac, sid, (size_t)total) < 0) {
+        if (e->b.cb.written(qc->b.ac, sid, (size_t)total) < 0) {
             app_fail(qc);
             return;
         }
     }
-    if (qc->ac)
-        dirty_add(qc); /* more than MAX_PULLS: the next flush goes on */
+    if (qc->b.ac)
+        fpy3_dirty_add(qc); /* more than MAX_PULLS: the next flush goes on */
+}
+
+static int write_one(fpy3_qconn *qc)
+{
+    write_conn(qc->b.e, qc);
+    return 0; /* MsQuic queues its own sends: never full */
 }
 
 static void write_dirty(fpy3_engine *e, int honor_defer)
 {
-    fpy3_qconn *list = e->dirty, *keep = NULL;
-    e->dirty = NULL;
-    while (list) {
-        fpy3_qconn *qc = list;
-        list = qc->dnext;
-        if (list)
-            list->dprev = NULL;
-        qc->dirty = 0;
-        qc->dnext = qc->dprev = NULL;
-        if (honor_defer && qc->defer) {
-            qc->defer = 0;
-            qc->dnext = keep;
-            keep = qc;
-            continue;
-        }
-        qc->defer = 0;
-        write_conn(e, qc);
-    }
-    while (keep) {
-        fpy3_qconn *qc = keep;
-        keep = qc->dnext;
-        qc->dnext = NULL;
-        dirty_add(qc);
-    }
+    fpy3_dirty_run(&e->b, honor_defer, write_one);
 }
 
 static void conn_free(fpy3_engine *e, fpy3_qconn *qc)
@@ -659,10 +568,7 @@ static void conn_free(fpy3_engine *e, fpy3_qconn *qc)
             api->StreamClose(st->h); /* not shut down yet: MsQuic aborts it */
             free(st);
         }
-    if (qc->handle) {
-        e->slots[qc->slot] = NULL;
-        e->freeslots[e->nfree++] = qc->slot;
-    }
+    fpy3_conn_table_remove(&e->b, qc);
     api->ConnectionClose(qc->h);
     free(qc);
     atomic_fetch_sub(&e->live, 1);
@@ -677,17 +583,17 @@ static void handle(fpy3_engine *e, ms_event *ev)
         if (qc->state != QC_HANDSHAKE)
             break;
         qc->state = QC_OPEN;
-        if (e->freeing || slot_alloc(e, qc) < 0) {
+        if (e->freeing || fpy3_conn_table_add(&e->b, qc) < 0) {
             conn_shutdown(qc, APP_INTERNAL_ERROR);
             break;
         }
         qc->counted = 1;
         e->nactive++;
-        qc->ac = e->cb.conn_open(e->app, qc);
-        if (!qc->ac)
+        qc->b.ac = e->b.cb.conn_open(e->b.app, qc);
+        if (!qc->b.ac)
             conn_shutdown(qc, APP_INTERNAL_ERROR);
         else
-            dirty_add(qc); /* the app's control streams */
+            fpy3_dirty_add(qc); /* the app's control streams */
         break;
     case EV_CONN_SHUTDOWN:
         uncount(qc);
@@ -697,11 +603,11 @@ static void handle(fpy3_engine *e, ms_event *ev)
         break;
     case EV_STREAM_STARTED:
         smap_put(qc, st);
-        if (!qc->ac)
+        if (!qc->b.ac)
             st->discard = 1;
         break;
     case EV_START_COMPLETE:
-        if ((MQ_FAILED((mq_status)ev->b) || (int64_t)ev->a != st->sid) && qc->ac)
+        if ((MQ_FAILED((mq_status)ev->b) || (int64_t)ev->a != st->sid) && qc->b.ac)
             conn_shutdown(qc, APP_CRITICAL_STREAM); /* our id guess was wrong */
         break;
     case EV_RECV:
@@ -709,7 +615,7 @@ static void handle(fpy3_engine *e, ms_event *ev)
         break;
     case EV_SEND_DONE: {
         ms_send *rec = ev->ptr;
-        if (!ev->a && qc->ac && e->cb.acked(qc->ac, rec->st->sid, rec->len) < 0)
+        if (!ev->a && qc->b.ac && e->b.cb.acked(qc->b.ac, rec->st->sid, rec->len) < 0)
             app_fail(qc);
         free(rec);
         if (--qc->sends_out == 0 && qc->close_when_sent)
@@ -717,36 +623,36 @@ static void handle(fpy3_engine *e, ms_event *ev)
         break;
     }
     case EV_PEER_FIN:
-        if (qc->ac && !st->fin_seen && !st->discard) {
+        if (qc->b.ac && !st->fin_seen && !st->discard) {
             st->fin_seen = 1;
-            if (e->cb.recv(qc->ac, st->sid, NULL, 0, 1) < 0)
+            if (e->b.cb.recv(qc->b.ac, st->sid, NULL, 0, 1) < 0)
                 app_fail(qc);
         }
         break;
     case EV_PEER_RESET:
         st->code = ev->a;
-        if (qc->ac && e->cb.peer_reset(qc->ac, st->sid, ev->a) < 0)
+        if (qc->b.ac && e->b.cb.peer_reset(qc->b.ac, st->sid, ev->a) < 0)
             app_fail(qc);
         break;
     case EV_PEER_STOP:
         st->code = ev->a;
         st->wr_shut = 1; /* MsQuic answers with RESET_STREAM itself */
-        if (qc->ac)
-            e->cb.shut_wr(qc->ac, st->sid);
+        if (qc->b.ac)
+            e->b.cb.shut_wr(qc->b.ac, st->sid);
         break;
     case EV_STOP_READING:
-        if (qc->ac && st->in_map && e->cb.stop_reading(qc->ac, st->sid) < 0)
+        if (qc->b.ac && st->in_map && e->b.cb.stop_reading(qc->b.ac, st->sid) < 0)
             app_fail(qc);
         break;
     case EV_STREAM_DONE:
         smap_del(qc, st);
-        if (qc->ac && e->cb.stream_close(qc->ac, st->sid, st->code) < 0)
+        if (qc->b.ac && e->b.cb.stream_close(qc->b.ac, st->sid, st->code) < 0)
             app_fail(qc);
         api->StreamClose(st->h);
-        if ((st->sid & 3) == 0 && qc->ac) {
+        if ((st->sid & 3) == 0 && qc->b.ac) {
             /* MsQuic lets the peer open another as soon as this one is closed. */
             qc->closed_bidi++;
-            e->cb.max_streams(qc->ac, e->cfg.max_streams_bidi + qc->closed_bidi);
+            e->b.cb.max_streams(qc->b.ac, e->cfg.max_streams_bidi + qc->closed_bidi);
         }
         free(st);
         break;
@@ -852,15 +758,13 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
         return NULL;
     fpy3_engine *e = calloc(1, sizeof(*e));
     if (!e) {
-        seterr(err, errlen, "out of memory");
+        fpy3_seterr(err, errlen, "out of memory");
         return NULL;
     }
-    e->ops = &fpy3_engine_msquic;
+    fpy3_engine_base_init(&e->b, &fpy3_engine_msquic, cb, app);
     e->cfg = *cfg;
     e->cfg.cert_file = e->cfg.key_file = e->cfg.qlog_dir = e->cfg.alpn = NULL;
     e->cfg.listen_host = NULL;
-    e->cb = *cb;
-    e->app = app;
     e->efd = -1;
     atomic_init(&e->accepting, 1);
     atomic_init(&e->live, 0);
@@ -870,7 +774,7 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
     const char *alpn = cfg->alpn ? cfg->alpn : "h3";
     size_t alen = strlen(alpn);
     if (!alen || alen > 255) {
-        seterr(err, errlen, "bad ALPN");
+        fpy3_seterr(err, errlen, "bad ALPN");
         goto fail;
     }
     memcpy(e->alpnbuf, alpn, alen);
@@ -878,7 +782,7 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
     e->alpn.Length = (uint32_t)alen;
     e->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (e->efd < 0) {
-        seterr(err, errlen, "eventfd: %s", strerror(errno));
+        fpy3_seterr(err, errlen, "eventfd: %s", strerror(errno));
         goto fail;
     }
 
@@ -904,7 +808,7 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
         };
         mq_status rv = api->SetParam(NULL, MQ_PARAM_GLOBAL_GLOBAL_SETTINGS, sizeof(gs), &gs);
         if (MQ_FAILED(rv)) {
-            seterr(err, errlen, "MsQuic load-balancing mode: status 0x%x", rv);
+            fpy3_seterr(err, errlen, "MsQuic load-balancing mode: status 0x%x", rv);
             goto fail;
         }
     }
@@ -913,7 +817,7 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
     mq_status rv = api->RegistrationOpen(&rc, &e->reg);
     if (MQ_FAILED(rv)) {
         e->reg = NULL;
-        seterr(err, errlen, "MsQuic RegistrationOpen: status 0x%x", rv);
+        fpy3_seterr(err, errlen, "MsQuic RegistrationOpen: status 0x%x", rv);
         goto fail;
     }
     mq_settings s;
@@ -936,7 +840,7 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
     rv = api->ConfigurationOpen(e->reg, &e->alpn, 1, &s, sizeof(s), NULL, &e->config);
     if (MQ_FAILED(rv)) {
         e->config = NULL;
-        seterr(err, errlen, "MsQuic ConfigurationOpen: status 0x%x", rv);
+        fpy3_seterr(err, errlen, "MsQuic ConfigurationOpen: status 0x%x", rv);
         goto fail;
     }
     mq_certificate_file cf = {.PrivateKeyFile = cfg->key_file, .CertificateFile = cfg->cert_file};
@@ -945,7 +849,7 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
                                .CertificateFile = &cf};
     rv = api->ConfigurationLoadCredential(e->config, &cc);
     if (MQ_FAILED(rv)) {
-        seterr(err, errlen, "loading %s / %s: MsQuic status 0x%x",
+        fpy3_seterr(err, errlen, "loading %s / %s: MsQuic status 0x%x",
                cfg->cert_file ? cfg->cert_file : "(null)", cfg->key_file ? cfg->key_file : "(null)",
                rv);
         goto fail;
@@ -961,7 +865,7 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
         addr.Ipv6.sin6_family =
             IN6_IS_ADDR_UNSPECIFIED(&addr.Ipv6.sin6_addr) ? AF_UNSPEC : AF_INET6;
     } else if (host[0]) {
-        seterr(err, errlen, "MsQuic listener: %s is not a numeric address", host);
+        fpy3_seterr(err, errlen, "MsQuic listener: %s is not a numeric address", host);
         goto fail;
     } else {
         addr.Ip.sa_family = AF_UNSPEC; /* every address, both families */
@@ -970,19 +874,19 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
     rv = api->ListenerOpen(e->reg, listener_cb, e, &e->listener);
     if (MQ_FAILED(rv)) {
         e->listener = NULL;
-        seterr(err, errlen, "MsQuic ListenerOpen: status 0x%x", rv);
+        fpy3_seterr(err, errlen, "MsQuic ListenerOpen: status 0x%x", rv);
         goto fail;
     }
     rv = api->ListenerStart(e->listener, &e->alpn, 1, &addr);
     if (MQ_FAILED(rv)) {
-        seterr(err, errlen, "MsQuic cannot listen on [%s]:%u (UDP): %s", host[0] ? host : "*",
+        fpy3_seterr(err, errlen, "MsQuic cannot listen on [%s]:%u (UDP): %s", host[0] ? host : "*",
                cfg->listen_port, rv < 4096 ? strerror((int)rv) : "error");
         goto fail;
     }
     set_group_program(cfg->listen_port, cfg->steer_len ? cfg->steer_prog : NULL, cfg->steer_len);
     return e;
 fail:
-    e->ops->free(e);
+    ms_free(e);
     return NULL;
 }
 
@@ -994,17 +898,17 @@ static void ms_free(fpy3_engine *e)
     e->freeing = 1;
     if (e->listener)
         api->ListenerClose(e->listener); /* waits until it is stopped */
-    for (uint32_t i = 0; i < e->nslots; i++)
-        if (e->slots[i])
-            app_detach(e->slots[i]);
+    for (uint32_t i = 0; i < e->b.nslots; i++)
+        if (e->b.slots[i])
+            app_detach(e->b.slots[i]);
     if (e->reg) {
         /* Clean closes still waiting for their last sends (GOAWAY): give them a moment. */
         struct timespec w0, w;
         clock_gettime(CLOCK_MONOTONIC, &w0);
         for (;;) {
             int waiting = 0;
-            for (uint32_t i = 0; i < e->nslots; i++)
-                waiting |= e->slots[i] && e->slots[i]->close_when_sent;
+            for (uint32_t i = 0; i < e->b.nslots; i++)
+                waiting |= e->b.slots[i] && e->b.slots[i]->close_when_sent;
             clock_gettime(CLOCK_MONOTONIC, &w);
             if (!waiting || (w.tv_sec - w0.tv_sec) * 1000 + (w.tv_nsec - w0.tv_nsec) / 1000000 > 2000)
                 break;
@@ -1036,8 +940,7 @@ static void ms_free(fpy3_engine *e)
     pthread_mutex_destroy(&e->qlock);
     free(e->q);
     free(e->work);
-    free(e->slots);
-    free(e->freeslots);
+    fpy3_engine_base_free(&e->b);
     free(e);
 }
 
@@ -1062,7 +965,7 @@ static int ms_flush(fpy3_engine *e)
     return 0;
 }
 
-static int64_t ms_next_timeout_ms(fpy3_engine *e) { return e->dirty ? 0 : -1; }
+static int64_t ms_next_timeout_ms(fpy3_engine *e) { return e->b.dirty ? 0 : -1; }
 static int ms_want_write(fpy3_engine *e)
 {
     (void)e; /* MsQuic queues its own sends */
@@ -1070,25 +973,6 @@ static int ms_want_write(fpy3_engine *e)
 }
 static void ms_stop_accepting(fpy3_engine *e) { atomic_store(&e->accepting, 0); }
 static size_t ms_conn_count(fpy3_engine *e) { return e->nactive; }
-
-static void ms_each(fpy3_engine *e, void (*fn)(void *ac, void *arg), void *arg)
-{
-    for (uint32_t i = 0; i < e->nslots; i++) {
-        fpy3_qconn *qc = e->slots[i];
-        if (qc && qc->ac)
-            fn(qc->ac, arg);
-    }
-}
-
-static uint64_t ms_conn_handle(fpy3_qconn *qc) { return qc->handle; }
-
-static void *ms_conn_find(fpy3_engine *e, uint64_t handle)
-{
-    uint32_t s = (uint32_t)(handle & 0xffffff);
-    if (s >= e->nslots || !e->slots[s] || e->slots[s]->handle != handle)
-        return NULL;
-    return e->slots[s]->ac;
-}
 
 static const struct sockaddr *ms_conn_peer(fpy3_qconn *qc, uint32_t *len)
 {
@@ -1104,11 +988,9 @@ static const struct sockaddr *ms_conn_local(fpy3_qconn *qc, uint32_t *len)
 
 static void ms_mark(fpy3_qconn *qc)
 {
-    if (qc->ac)
-        dirty_add(qc);
+    if (qc->b.ac)
+        fpy3_dirty_add(qc);
 }
-
-static void ms_defer(fpy3_qconn *qc) { qc->defer = 1; }
 
 static int ms_open_uni(fpy3_qconn *qc, int64_t *sid)
 {
@@ -1153,7 +1035,7 @@ static void ms_extend_streams_bidi(fpy3_qconn *qc, uint64_t n)
     (void)n;
 }
 
-static uint64_t ms_max_streams_bidi(fpy3_qconn *qc) { return qc->e->cfg.max_streams_bidi; }
+static uint64_t ms_max_streams_bidi(fpy3_qconn *qc) { return qc->b.e->cfg.max_streams_bidi; }
 
 static int ms_shutdown_stream(fpy3_qconn *qc, int64_t sid, uint64_t app_error, int how)
 {
@@ -1167,7 +1049,7 @@ static int ms_shutdown_stream(fpy3_qconn *qc, int64_t sid, uint64_t app_error, i
         try_complete(st);
         /* stop_reading reaches the app with the next batch, not inside this call. */
         ms_event ev = {.type = EV_STOP_READING, .qc = qc, .st = st};
-        push(qc->e, &ev);
+        push(qc->b.e, &ev);
     }
     if ((how & FPY3_SHUT_WR) && !st->wr_shut) {
         flags |= MQ_STREAM_SHUTDOWN_FLAG_ABORT_SEND;
@@ -1207,13 +1089,13 @@ const fpy3_engine_ops fpy3_engine_msquic = {
     .want_write = ms_want_write,
     .stop_accepting = ms_stop_accepting,
     .conn_count = ms_conn_count,
-    .each = ms_each,
-    .conn_handle = ms_conn_handle,
-    .conn_find = ms_conn_find,
+    .each = fpy3_common_each,
+    .conn_handle = fpy3_common_conn_handle,
+    .conn_find = fpy3_common_conn_find,
     .conn_peer = ms_conn_peer,
     .conn_local = ms_conn_local,
     .mark = ms_mark,
-    .defer = ms_defer,
+    .defer = fpy3_common_defer,
     .open_uni = ms_open_uni,
     .extend = ms_extend,
     .extend_streams_bidi = ms_extend_streams_bidi,
