@@ -109,6 +109,11 @@ int64_t fpy3_engine_next_timeout_ms(fpy3_engine *e); /* -1 none, 0 now */
 int fpy3_engine_want_write(fpy3_engine *e); /* packets wait for the socket to be writable */
 void fpy3_engine_stop_accepting(fpy3_engine *e);
 size_t fpy3_engine_conn_count(fpy3_engine *e); /* not closing or draining */
+/* Closes every connection now with an application error (conn_close is called for
+ * each) and stops accepting. The CONNECTION_CLOSE frames are on their way before it
+ * returns: ngtcp2 writes them to the socket (waiting briefly if it is full); MsQuic
+ * sends them from its threads, and this waits, bounded, until they are done. */
+void fpy3_engine_close_all(fpy3_engine *e, uint64_t app_error);
 /* Visit every connection's app state (those past conn_open). */
 void fpy3_engine_each(fpy3_engine *e, void (*fn)(void *ac, void *arg), void *arg);
 
@@ -149,6 +154,7 @@ typedef struct {
     int (*want_write)(fpy3_engine *e);
     void (*stop_accepting)(fpy3_engine *e);
     size_t (*conn_count)(fpy3_engine *e);
+    void (*close_all)(fpy3_engine *e, uint64_t app_error);
     void (*each)(fpy3_engine *e, void (*fn)(void *ac, void *arg), void *arg);
     uint64_t (*conn_handle)(fpy3_qconn *qc);
     void *(*conn_find)(fpy3_engine *e, uint64_t handle);

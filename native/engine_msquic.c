@@ -56,6 +56,7 @@
 #define APP_CRITICAL_STREAM 0x104
 #define APP_NO_ERROR 0x100
 #define MQ_STATUS_OUT_OF_MEMORY 12u /* ENOMEM */
+#define CLOSE_ALL_WAIT_MS 1000 /* close_all: how long to wait for MsQuic's closes */
 #ifndef SO_DETACH_REUSEPORT_BPF
 #define SO_DETACH_REUSEPORT_BPF 68
 #endif
@@ -212,6 +213,8 @@ struct fpy3_engine {
     atomic_int accepting;
     atomic_long live; /* connections MsQuic gave us and we have not freed */
     int freeing;
+    int closed_all; /* close_all ran: connections finishing their handshake close too */
+    uint64_t closed_all_code;
 
     pthread_mutex_t qlock;
     ms_event *qhead, *qtail; /* filled by MsQuic threads */
@@ -686,8 +689,8 @@ static void handle(fpy3_engine *e, ms_event *ev)
         if (qc->state != QC_HANDSHAKE)
             break;
         qc->state = QC_OPEN;
-        if (e->freeing || fpy3_conn_table_add(&e->b, qc) < 0) {
-            conn_shutdown(qc, APP_INTERNAL_ERROR);
+        if (e->freeing || e->closed_all || fpy3_conn_table_add(&e->b, qc) < 0) {
+            conn_shutdown(qc, e->closed_all ? e->closed_all_code : APP_INTERNAL_ERROR);
             break;
         }
         qc->counted = 1;
@@ -1127,6 +1130,32 @@ static int ms_want_write(fpy3_engine *e)
 static void ms_stop_accepting(fpy3_engine *e) { atomic_store(&e->accepting, 0); }
 static size_t ms_conn_count(fpy3_engine *e) { return e->nactive; }
 
+/* ConnectionShutdown with app_error on every connection the app has, the registration's
+ * shutdown for those MsQuic still handshakes, and a bounded wait for SHUTDOWN_COMPLETE:
+ * MsQuic sends CONNECTION_CLOSE from its threads and has no event for "sent", but a
+ * connection whose shutdown completed has sent it. Objects are freed only as their
+ * SHUTDOWN_COMPLETE comes, so MsQuic never calls back into freed memory. */
+static void ms_close_all(fpy3_engine *e, uint64_t app_error)
+{
+    atomic_store(&e->accepting, 0);
+    e->closed_all = 1;
+    e->closed_all_code = app_error;
+    for (uint32_t i = 0; i < e->b.nslots; i++) {
+        fpy3_qconn *qc = e->b.slots[i];
+        if (!qc)
+            continue;
+        if (qc->state != QC_CLOSING || qc->close_when_sent) {
+            qc->state = QC_CLOSING;
+            qc->close_code = app_error;
+            shutdown_now(qc);
+        }
+        app_detach(qc);
+    }
+    if (e->reg)
+        api->RegistrationShutdown(e->reg, MQ_CONN_SHUTDOWN_FLAG_NONE, app_error);
+    drain_until(e, none_live, CLOSE_ALL_WAIT_MS);
+}
+
 static const struct sockaddr *ms_conn_peer(fpy3_qconn *qc, uint32_t *len)
 {
     *len = qc->peerlen;
@@ -1241,6 +1270,7 @@ const fpy3_engine_ops fpy3_engine_msquic = {
     .want_write = ms_want_write,
     .stop_accepting = ms_stop_accepting,
     .conn_count = ms_conn_count,
+    .close_all = ms_close_all,
     .each = fpy3_common_each,
     .conn_handle = fpy3_common_conn_handle,
     .conn_find = fpy3_common_conn_find,

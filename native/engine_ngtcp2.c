@@ -37,6 +37,7 @@ _Static_assert(sizeof(ngtcp2_socklen) == sizeof(socklen_t), "ngtcp2_socklen is s
 #define RX_ROUNDS 16        /* recvmmsg calls per ng_read: bounds one loop turn */
 #define ONEOFF_MAX 1500     /* Retry, version negotiation, stateless reset or close */
 #define SR_PER_SEC 100      /* stateless resets sent per second at most */
+#define CLOSE_ALL_WAIT_MS 200 /* close_all: how long a full socket may hold the closes */
 
 enum { QC_ACTIVE, QC_CLOSING, QC_DRAINING };
 
@@ -1052,6 +1053,35 @@ static void ng_stop_accepting(fpy3_engine *e) { e->accepting = 0; }
 
 static size_t ng_conn_count(fpy3_engine *e) { return e->nactive; }
 
+static int wait_left_ms(ngtcp2_tstamp deadline)
+{
+    ngtcp2_tstamp now = mono_ns();
+    return now >= deadline ? 0 : (int)((deadline - now) / NGTCP2_MILLISECONDS);
+}
+
+/* Every active connection sends CONNECTION_CLOSE with app_error now and enters its
+ * closing period; the packets go to the socket before this returns (a full socket
+ * is waited for, briefly). New connections are refused from now on. */
+static void ng_close_all(fpy3_engine *e, uint64_t app_error)
+{
+    e->accepting = 0;
+    e->now = mono_ns();
+    ngtcp2_tstamp deadline = e->now + CLOSE_ALL_WAIT_MS * NGTCP2_MILLISECONDS;
+    for (uint32_t i = 0; i < e->b.nslots; i++) {
+        fpy3_qconn *qc = e->b.slots[i];
+        if (!qc || qc->state != QC_ACTIVE)
+            continue;
+        ngtcp2_ccerr_set_application_error(&qc->ccerr, app_error, NULL, 0);
+        qc->err_set = 1;
+        /* Room for the close in the send batch, or it would wait for the peer's
+         * next packet. */
+        if (!fpy3_udp_reserve(&e->udp, NGTCP2_MAX_UDP_PAYLOAD_SIZE))
+            fpy3_udp_send_wait(&e->udp, wait_left_ms(deadline));
+        start_closing(qc); /* may delete qc: its slot empties */
+    }
+    fpy3_udp_send_wait(&e->udp, wait_left_ms(deadline));
+}
+
 static const struct sockaddr *ng_conn_peer(fpy3_qconn *qc, uint32_t *len)
 {
     const ngtcp2_path *p = ngtcp2_conn_get_path(qc->conn);
@@ -1142,6 +1172,7 @@ const fpy3_engine_ops fpy3_engine_ngtcp2 = {
     .want_write = ng_want_write,
     .stop_accepting = ng_stop_accepting,
     .conn_count = ng_conn_count,
+    .close_all = ng_close_all,
     .each = fpy3_common_each,
     .conn_handle = fpy3_common_conn_handle,
     .conn_find = fpy3_common_conn_find,

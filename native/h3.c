@@ -103,9 +103,9 @@ struct fpy3_h3_server {
 
     fpy3_h3_event *ev; /* the batch Python reads; owned here, reused */
     size_t nev, evcap;
-    /* Events raised while flushing (resets, closes; they carry no bytes) wait here
-     * for the next read/expire batch, so a flush never invalidates or extends the
-     * batch Python may still be reading. */
+    /* Events raised while flushing or closing all (resets, closes; they carry no
+     * bytes) wait here for the next read/expire batch, so those calls never
+     * invalidate or extend the batch Python may still be reading. */
     fpy3_h3_event *pend;
     size_t npend, pendcap;
     int in_flush;
@@ -1077,6 +1077,8 @@ void fpy3_h3_server_free(fpy3_h3_server *s)
 {
     if (!s)
         return;
+    /* Clients learn at once (CONNECTION_CLOSE), not at their idle timeout. */
+    fpy3_h3_close_all(s, FPY3_H3_NO_ERROR);
     fpy3_engine_free(s->e); /* conn_close for each: streams and conns become zombies */
     s->e = NULL;
     batch_begin(s);
@@ -1293,3 +1295,13 @@ void fpy3_h3_shutdown(fpy3_h3_server *s, int phase)
 }
 
 size_t fpy3_h3_connection_count(fpy3_h3_server *s) { return fpy3_engine_conn_count(s->e); }
+
+void fpy3_h3_close_all(fpy3_h3_server *s, uint64_t h3_error)
+{
+    /* As in a flush: the events this raises (streams reset and closed) lead the next
+     * batch, and next_timeout_ms is 0 until then. */
+    s->in_flush = 1;
+    close_pending(s); /* those already failing close with their own code */
+    fpy3_engine_close_all(s->e, h3_error);
+    s->in_flush = 0;
+}

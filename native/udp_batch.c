@@ -4,8 +4,10 @@
 
 #include <errno.h>
 #include <netinet/udp.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "engine_common.h"
 
@@ -295,6 +297,28 @@ int fpy3_udp_send(fpy3_udp *u)
     u->txlen = 0;
     u->blocked = 0;
     return 0;
+}
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int fpy3_udp_send_wait(fpy3_udp *u, int timeout_ms)
+{
+    int64_t deadline = mono_ms() + timeout_ms;
+    for (;;) {
+        if (fpy3_udp_send(u) == 0)
+            return 0;
+        int64_t left = deadline - mono_ms();
+        if (left <= 0)
+            return -1;
+        struct pollfd p = {.fd = u->fd, .events = POLLOUT};
+        if (poll(&p, 1, (int)left) < 0 && errno != EINTR)
+            return -1;
+    }
 }
 
 void fpy3_udp_commit(fpy3_udp *u, size_t len, size_t seg, const struct sockaddr *remote,

@@ -87,6 +87,8 @@ int fpy3_udp_datagram(fpy3_udp *u, int i, fpy3_datagram *d);
 
 /* Sends what is queued: 0 when all went (or was dropped), -1 when blocked. */
 int fpy3_udp_send(fpy3_udp *u);
+/* As fpy3_udp_send, then while blocked waits for writability, up to timeout_ms. */
+int fpy3_udp_send_wait(fpy3_udp *u, int timeout_ms);
 
 /* Room for need bytes and a GSO run's worth of msgs at fpy3_udp_reserve's return;
  * NULL while blocked. */
