@@ -412,11 +412,21 @@ static void start_closing(fpy3_qconn *qc)
     ngtcp2_path_storage ps;
     ngtcp2_pkt_info pi;
     ngtcp2_path_storage_zero(&ps);
-    qc->closebuf = malloc(NGTCP2_MAX_UDP_PAYLOAD_SIZE);
-    ngtcp2_ssize n = qc->closebuf ? ngtcp2_conn_write_connection_close(
-                                        qc->conn, &ps.path, &pi, qc->closebuf,
-                                        NGTCP2_MAX_UDP_PAYLOAD_SIZE, &qc->ccerr, e->now)
-                                  : -1;
+    qc->closebuf = malloc(NGTCP2_MAX_UDP_PAYLOAD_SIZE); /* qc's, freed in conn_delete */
+    if (!qc->closebuf) {
+        /* No memory to keep it for the closing period: send the close once, go. */
+        uint8_t *buf = fpy3_udp_reserve(&e->udp, NGTCP2_MAX_UDP_PAYLOAD_SIZE);
+        ngtcp2_ssize n = buf ? ngtcp2_conn_write_connection_close(
+                                   qc->conn, &ps.path, &pi, buf, NGTCP2_MAX_UDP_PAYLOAD_SIZE,
+                                   &qc->ccerr, e->now)
+                             : -1;
+        if (n > 0)
+            tx_commit(e, (size_t)n, (size_t)n, &ps.path, 0);
+        conn_delete(qc);
+        return;
+    }
+    ngtcp2_ssize n = ngtcp2_conn_write_connection_close(
+        qc->conn, &ps.path, &pi, qc->closebuf, NGTCP2_MAX_UDP_PAYLOAD_SIZE, &qc->ccerr, e->now);
     if (n <= 0) {
         conn_delete(qc);
         return;
