@@ -1,7 +1,9 @@
 """cffi builder for fpy3._native.
 
-Every ``native/*.c`` file is compiled in. Each C room declares what Python may call
-in its own ``<room>.cdef`` file and its C prototypes in ``<room>.h``.
+Every ``native/*.c`` file is compiled in, with warnings as errors. Each C room declares
+what Python may call in its own ``<room>.cdef`` file and its C prototypes in
+``<room>.h``; headers without a ``.cdef`` are internal to the C code (the engines'
+shared parts) and stay out of the module's own source.
 System libraries are found with pkg-config; a missing one stops the build with the
 Debian package that provides it.
 """
@@ -59,13 +61,16 @@ def _builder() -> FFI:
     ffi = FFI()
     for cdef in sorted(HERE.glob("*.cdef")):
         ffi.cdef(cdef.read_text())
-    headers = "\n".join(f'#include "{h.name}"' for h in sorted(HERE.glob("*.h")))
+    rooms = sorted(h for h in HERE.glob("*.h") if h.with_suffix(".cdef").exists())
+    headers = "\n".join(f'#include "{h.name}"' for h in rooms)
+    # cffi defines it without a prototype, which -Wmissing-prototypes refuses.
+    headers += "\nPyMODINIT_FUNC PyInit__native(void);\n"
     sources = [
         str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
         for p in sorted(HERE.glob("*.c"))
         if p.name != "_native.c"
     ]
-    extra = ["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"]
+    extra = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-Wmissing-prototypes"]
     if os.environ.get("FPY3_SANITIZE"):
         extra += ["-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
         libs += ["-fsanitize=address,undefined"]

@@ -28,6 +28,7 @@ int64_t fpy3_engine_next_timeout_ms(fpy3_engine *e) { return OPS(e)->next_timeou
 int fpy3_engine_want_write(fpy3_engine *e) { return OPS(e)->want_write(e); }
 void fpy3_engine_stop_accepting(fpy3_engine *e) { OPS(e)->stop_accepting(e); }
 size_t fpy3_engine_conn_count(fpy3_engine *e) { return OPS(e)->conn_count(e); }
+void fpy3_engine_close_all(fpy3_engine *e, uint64_t app_error) { OPS(e)->close_all(e, app_error); }
 
 void fpy3_engine_each(fpy3_engine *e, void (*fn)(void *ac, void *arg), void *arg)
 {

@@ -15,7 +15,9 @@
  * each as `written`, and maps SEND_COMPLETE to `acked`.
  *
  * Two engines implement it (engine_ngtcp2.c, engine_msquic.c); engine.c picks one
- * per fpy3_engine_new (cfg->engine) and dispatches through its ops table.
+ * per fpy3_engine_new (cfg->engine) and dispatches through its ops table. What they
+ * share is in engine_common.c (connection table and handles, dirty list); ngtcp2's
+ * socket side is udp_batch.c, cid_map.c and timer_heap.c.
  */
 #ifndef FPY3_ENGINE_H
 #define FPY3_ENGINE_H
@@ -107,6 +109,11 @@ int64_t fpy3_engine_next_timeout_ms(fpy3_engine *e); /* -1 none, 0 now */
 int fpy3_engine_want_write(fpy3_engine *e); /* packets wait for the socket to be writable */
 void fpy3_engine_stop_accepting(fpy3_engine *e);
 size_t fpy3_engine_conn_count(fpy3_engine *e); /* not closing or draining */
+/* Closes every connection now with an application error (conn_close is called for
+ * each) and stops accepting. The CONNECTION_CLOSE frames are on their way before it
+ * returns: ngtcp2 writes them to the socket (waiting briefly if it is full); MsQuic
+ * sends them from its threads, and this waits, bounded, until they are done. */
+void fpy3_engine_close_all(fpy3_engine *e, uint64_t app_error);
 /* Visit every connection's app state (those past conn_open). */
 void fpy3_engine_each(fpy3_engine *e, void (*fn)(void *ac, void *arg), void *arg);
 
@@ -133,7 +140,8 @@ void fpy3_engine_conn_close(fpy3_qconn *qc, uint64_t app_error);
 
 
 /* The engine behind the functions above. Each engine's struct fpy3_engine starts
- * with its ops pointer, and each struct fpy3_qconn with its fpy3_engine pointer. */
+ * with its ops pointer, and each struct fpy3_qconn with its fpy3_engine pointer
+ * (engine_common.h: fpy3_engine_base and fpy3_qconn_base). */
 typedef struct {
     fpy3_engine *(*new)(int fd, const fpy3_engine_config *cfg, const fpy3_engine_app *cb,
                         void *app, char *err, size_t errlen);
@@ -146,6 +154,7 @@ typedef struct {
     int (*want_write)(fpy3_engine *e);
     void (*stop_accepting)(fpy3_engine *e);
     size_t (*conn_count)(fpy3_engine *e);
+    void (*close_all)(fpy3_engine *e, uint64_t app_error);
     void (*each)(fpy3_engine *e, void (*fn)(void *ac, void *arg), void *arg);
     uint64_t (*conn_handle)(fpy3_qconn *qc);
     void *(*conn_find)(fpy3_engine *e, uint64_t handle);

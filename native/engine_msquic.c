@@ -1,10 +1,18 @@
 /* engine_msquic: the QUIC server engine (engine.h) on MsQuic, loaded at run time.
  *
  * MsQuic owns the sockets and runs connections on its own threads. Its callbacks
- * never touch the app (nor Python): they copy each event into a queue under a
- * short mutex and write the eventfd when the queue was empty, so the loop wakes
- * once per batch. On the loop thread fpy3_engine_read drains the queue and runs
- * the app callbacks, as engine_ngtcp2 does from its socket.
+ * never touch the app (nor Python): they queue the event under a short mutex and
+ * write the eventfd when the queue was empty, so the loop wakes once per batch. On
+ * the loop thread fpy3_engine_read drains the queue and runs the app callbacks, as
+ * engine_ngtcp2 does from its socket.
+ *
+ * Events: each is a node inside the object it is about (connection, stream, send
+ * record), there from the object's creation, one per kind of event, since MsQuic
+ * reports each kind at most once per object (RECEIVE once per indication, and the
+ * next comes only after StreamReceiveComplete). So queueing never allocates and
+ * never fails, and no event is lost. Payloads travel in the object's fields: the
+ * MsQuic thread writes them before queueing, the loop reads them after, the queue's
+ * mutex ordering the two.
  *
  * Receive: a RECEIVE event returns QUIC_STATUS_PENDING; its bytes are handed to
  * the app at once (nghttp3 copies or consumes them) and StreamReceiveComplete is
@@ -21,31 +29,34 @@
  */
 #define _GNU_SOURCE
 #include "engine.h"
-#include "msquic_api.h"
 
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <dirent.h>
-#include <netinet/in.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "engine_common.h"
+#include "msquic_api.h"
+
 #define NBUCKETS 64          /* per-connection stream id hash */
 #define MAX_PULLS 4096       /* StreamSend calls per connection per flush */
-#define INLINE_BUFS 4
+#define RECV_BUFS 3          /* MsQuic indicates at most 3 buffers in our receive mode */
 #define APP_INTERNAL_ERROR 0x102 /* H3_INTERNAL_ERROR: the only app on this engine is h3 */
 #define APP_CRITICAL_STREAM 0x104
 #define APP_NO_ERROR 0x100
+#define MQ_STATUS_OUT_OF_MEMORY 12u /* ENOMEM */
+#define CLOSE_ALL_WAIT_MS 1000 /* close_all: how long to wait for MsQuic's closes */
 #ifndef SO_DETACH_REUSEPORT_BPF
 #define SO_DETACH_REUSEPORT_BPF 68
 #endif
@@ -59,16 +70,6 @@ static const mq_api *api;
 static pthread_mutex_t load_lock = PTHREAD_MUTEX_INITIALIZER;
 static int load_state; /* 0 not tried, 1 loaded, -1 failed */
 static char load_err[512];
-
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || !errlen)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
 
 static int try_open(const char *path, char *why, size_t whylen)
 {
@@ -115,17 +116,42 @@ int fpy3_msquic_load(char *err, size_t errlen)
     int rv = load_state == 1 ? 0 : -1;
     pthread_mutex_unlock(&load_lock);
     if (rv < 0)
-        seterr(err, errlen, "%s", load_err);
+        fpy3_seterr(err, errlen, "%s", load_err);
     return rv;
 }
 
 /* --- state ----------------------------------------------------------------------------- */
+
+enum {
+    EV_CONNECTED,
+    EV_CONN_SHUTDOWN,
+    EV_CONN_DONE,
+    EV_CONN_FAILED, /* a callback could not take an event: close with an error */
+    EV_STREAM_STARTED,
+    EV_START_COMPLETE,
+    EV_RECV,
+    EV_SEND_DONE,
+    EV_PEER_FIN,
+    EV_PEER_RESET,
+    EV_PEER_STOP,
+    EV_STREAM_DONE,
+};
+
+typedef struct ms_event ms_event;
+struct ms_event {
+    ms_event *next;
+    void *obj;    /* the connection, stream or send record it is about */
+    uint8_t type;
+    uint8_t queued; /* under qlock: on the queue now */
+};
 
 typedef struct ms_stream ms_stream;
 
 typedef struct {
     ms_stream *st;
     uint64_t len;
+    int canceled;     /* SEND_COMPLETE's, for the loop */
+    ms_event ev_done; /* SEND_COMPLETE */
     uint32_t n;
     mq_buffer b[]; /* MsQuic reads this list until SEND_COMPLETE */
 } ms_send;
@@ -136,66 +162,50 @@ struct ms_stream {
     int64_t sid;
     ms_stream *hnext;
     /* receive side, loop thread only */
-    int rx_pending;                    /* an indication awaits StreamReceiveComplete */
-    uint64_t rx_base, rx_len;          /* that indication */
-    uint64_t rx_credit;                /* bytes the app has consumed, from offset 0 */
+    int rx_pending;           /* an indication awaits StreamReceiveComplete */
+    uint64_t rx_base, rx_len; /* that indication */
+    uint64_t rx_credit;       /* bytes the app has consumed, from offset 0 */
+    int in_recv;              /* handing an indication to the app: complete it after */
     int fin_seen, discard, wr_shut, in_map;
     uint64_t code; /* the last reset / stop code seen or sent: stream_close's code */
+    ms_stream *stop_next; /* on the engine's stop list: stop_reading is due */
+    int stop_queued;
+    /* Event payloads: written by MsQuic's thread before the event is queued. */
+    struct {
+        uint64_t offset, total;
+        uint32_t flags, nbuf;
+        mq_buffer *bufs; /* == inl, or malloc'd by stream_cb and freed by on_recv */
+        mq_buffer inl[RECV_BUFS];
+    } rx;
+    uint64_t start_id;
+    mq_status start_status;
+    uint64_t peer_reset_code, peer_stop_code;
+    ms_event ev_started, ev_start_done, ev_recv, ev_peer_fin, ev_peer_reset, ev_peer_stop,
+        ev_done;
 };
 
 enum { QC_HANDSHAKE, QC_OPEN, QC_CLOSING };
 
 struct fpy3_qconn {
-    fpy3_engine *e; /* first: engine.c dispatches on it */
+    fpy3_qconn_base b; /* first: engine, app state, handle, dirty list */
     mq_handle h;
-    void *ac;
-    uint64_t handle;
-    uint32_t slot;
-    int state, counted, dirty, defer, err_set;
+    int state, counted, err_set;
     uint64_t err;
     uint32_t sends_out;  /* StreamSend calls not yet completed */
     int close_when_sent; /* a graceful close waits for them: they carry GOAWAY */
     uint64_t close_code;
     int64_t next_uni;
     uint64_t closed_bidi;
-    fpy3_qconn *dnext, *dprev;
     struct sockaddr_storage peer, local;
     uint32_t peerlen, locallen;
     ms_stream *buckets[NBUCKETS];
+    atomic_int failed; /* set on an MsQuic thread: the connection is being shut down */
+    ms_event ev_connected, ev_shutdown, ev_done, ev_failed;
 };
-
-enum {
-    EV_CONNECTED,
-    EV_CONN_SHUTDOWN,
-    EV_CONN_DONE,
-    EV_STREAM_STARTED,
-    EV_START_COMPLETE,
-    EV_RECV,
-    EV_SEND_DONE,
-    EV_PEER_FIN,
-    EV_PEER_RESET,
-    EV_PEER_STOP,
-    EV_STREAM_DONE,
-    EV_STOP_READING, /* queued by the loop thread itself: our STOP_SENDING */
-};
-
-typedef struct {
-    int type;
-    int flags;
-    fpy3_qconn *qc;
-    ms_stream *st;
-    void *ptr;
-    uint64_t a, b;
-    uint32_t nbuf;
-    mq_buffer *bufs; /* == inl, or malloc'd when more */
-    mq_buffer inl[INLINE_BUFS];
-} ms_event;
 
 struct fpy3_engine {
-    const fpy3_engine_ops *ops; /* first: engine.c dispatches on it */
+    fpy3_engine_base b; /* first: ops, app callbacks, connection table, dirty list */
     fpy3_engine_config cfg;
-    fpy3_engine_app cb;
-    void *app;
     mq_handle reg, config, listener;
     mq_buffer alpn;
     uint8_t alpnbuf[256];
@@ -203,42 +213,56 @@ struct fpy3_engine {
     atomic_int accepting;
     atomic_long live; /* connections MsQuic gave us and we have not freed */
     int freeing;
+    int closed_all; /* close_all ran: connections finishing their handshake close too */
+    uint64_t closed_all_code;
 
     pthread_mutex_t qlock;
-    ms_event *q; /* filled by MsQuic threads */
-    size_t qn, qcap;
-    ms_event *work; /* the batch being handled */
-    size_t workcap;
+    ms_event *qhead, *qtail; /* filled by MsQuic threads */
 
-    fpy3_qconn **slots;
-    uint32_t nslots, slotcap;
-    uint32_t *freeslots;
-    uint32_t nfree;
-    uint64_t counter;
+    ms_stream *stops; /* loop thread: streams whose stop_reading is due */
     size_t nactive;
-    fpy3_qconn *dirty;
 };
+
+static void ms_free(fpy3_engine *e);
+
+static void ev_init(ms_event *ev, int type, void *obj)
+{
+    ev->type = (uint8_t)type;
+    ev->obj = obj;
+}
+
+static void stream_init(ms_stream *st, fpy3_qconn *qc)
+{
+    st->qc = qc;
+    st->rx.bufs = st->rx.inl;
+    ev_init(&st->ev_started, EV_STREAM_STARTED, st);
+    ev_init(&st->ev_start_done, EV_START_COMPLETE, st);
+    ev_init(&st->ev_recv, EV_RECV, st);
+    ev_init(&st->ev_peer_fin, EV_PEER_FIN, st);
+    ev_init(&st->ev_peer_reset, EV_PEER_RESET, st);
+    ev_init(&st->ev_peer_stop, EV_PEER_STOP, st);
+    ev_init(&st->ev_done, EV_STREAM_DONE, st);
+}
 
 /* --- the queue (any thread) --------------------------------------------------------------- */
 
+/* Queues ev: 0, or -1 when it is on the queue already (MsQuic reported the same
+ * thing twice before the loop took the first). */
 static int push(fpy3_engine *e, ms_event *ev)
 {
     pthread_mutex_lock(&e->qlock);
-    if (e->qn == e->qcap) {
-        size_t ncap = e->qcap ? e->qcap * 2 : 256;
-        ms_event *nq = realloc(e->q, ncap * sizeof(*nq));
-        if (!nq) {
-            pthread_mutex_unlock(&e->qlock);
-            return -1;
-        }
-        e->q = nq;
-        e->qcap = ncap;
+    if (ev->queued) {
+        pthread_mutex_unlock(&e->qlock);
+        return -1;
     }
-    int wake = e->qn == 0;
-    ms_event *slot = &e->q[e->qn++];
-    *slot = *ev;
-    if (ev->bufs == ev->inl)
-        slot->bufs = NULL; /* re-pointed at its own inl when handled */
+    ev->queued = 1;
+    ev->next = NULL;
+    int wake = !e->qhead;
+    if (e->qtail)
+        e->qtail->next = ev;
+    else
+        e->qhead = ev;
+    e->qtail = ev;
     pthread_mutex_unlock(&e->qlock);
     if (wake) {
         uint64_t one = 1;
@@ -250,99 +274,119 @@ static int push(fpy3_engine *e, ms_event *ev)
 
 /* --- MsQuic callbacks (MsQuic threads: no app, no Python) --------------------------------- */
 
+/* An event could not be taken: the connection cannot go on without it, so it is shut
+ * down with an error at once (MsQuic allows it from its callbacks), and the loop
+ * detaches the app when it sees EV_CONN_FAILED. */
+static void conn_fail_async(fpy3_qconn *qc)
+{
+    if (atomic_exchange(&qc->failed, 1))
+        return;
+    api->ConnectionShutdown(qc->h, MQ_CONN_SHUTDOWN_FLAG_NONE, APP_INTERNAL_ERROR);
+    push(qc->b.e, &qc->ev_failed);
+}
+
 static mq_status stream_cb(mq_handle h, void *ctx, mq_stream_event *mev)
 {
     ms_stream *st = ctx;
     fpy3_qconn *qc = st->qc;
-    ms_event ev = {.qc = qc, .st = st};
+    fpy3_engine *e = qc->b.e;
     (void)h;
     switch (mev->Type) {
     case MQ_STREAM_EVENT_START_COMPLETE:
-        ev.type = EV_START_COMPLETE;
-        ev.a = mev->START_COMPLETE.ID;
-        ev.b = mev->START_COMPLETE.Status;
+        st->start_id = mev->START_COMPLETE.ID;
+        st->start_status = mev->START_COMPLETE.Status;
+        push(e, &st->ev_start_done);
         break;
     case MQ_STREAM_EVENT_RECEIVE: {
+        if (atomic_load(&qc->failed))
+            return MQ_STATUS_SUCCESS; /* the connection is closing: nobody reads on */
         uint32_t n = mev->RECEIVE.BufferCount;
-        ev.type = EV_RECV;
-        ev.a = mev->RECEIVE.AbsoluteOffset;
-        ev.b = mev->RECEIVE.TotalBufferLength;
-        ev.flags = mev->RECEIVE.Flags;
-        ev.nbuf = n;
-        ev.bufs = ev.inl;
-        if (n > INLINE_BUFS && !(ev.bufs = malloc(n * sizeof(mq_buffer))))
-            return 12; /* QUIC_STATUS_OUT_OF_MEMORY */
+        st->rx.offset = mev->RECEIVE.AbsoluteOffset;
+        st->rx.total = mev->RECEIVE.TotalBufferLength;
+        st->rx.flags = mev->RECEIVE.Flags;
+        st->rx.nbuf = n;
+        st->rx.bufs = st->rx.inl;
+        /* More buffers than MsQuic gives in our mode; owned by the event, freed by
+         * on_recv on the loop thread. */
+        if (n > RECV_BUFS && !(st->rx.bufs = malloc(n * sizeof(mq_buffer)))) {
+            st->rx.bufs = st->rx.inl;
+            /* MsQuic would take an error status as "all consumed" and drop the
+             * bytes: fail the connection instead. */
+            conn_fail_async(qc);
+            return MQ_STATUS_SUCCESS;
+        }
         /* The buffer list lives on MsQuic's stack; the bytes stay until completed. */
-        memcpy(ev.bufs, mev->RECEIVE.Buffers, n * sizeof(mq_buffer));
-        if (push(qc->e, &ev) < 0) {
-            if (ev.bufs != ev.inl)
-                free(ev.bufs);
-            return 12;
+        memcpy(st->rx.bufs, mev->RECEIVE.Buffers, n * sizeof(mq_buffer));
+        if (push(e, &st->ev_recv) < 0) {
+            conn_fail_async(qc); /* an indication before the last was completed: never */
+            return MQ_STATUS_SUCCESS;
         }
         return MQ_STATUS_PENDING;
     }
-    case MQ_STREAM_EVENT_SEND_COMPLETE:
-        ev.type = EV_SEND_DONE;
-        ev.ptr = mev->SEND_COMPLETE.ClientContext;
-        ev.a = mev->SEND_COMPLETE.Canceled;
+    case MQ_STREAM_EVENT_SEND_COMPLETE: {
+        ms_send *rec = mev->SEND_COMPLETE.ClientContext;
+        rec->canceled = mev->SEND_COMPLETE.Canceled != 0;
+        push(e, &rec->ev_done);
         break;
+    }
     case MQ_STREAM_EVENT_PEER_SEND_SHUTDOWN:
-        ev.type = EV_PEER_FIN;
+        push(e, &st->ev_peer_fin);
         break;
     case MQ_STREAM_EVENT_PEER_SEND_ABORTED:
-        ev.type = EV_PEER_RESET;
-        ev.a = mev->PEER_SEND_ABORTED.ErrorCode;
+        st->peer_reset_code = mev->PEER_SEND_ABORTED.ErrorCode;
+        push(e, &st->ev_peer_reset);
         break;
     case MQ_STREAM_EVENT_PEER_RECEIVE_ABORTED:
-        ev.type = EV_PEER_STOP;
-        ev.a = mev->PEER_RECEIVE_ABORTED.ErrorCode;
+        st->peer_stop_code = mev->PEER_RECEIVE_ABORTED.ErrorCode;
+        push(e, &st->ev_peer_stop);
         break;
     case MQ_STREAM_EVENT_SHUTDOWN_COMPLETE:
-        ev.type = EV_STREAM_DONE;
+        push(e, &st->ev_done);
         break;
     default:
-        return MQ_STATUS_SUCCESS;
+        break;
     }
-    push(qc->e, &ev);
     return MQ_STATUS_SUCCESS;
 }
 
 static mq_status conn_cb(mq_handle h, void *ctx, mq_connection_event *mev)
 {
     fpy3_qconn *qc = ctx;
-    ms_event ev = {.qc = qc};
+    fpy3_engine *e = qc->b.e;
+    (void)h;
     switch (mev->Type) {
     case MQ_CONN_EVENT_CONNECTED:
-        ev.type = EV_CONNECTED;
+        push(e, &qc->ev_connected);
         break;
     case MQ_CONN_EVENT_SHUTDOWN_INITIATED_BY_TRANSPORT:
     case MQ_CONN_EVENT_SHUTDOWN_INITIATED_BY_PEER:
-        ev.type = EV_CONN_SHUTDOWN;
+        push(e, &qc->ev_shutdown); /* either, once: both only stop the counting */
         break;
     case MQ_CONN_EVENT_SHUTDOWN_COMPLETE:
-        ev.type = EV_CONN_DONE;
+        push(e, &qc->ev_done);
         break;
     case MQ_CONN_EVENT_PEER_STREAM_STARTED: {
+        /* Owned by the engine: freed on the loop thread at the stream's
+         * SHUTDOWN_COMPLETE, or with its connection (conn_free). */
         ms_stream *st = calloc(1, sizeof(*st));
-        if (!st)
-            return 12;
+        if (!st) {
+            conn_fail_async(qc);
+            return MQ_STATUS_OUT_OF_MEMORY; /* MsQuic closes the stream itself */
+        }
         mq_handle sh = mev->PEER_STREAM_STARTED.Stream;
         uint64_t id = 0;
         uint32_t len = sizeof(id);
         api->GetParam(sh, MQ_PARAM_STREAM_ID, &len, &id);
-        st->qc = qc;
+        stream_init(st, qc);
         st->h = sh;
         st->sid = (int64_t)id;
         api->SetCallbackHandler(sh, (void *)stream_cb, st);
-        ev.type = EV_STREAM_STARTED;
-        ev.st = st;
+        push(e, &st->ev_started);
         break;
     }
     default:
-        return MQ_STATUS_SUCCESS;
+        break;
     }
-    (void)h;
-    push(qc->e, &ev);
     return MQ_STATUS_SUCCESS;
 }
 
@@ -364,16 +408,23 @@ static mq_status listener_cb(mq_handle l, void *ctx, mq_listener_event *lev)
         return MQ_STATUS_SUCCESS;
     if (!atomic_load(&e->accepting))
         return MQ_STATUS_CONNECTION_REFUSED;
+    /* Owned by the engine: freed on the loop thread at SHUTDOWN_COMPLETE (conn_free).
+     * Without memory MsQuic refuses the connection. */
     fpy3_qconn *qc = calloc(1, sizeof(*qc));
     if (!qc)
-        return 12;
+        return MQ_STATUS_OUT_OF_MEMORY;
     mq_handle ch = lev->NEW_CONNECTION.Connection;
     const mq_new_connection_info *info = lev->NEW_CONNECTION.Info;
-    qc->e = e;
+    qc->b.e = e;
     qc->h = ch;
     qc->next_uni = 3; /* server-initiated unidirectional: 3, 7, 11, ... */
     qc->peerlen = copy_addr(&qc->peer, info->RemoteAddress);
     qc->locallen = copy_addr(&qc->local, info->LocalAddress);
+    atomic_init(&qc->failed, 0);
+    ev_init(&qc->ev_connected, EV_CONNECTED, qc);
+    ev_init(&qc->ev_shutdown, EV_CONN_SHUTDOWN, qc);
+    ev_init(&qc->ev_done, EV_CONN_DONE, qc);
+    ev_init(&qc->ev_failed, EV_CONN_FAILED, qc);
     atomic_fetch_add(&e->live, 1);
     api->SetCallbackHandler(ch, (void *)conn_cb, qc);
     uint8_t one = 1; /* ConnectionClose from the loop thread need not wait (MsQuic >= 2.5) */
@@ -413,79 +464,56 @@ static void smap_del(fpy3_qconn *qc, ms_stream *st)
     st->in_map = 0;
 }
 
-static void dirty_add(fpy3_qconn *qc)
+/* The stop list: stop_reading reaches the app with the next batch, not inside the
+ * shutdown_stream call that caused it. */
+static void stop_queue(fpy3_engine *e, ms_stream *st)
 {
-    if (qc->dirty)
+    if (st->stop_queued)
         return;
-    fpy3_engine *e = qc->e;
-    qc->dirty = 1;
-    qc->dprev = NULL;
-    qc->dnext = e->dirty;
-    if (e->dirty)
-        e->dirty->dprev = qc;
-    e->dirty = qc;
+    st->stop_queued = 1;
+    st->stop_next = e->stops;
+    e->stops = st;
 }
 
-static void dirty_del(fpy3_qconn *qc)
+static void stop_unqueue(fpy3_engine *e, ms_stream *st)
 {
-    if (!qc->dirty)
+    if (!st->stop_queued)
         return;
-    if (qc->dprev)
-        qc->dprev->dnext = qc->dnext;
-    else
-        qc->e->dirty = qc->dnext;
-    if (qc->dnext)
-        qc->dnext->dprev = qc->dprev;
-    qc->dirty = 0;
-    qc->dnext = qc->dprev = NULL;
-}
-
-static int slot_alloc(fpy3_engine *e, fpy3_qconn *qc)
-{
-    uint32_t s;
-    if (e->nfree) {
-        s = e->freeslots[--e->nfree];
-    } else {
-        if (e->nslots == e->slotcap) {
-            uint32_t ncap = e->slotcap ? e->slotcap * 2 : 64;
-            if (ncap > 0xffffff)
-                return -1;
-            fpy3_qconn **ns = realloc(e->slots, ncap * sizeof(*ns));
-            if (!ns)
-                return -1;
-            e->slots = ns;
-            uint32_t *nf = realloc(e->freeslots, ncap * sizeof(*nf));
-            if (!nf)
-                return -1;
-            e->freeslots = nf;
-            e->slotcap = ncap;
+    for (ms_stream **p = &e->stops; *p; p = &(*p)->stop_next)
+        if (*p == st) {
+            *p = st->stop_next;
+            break;
         }
-        s = e->nslots++;
-    }
-    e->slots[s] = qc;
-    qc->slot = s;
-    qc->handle = (++e->counter << 24) | s;
-    return 0;
+    st->stop_queued = 0;
+    st->stop_next = NULL;
+}
+
+static void stream_free(fpy3_engine *e, ms_stream *st)
+{
+    stop_unqueue(e, st);
+    if (st->rx.bufs != st->rx.inl)
+        free(st->rx.bufs);
+    free(st);
 }
 
 static void uncount(fpy3_qconn *qc)
 {
     if (qc->counted) {
         qc->counted = 0;
-        qc->e->nactive--;
+        qc->b.e->nactive--;
     }
 }
 
 /* The app forgets the connection now; MsQuic's events for it are still drained. */
 static void app_detach(fpy3_qconn *qc)
 {
-    void *ac = qc->ac;
+    void *ac = qc->b.ac;
     uncount(qc);
-    dirty_del(qc);
+    fpy3_dirty_del(qc);
     if (!ac)
         return;
-    qc->ac = NULL;
-    qc->e->cb.conn_close(ac);
+    qc->b.ac = NULL;
+    qc->b.e->b.cb.conn_close(ac);
 }
 
 static void shutdown_now(fpy3_qconn *qc)
@@ -519,46 +547,54 @@ static void app_fail(fpy3_qconn *qc)
 /* Gives the pending indication back to MsQuic once the app's credit covers it. After
  * the FIN the peer can send nothing more, so nothing is left to hold back: complete at
  * once (the app may never credit the last bytes, and MsQuic ends a stream only when
- * all its data is completed). */
+ * all its data is completed). Never while the indication is being handed to the app:
+ * MsQuic may release its bytes and indicate the next one as soon as it is called. */
 static void try_complete(ms_stream *st)
 {
-    if (st->rx_pending &&
+    if (st->rx_pending && !st->in_recv &&
         (st->discard || st->fin_seen || st->rx_credit >= st->rx_base + st->rx_len)) {
         st->rx_pending = 0;
         api->StreamReceiveComplete(st->h, st->rx_len);
     }
 }
 
-static void on_recv(fpy3_engine *e, ms_event *ev)
+static void on_recv(fpy3_engine *e, ms_stream *st)
 {
-    ms_stream *st = ev->st;
     fpy3_qconn *qc = st->qc;
     st->rx_pending = 1;
-    st->rx_base = ev->a;
-    st->rx_len = ev->b;
-    int fin = (ev->flags & MQ_RECEIVE_FLAG_FIN) != 0;
-    if (qc->ac && !st->discard && !st->fin_seen) {
-        uint32_t last = ev->nbuf;
-        while (last && ev->bufs[last - 1].Length == 0)
+    st->rx_base = st->rx.offset;
+    st->rx_len = st->rx.total;
+    int fin = (st->rx.flags & MQ_RECEIVE_FLAG_FIN) != 0;
+    const mq_buffer *bufs = st->rx.bufs;
+    st->in_recv = 1;
+    if (qc->b.ac && !st->discard && !st->fin_seen) {
+        uint32_t last = st->rx.nbuf;
+        while (last && bufs[last - 1].Length == 0)
             last--;
-        for (uint32_t i = 0; i < last; i++) {
-            if (!ev->bufs[i].Length)
+        for (uint32_t i = 0; i < last && qc->b.ac && !st->discard; i++) {
+            if (!bufs[i].Length)
                 continue;
             int f = fin && i + 1 == last;
-            if (e->cb.recv(qc->ac, st->sid, ev->bufs[i].Buffer, ev->bufs[i].Length, f) < 0) {
+            if (e->b.cb.recv(qc->b.ac, st->sid, bufs[i].Buffer, bufs[i].Length, f) < 0) {
                 app_fail(qc);
                 break;
             }
             if (f)
                 st->fin_seen = 1;
         }
-        if (qc->ac && fin && !st->fin_seen) {
+        if (qc->b.ac && fin && !st->fin_seen && !st->discard) {
             st->fin_seen = 1;
-            if (e->cb.recv(qc->ac, st->sid, NULL, 0, 1) < 0)
+            if (e->b.cb.recv(qc->b.ac, st->sid, NULL, 0, 1) < 0)
                 app_fail(qc);
         }
     }
-    if (!qc->ac)
+    st->in_recv = 0;
+    /* Done with the list before MsQuic may reuse the payload fields. */
+    if (st->rx.bufs != st->rx.inl) {
+        free(st->rx.bufs);
+        st->rx.bufs = st->rx.inl;
+    }
+    if (!qc->b.ac)
         st->discard = 1;
     try_complete(st);
 }
@@ -566,10 +602,10 @@ static void on_recv(fpy3_engine *e, ms_event *ev)
 static void write_conn(fpy3_engine *e, fpy3_qconn *qc)
 {
     fpy3_vec vec[16];
-    for (int i = 0; i < MAX_PULLS && qc->ac; i++) {
+    for (int i = 0; i < MAX_PULLS && qc->b.ac; i++) {
         int64_t sid = -1;
         int fin = 0;
-        long nvec = e->cb.pull(qc->ac, &sid, &fin, vec, 16);
+        long nvec = e->b.cb.pull(qc->b.ac, &sid, &fin, vec, 16);
         if (nvec < 0) {
             app_fail(qc);
             return;
@@ -583,8 +619,8 @@ static void write_conn(fpy3_engine *e, fpy3_qconn *qc)
         if (!st || st->wr_shut) {
             /* Nowhere to send it: the app must drop the stream's output. */
             if (st)
-                e->cb.shut_wr(qc->ac, sid);
-            else if (e->cb.written(qc->ac, sid, (size_t)total) < 0)
+                e->b.cb.shut_wr(qc->b.ac, sid);
+            else if (e->b.cb.written(qc->b.ac, sid, (size_t)total) < 0)
                 app_fail(qc);
             if (!st && !total)
                 return;
@@ -592,14 +628,16 @@ static void write_conn(fpy3_engine *e, fpy3_qconn *qc)
         }
         if (!total && !fin)
             return; /* nothing to push: avoid spinning on an empty stream */
-        ms_send *rec = malloc(sizeof(*rec) + (size_t)nvec * sizeof(mq_buffer));
+        /* Owned by the engine from here: freed when its SEND_COMPLETE is handled. */
+        ms_send *rec = calloc(1, sizeof(*rec) + (size_t)nvec * sizeof(mq_buffer));
         if (!rec) {
-            dirty_add(qc); /* retry on the next flush */
+            app_fail(qc); /* the bytes cannot go: the connection fails, loudly */
             return;
         }
         rec->st = st;
         rec->len = total;
         rec->n = (uint32_t)nvec;
+        ev_init(&rec->ev_done, EV_SEND_DONE, rec);
         for (long j = 0; j < nvec; j++) {
             rec->b[j].Buffer = vec[j].base;
             rec->b[j].Length = (uint32_t)vec[j].len;
@@ -608,45 +646,23 @@ static void write_conn(fpy3_engine *e, fpy3_qconn *qc)
         if (MQ_FAILED(rv)) {
             free(rec);
             st->wr_shut = 1;
-            e->cb.shut_wr(qc->ac, sid);
+            e->b.cb.shut_wr(qc->b.ac, sid);
             continue;
         }
         qc->sends_out++;
-        if (e->cb.written(qc->ac, sid, (size_t)total) < 0) {
+        if (e->b.cb.written(qc->b.ac, sid, (size_t)total) < 0) {
             app_fail(qc);
             return;
         }
     }
-    if (qc->ac)
-        dirty_add(qc); /* more than MAX_PULLS: the next flush goes on */
+    if (qc->b.ac)
+        fpy3_dirty_add(qc); /* more than MAX_PULLS: the next flush goes on */
 }
 
-static void write_dirty(fpy3_engine *e, int honor_defer)
+static int write_one(fpy3_qconn *qc)
 {
-    fpy3_qconn *list = e->dirty, *keep = NULL;
-    e->dirty = NULL;
-    while (list) {
-        fpy3_qconn *qc = list;
-        list = qc->dnext;
-        if (list)
-            list->dprev = NULL;
-        qc->dirty = 0;
-        qc->dnext = qc->dprev = NULL;
-        if (honor_defer && qc->defer) {
-            qc->defer = 0;
-            qc->dnext = keep;
-            keep = qc;
-            continue;
-        }
-        qc->defer = 0;
-        write_conn(e, qc);
-    }
-    while (keep) {
-        fpy3_qconn *qc = keep;
-        keep = qc->dnext;
-        qc->dnext = NULL;
-        dirty_add(qc);
-    }
+    write_conn(qc->b.e, qc);
+    return 0; /* MsQuic queues its own sends: never full */
 }
 
 static void conn_free(fpy3_engine *e, fpy3_qconn *qc)
@@ -657,12 +673,9 @@ static void conn_free(fpy3_engine *e, fpy3_qconn *qc)
             ms_stream *st = qc->buckets[b];
             qc->buckets[b] = st->hnext;
             api->StreamClose(st->h); /* not shut down yet: MsQuic aborts it */
-            free(st);
+            stream_free(e, st);
         }
-    if (qc->handle) {
-        e->slots[qc->slot] = NULL;
-        e->freeslots[e->nfree++] = qc->slot;
-    }
+    fpy3_conn_table_remove(&e->b, qc);
     api->ConnectionClose(qc->h);
     free(qc);
     atomic_fetch_sub(&e->live, 1);
@@ -670,87 +683,119 @@ static void conn_free(fpy3_engine *e, fpy3_qconn *qc)
 
 static void handle(fpy3_engine *e, ms_event *ev)
 {
-    fpy3_qconn *qc = ev->qc;
-    ms_stream *st = ev->st;
     switch (ev->type) {
-    case EV_CONNECTED:
+    case EV_CONNECTED: {
+        fpy3_qconn *qc = ev->obj;
         if (qc->state != QC_HANDSHAKE)
             break;
         qc->state = QC_OPEN;
-        if (e->freeing || slot_alloc(e, qc) < 0) {
-            conn_shutdown(qc, APP_INTERNAL_ERROR);
+        if (e->freeing || e->closed_all || fpy3_conn_table_add(&e->b, qc) < 0) {
+            conn_shutdown(qc, e->closed_all ? e->closed_all_code : APP_INTERNAL_ERROR);
             break;
         }
         qc->counted = 1;
         e->nactive++;
-        qc->ac = e->cb.conn_open(e->app, qc);
-        if (!qc->ac)
+        qc->b.ac = e->b.cb.conn_open(e->b.app, qc);
+        if (!qc->b.ac)
             conn_shutdown(qc, APP_INTERNAL_ERROR);
         else
-            dirty_add(qc); /* the app's control streams */
+            fpy3_dirty_add(qc); /* the app's control streams */
         break;
+    }
     case EV_CONN_SHUTDOWN:
-        uncount(qc);
+        uncount(ev->obj);
+        break;
+    case EV_CONN_FAILED:
+        conn_shutdown(ev->obj, APP_INTERNAL_ERROR); /* already shut down: detaches the app */
         break;
     case EV_CONN_DONE:
-        conn_free(e, qc);
+        conn_free(e, ev->obj);
         break;
-    case EV_STREAM_STARTED:
-        smap_put(qc, st);
-        if (!qc->ac)
+    case EV_STREAM_STARTED: {
+        ms_stream *st = ev->obj;
+        smap_put(st->qc, st);
+        if (!st->qc->b.ac)
             st->discard = 1;
         break;
-    case EV_START_COMPLETE:
-        if ((MQ_FAILED((mq_status)ev->b) || (int64_t)ev->a != st->sid) && qc->ac)
+    }
+    case EV_START_COMPLETE: {
+        ms_stream *st = ev->obj;
+        fpy3_qconn *qc = st->qc;
+        if ((MQ_FAILED(st->start_status) || (int64_t)st->start_id != st->sid) && qc->b.ac)
             conn_shutdown(qc, APP_CRITICAL_STREAM); /* our id guess was wrong */
         break;
+    }
     case EV_RECV:
-        on_recv(e, ev);
+        on_recv(e, ev->obj);
         break;
     case EV_SEND_DONE: {
-        ms_send *rec = ev->ptr;
-        if (!ev->a && qc->ac && e->cb.acked(qc->ac, rec->st->sid, rec->len) < 0)
+        ms_send *rec = ev->obj;
+        ms_stream *st = rec->st;
+        fpy3_qconn *qc = st->qc;
+        if (!rec->canceled && qc->b.ac && e->b.cb.acked(qc->b.ac, st->sid, rec->len) < 0)
             app_fail(qc);
         free(rec);
         if (--qc->sends_out == 0 && qc->close_when_sent)
             shutdown_now(qc);
         break;
     }
-    case EV_PEER_FIN:
-        if (qc->ac && !st->fin_seen && !st->discard) {
+    case EV_PEER_FIN: {
+        ms_stream *st = ev->obj;
+        fpy3_qconn *qc = st->qc;
+        if (qc->b.ac && !st->fin_seen && !st->discard) {
             st->fin_seen = 1;
-            if (e->cb.recv(qc->ac, st->sid, NULL, 0, 1) < 0)
+            if (e->b.cb.recv(qc->b.ac, st->sid, NULL, 0, 1) < 0)
                 app_fail(qc);
         }
         break;
-    case EV_PEER_RESET:
-        st->code = ev->a;
-        if (qc->ac && e->cb.peer_reset(qc->ac, st->sid, ev->a) < 0)
+    }
+    case EV_PEER_RESET: {
+        ms_stream *st = ev->obj;
+        fpy3_qconn *qc = st->qc;
+        st->code = st->peer_reset_code;
+        if (qc->b.ac && e->b.cb.peer_reset(qc->b.ac, st->sid, st->code) < 0)
             app_fail(qc);
-        break;
-    case EV_PEER_STOP:
-        st->code = ev->a;
-        st->wr_shut = 1; /* MsQuic answers with RESET_STREAM itself */
-        if (qc->ac)
-            e->cb.shut_wr(qc->ac, st->sid);
-        break;
-    case EV_STOP_READING:
-        if (qc->ac && st->in_map && e->cb.stop_reading(qc->ac, st->sid) < 0)
-            app_fail(qc);
-        break;
-    case EV_STREAM_DONE:
-        smap_del(qc, st);
-        if (qc->ac && e->cb.stream_close(qc->ac, st->sid, st->code) < 0)
-            app_fail(qc);
-        api->StreamClose(st->h);
-        if ((st->sid & 3) == 0 && qc->ac) {
-            /* MsQuic lets the peer open another as soon as this one is closed. */
-            qc->closed_bidi++;
-            e->cb.max_streams(qc->ac, e->cfg.max_streams_bidi + qc->closed_bidi);
-        }
-        free(st);
         break;
     }
+    case EV_PEER_STOP: {
+        ms_stream *st = ev->obj;
+        st->code = st->peer_stop_code;
+        st->wr_shut = 1; /* MsQuic answers with RESET_STREAM itself */
+        if (st->qc->b.ac)
+            e->b.cb.shut_wr(st->qc->b.ac, st->sid);
+        break;
+    }
+    case EV_STREAM_DONE: {
+        ms_stream *st = ev->obj;
+        fpy3_qconn *qc = st->qc;
+        smap_del(qc, st);
+        if (qc->b.ac && e->b.cb.stream_close(qc->b.ac, st->sid, st->code) < 0)
+            app_fail(qc);
+        api->StreamClose(st->h);
+        if ((st->sid & 3) == 0 && qc->b.ac) {
+            /* MsQuic lets the peer open another as soon as this one is closed. */
+            qc->closed_bidi++;
+            e->b.cb.max_streams(qc->b.ac, e->cfg.max_streams_bidi + qc->closed_bidi);
+        }
+        stream_free(e, st);
+        break;
+    }
+    }
+}
+
+/* stop_reading for the streams the app stopped reading since the last batch. */
+static int run_stops(fpy3_engine *e)
+{
+    int n = 0;
+    while (e->stops) {
+        ms_stream *st = e->stops;
+        stop_unqueue(e, st);
+        fpy3_qconn *qc = st->qc;
+        if (qc->b.ac && st->in_map && e->b.cb.stop_reading(qc->b.ac, st->sid) < 0)
+            app_fail(qc);
+        n++;
+    }
+    return n;
 }
 
 /* Handles what the MsQuic threads queued; returns the number of events. */
@@ -760,24 +805,20 @@ static int drain(fpy3_engine *e)
     ssize_t r = read(e->efd, &cnt, sizeof(cnt));
     (void)r;
     pthread_mutex_lock(&e->qlock);
-    ms_event *batch = e->q;
-    size_t n = e->qn;
-    size_t cap = e->qcap;
-    e->q = e->work;
-    e->qcap = e->workcap;
-    e->qn = 0;
-    e->work = batch;
-    e->workcap = cap;
+    ms_event *list = e->qhead;
+    e->qhead = e->qtail = NULL;
+    /* Off the queue: each may be queued again (the next RECEIVE) once handled. */
+    for (ms_event *ev = list; ev; ev = ev->next)
+        ev->queued = 0;
     pthread_mutex_unlock(&e->qlock);
-    for (size_t i = 0; i < n; i++) {
-        ms_event *ev = &batch[i];
-        if (!ev->bufs)
-            ev->bufs = ev->inl;
+    int n = 0;
+    while (list) {
+        ms_event *ev = list;
+        list = ev->next; /* before handling: it may free ev's object */
         handle(e, ev);
-        if (ev->bufs != ev->inl)
-            free(ev->bufs);
+        n++;
     }
-    return (int)n;
+    return n + run_stops(e);
 }
 
 /* --- engine API ----------------------------------------------------------------------- */
@@ -850,17 +891,15 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
     (void)fd;
     if (fpy3_msquic_load(err, errlen) < 0)
         return NULL;
-    fpy3_engine *e = calloc(1, sizeof(*e));
+    fpy3_engine *e = calloc(1, sizeof(*e)); /* freed by ms_free */
     if (!e) {
-        seterr(err, errlen, "out of memory");
+        fpy3_seterr(err, errlen, "out of memory");
         return NULL;
     }
-    e->ops = &fpy3_engine_msquic;
+    fpy3_engine_base_init(&e->b, &fpy3_engine_msquic, cb, app);
     e->cfg = *cfg;
     e->cfg.cert_file = e->cfg.key_file = e->cfg.qlog_dir = e->cfg.alpn = NULL;
     e->cfg.listen_host = NULL;
-    e->cb = *cb;
-    e->app = app;
     e->efd = -1;
     atomic_init(&e->accepting, 1);
     atomic_init(&e->live, 0);
@@ -870,7 +909,7 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
     const char *alpn = cfg->alpn ? cfg->alpn : "h3";
     size_t alen = strlen(alpn);
     if (!alen || alen > 255) {
-        seterr(err, errlen, "bad ALPN");
+        fpy3_seterr(err, errlen, "bad ALPN");
         goto fail;
     }
     memcpy(e->alpnbuf, alpn, alen);
@@ -878,7 +917,7 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
     e->alpn.Length = (uint32_t)alen;
     e->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (e->efd < 0) {
-        seterr(err, errlen, "eventfd: %s", strerror(errno));
+        fpy3_seterr(err, errlen, "eventfd: %s", strerror(errno));
         goto fail;
     }
 
@@ -904,7 +943,7 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
         };
         mq_status rv = api->SetParam(NULL, MQ_PARAM_GLOBAL_GLOBAL_SETTINGS, sizeof(gs), &gs);
         if (MQ_FAILED(rv)) {
-            seterr(err, errlen, "MsQuic load-balancing mode: status 0x%x", rv);
+            fpy3_seterr(err, errlen, "MsQuic load-balancing mode: status 0x%x", rv);
             goto fail;
         }
     }
@@ -913,7 +952,7 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
     mq_status rv = api->RegistrationOpen(&rc, &e->reg);
     if (MQ_FAILED(rv)) {
         e->reg = NULL;
-        seterr(err, errlen, "MsQuic RegistrationOpen: status 0x%x", rv);
+        fpy3_seterr(err, errlen, "MsQuic RegistrationOpen: status 0x%x", rv);
         goto fail;
     }
     mq_settings s;
@@ -936,7 +975,7 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
     rv = api->ConfigurationOpen(e->reg, &e->alpn, 1, &s, sizeof(s), NULL, &e->config);
     if (MQ_FAILED(rv)) {
         e->config = NULL;
-        seterr(err, errlen, "MsQuic ConfigurationOpen: status 0x%x", rv);
+        fpy3_seterr(err, errlen, "MsQuic ConfigurationOpen: status 0x%x", rv);
         goto fail;
     }
     mq_certificate_file cf = {.PrivateKeyFile = cfg->key_file, .CertificateFile = cfg->cert_file};
@@ -945,7 +984,7 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
                                .CertificateFile = &cf};
     rv = api->ConfigurationLoadCredential(e->config, &cc);
     if (MQ_FAILED(rv)) {
-        seterr(err, errlen, "loading %s / %s: MsQuic status 0x%x",
+        fpy3_seterr(err, errlen, "loading %s / %s: MsQuic status 0x%x",
                cfg->cert_file ? cfg->cert_file : "(null)", cfg->key_file ? cfg->key_file : "(null)",
                rv);
         goto fail;
@@ -961,7 +1000,7 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
         addr.Ipv6.sin6_family =
             IN6_IS_ADDR_UNSPECIFIED(&addr.Ipv6.sin6_addr) ? AF_UNSPEC : AF_INET6;
     } else if (host[0]) {
-        seterr(err, errlen, "MsQuic listener: %s is not a numeric address", host);
+        fpy3_seterr(err, errlen, "MsQuic listener: %s is not a numeric address", host);
         goto fail;
     } else {
         addr.Ip.sa_family = AF_UNSPEC; /* every address, both families */
@@ -970,20 +1009,55 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
     rv = api->ListenerOpen(e->reg, listener_cb, e, &e->listener);
     if (MQ_FAILED(rv)) {
         e->listener = NULL;
-        seterr(err, errlen, "MsQuic ListenerOpen: status 0x%x", rv);
+        fpy3_seterr(err, errlen, "MsQuic ListenerOpen: status 0x%x", rv);
         goto fail;
     }
     rv = api->ListenerStart(e->listener, &e->alpn, 1, &addr);
     if (MQ_FAILED(rv)) {
-        seterr(err, errlen, "MsQuic cannot listen on [%s]:%u (UDP): %s", host[0] ? host : "*",
+        fpy3_seterr(err, errlen, "MsQuic cannot listen on [%s]:%u (UDP): %s", host[0] ? host : "*",
                cfg->listen_port, rv < 4096 ? strerror((int)rv) : "error");
         goto fail;
     }
     set_group_program(cfg->listen_port, cfg->steer_len ? cfg->steer_prog : NULL, cfg->steer_len);
     return e;
 fail:
-    e->ops->free(e);
+    ms_free(e);
     return NULL;
+}
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Handles events until done(e) or timeout_ms passed; 0 when done. */
+static int drain_until(fpy3_engine *e, int (*done)(fpy3_engine *e), int timeout_ms)
+{
+    int64_t deadline = mono_ms() + timeout_ms;
+    for (;;) {
+        if (done(e))
+            return 0;
+        int64_t left = deadline - mono_ms();
+        if (left <= 0)
+            return -1;
+        struct pollfd p = {.fd = e->efd, .events = POLLIN};
+        poll(&p, 1, left < 100 ? (int)left : 100);
+        drain(e);
+    }
+}
+
+static int none_live(fpy3_engine *e) { return atomic_load(&e->live) == 0; }
+
+static int none_waiting_for_sends(fpy3_engine *e)
+{
+    for (uint32_t i = 0; i < e->b.nslots; i++) {
+        fpy3_qconn *qc = e->b.slots[i];
+        if (qc && qc->close_when_sent)
+            return 0;
+    }
+    return 1;
 }
 
 static void ms_free(fpy3_engine *e)
@@ -994,38 +1068,18 @@ static void ms_free(fpy3_engine *e)
     e->freeing = 1;
     if (e->listener)
         api->ListenerClose(e->listener); /* waits until it is stopped */
-    for (uint32_t i = 0; i < e->nslots; i++)
-        if (e->slots[i])
-            app_detach(e->slots[i]);
+    for (uint32_t i = 0; i < e->b.nslots; i++)
+        if (e->b.slots[i])
+            app_detach(e->b.slots[i]);
     if (e->reg) {
         /* Clean closes still waiting for their last sends (GOAWAY): give them a moment. */
-        struct timespec w0, w;
-        clock_gettime(CLOCK_MONOTONIC, &w0);
-        for (;;) {
-            int waiting = 0;
-            for (uint32_t i = 0; i < e->nslots; i++)
-                waiting |= e->slots[i] && e->slots[i]->close_when_sent;
-            clock_gettime(CLOCK_MONOTONIC, &w);
-            if (!waiting || (w.tv_sec - w0.tv_sec) * 1000 + (w.tv_nsec - w0.tv_nsec) / 1000000 > 2000)
-                break;
-            struct pollfd p = {.fd = e->efd, .events = POLLIN};
-            poll(&p, 1, 50);
-            drain(e);
-        }
+        drain_until(e, none_waiting_for_sends, 2000);
         /* Not silent: connections closed just before (a drain) still send their
          * CONNECTION_CLOSE, so clients learn at once instead of at their idle timeout. */
         api->RegistrationShutdown(e->reg, MQ_CONN_SHUTDOWN_FLAG_NONE, APP_NO_ERROR);
-        /* Every connection ends with SHUTDOWN_COMPLETE; close the handles as they do. */
-        struct timespec t0, t;
-        clock_gettime(CLOCK_MONOTONIC, &t0);
-        while (atomic_load(&e->live) > 0) {
-            struct pollfd p = {.fd = e->efd, .events = POLLIN};
-            poll(&p, 1, 100);
-            drain(e);
-            clock_gettime(CLOCK_MONOTONIC, &t);
-            if (t.tv_sec - t0.tv_sec > 10)
-                break; /* never seen; do not hang a worker's exit */
-        }
+        /* Every connection ends with SHUTDOWN_COMPLETE; close the handles as they do.
+         * Bounded: never seen to hang, but a worker's exit must not. */
+        drain_until(e, none_live, 10000);
     }
     if (e->config)
         api->ConfigurationClose(e->config);
@@ -1034,14 +1088,16 @@ static void ms_free(fpy3_engine *e)
     if (e->efd >= 0)
         close(e->efd);
     pthread_mutex_destroy(&e->qlock);
-    free(e->q);
-    free(e->work);
-    free(e->slots);
-    free(e->freeslots);
+    fpy3_engine_base_free(&e->b);
     free(e);
 }
 
 static int ms_fd(fpy3_engine *e) { return e->efd; }
+
+static void write_dirty(fpy3_engine *e, int honor_defer)
+{
+    fpy3_dirty_run(&e->b, honor_defer, write_one);
+}
 
 static int ms_read(fpy3_engine *e)
 {
@@ -1052,8 +1108,9 @@ static int ms_read(fpy3_engine *e)
 
 static int ms_expire(fpy3_engine *e)
 {
+    int n = run_stops(e);
     write_dirty(e, 0);
-    return 0;
+    return n;
 }
 
 static int ms_flush(fpy3_engine *e)
@@ -1062,32 +1119,41 @@ static int ms_flush(fpy3_engine *e)
     return 0;
 }
 
-static int64_t ms_next_timeout_ms(fpy3_engine *e) { return e->dirty ? 0 : -1; }
+static int64_t ms_next_timeout_ms(fpy3_engine *e) { return e->b.dirty || e->stops ? 0 : -1; }
+
 static int ms_want_write(fpy3_engine *e)
 {
     (void)e; /* MsQuic queues its own sends */
     return 0;
 }
+
 static void ms_stop_accepting(fpy3_engine *e) { atomic_store(&e->accepting, 0); }
 static size_t ms_conn_count(fpy3_engine *e) { return e->nactive; }
 
-static void ms_each(fpy3_engine *e, void (*fn)(void *ac, void *arg), void *arg)
+/* ConnectionShutdown with app_error on every connection the app has, the registration's
+ * shutdown for those MsQuic still handshakes, and a bounded wait for SHUTDOWN_COMPLETE:
+ * MsQuic sends CONNECTION_CLOSE from its threads and has no event for "sent", but a
+ * connection whose shutdown completed has sent it. Objects are freed only as their
+ * SHUTDOWN_COMPLETE comes, so MsQuic never calls back into freed memory. */
+static void ms_close_all(fpy3_engine *e, uint64_t app_error)
 {
-    for (uint32_t i = 0; i < e->nslots; i++) {
-        fpy3_qconn *qc = e->slots[i];
-        if (qc && qc->ac)
-            fn(qc->ac, arg);
+    atomic_store(&e->accepting, 0);
+    e->closed_all = 1;
+    e->closed_all_code = app_error;
+    for (uint32_t i = 0; i < e->b.nslots; i++) {
+        fpy3_qconn *qc = e->b.slots[i];
+        if (!qc)
+            continue;
+        if (qc->state != QC_CLOSING || qc->close_when_sent) {
+            qc->state = QC_CLOSING;
+            qc->close_code = app_error;
+            shutdown_now(qc);
+        }
+        app_detach(qc);
     }
-}
-
-static uint64_t ms_conn_handle(fpy3_qconn *qc) { return qc->handle; }
-
-static void *ms_conn_find(fpy3_engine *e, uint64_t handle)
-{
-    uint32_t s = (uint32_t)(handle & 0xffffff);
-    if (s >= e->nslots || !e->slots[s] || e->slots[s]->handle != handle)
-        return NULL;
-    return e->slots[s]->ac;
+    if (e->reg)
+        api->RegistrationShutdown(e->reg, MQ_CONN_SHUTDOWN_FLAG_NONE, app_error);
+    drain_until(e, none_live, CLOSE_ALL_WAIT_MS);
 }
 
 static const struct sockaddr *ms_conn_peer(fpy3_qconn *qc, uint32_t *len)
@@ -1104,18 +1170,17 @@ static const struct sockaddr *ms_conn_local(fpy3_qconn *qc, uint32_t *len)
 
 static void ms_mark(fpy3_qconn *qc)
 {
-    if (qc->ac)
-        dirty_add(qc);
+    if (qc->b.ac)
+        fpy3_dirty_add(qc);
 }
-
-static void ms_defer(fpy3_qconn *qc) { qc->defer = 1; }
 
 static int ms_open_uni(fpy3_qconn *qc, int64_t *sid)
 {
+    /* Owned by the engine: freed at its SHUTDOWN_COMPLETE or with the connection. */
     ms_stream *st = calloc(1, sizeof(*st));
     if (!st)
         return -1;
-    st->qc = qc;
+    stream_init(st, qc);
     /* StreamStart from this thread is queued, so the id comes later; ids are given
      * in start order, and START_COMPLETE checks the guess. */
     st->sid = qc->next_uni;
@@ -1153,7 +1218,7 @@ static void ms_extend_streams_bidi(fpy3_qconn *qc, uint64_t n)
     (void)n;
 }
 
-static uint64_t ms_max_streams_bidi(fpy3_qconn *qc) { return qc->e->cfg.max_streams_bidi; }
+static uint64_t ms_max_streams_bidi(fpy3_qconn *qc) { return qc->b.e->cfg.max_streams_bidi; }
 
 static int ms_shutdown_stream(fpy3_qconn *qc, int64_t sid, uint64_t app_error, int how)
 {
@@ -1165,9 +1230,7 @@ static int ms_shutdown_stream(fpy3_qconn *qc, int64_t sid, uint64_t app_error, i
         flags |= MQ_STREAM_SHUTDOWN_FLAG_ABORT_RECEIVE;
         st->discard = 1;
         try_complete(st);
-        /* stop_reading reaches the app with the next batch, not inside this call. */
-        ms_event ev = {.type = EV_STOP_READING, .qc = qc, .st = st};
-        push(qc->e, &ev);
+        stop_queue(qc->b.e, st);
     }
     if ((how & FPY3_SHUT_WR) && !st->wr_shut) {
         flags |= MQ_STREAM_SHUTDOWN_FLAG_ABORT_SEND;
@@ -1207,13 +1270,14 @@ const fpy3_engine_ops fpy3_engine_msquic = {
     .want_write = ms_want_write,
     .stop_accepting = ms_stop_accepting,
     .conn_count = ms_conn_count,
-    .each = ms_each,
-    .conn_handle = ms_conn_handle,
-    .conn_find = ms_conn_find,
+    .close_all = ms_close_all,
+    .each = fpy3_common_each,
+    .conn_handle = fpy3_common_conn_handle,
+    .conn_find = fpy3_common_conn_find,
     .conn_peer = ms_conn_peer,
     .conn_local = ms_conn_local,
     .mark = ms_mark,
-    .defer = ms_defer,
+    .defer = fpy3_common_defer,
     .open_uni = ms_open_uni,
     .extend = ms_extend,
     .extend_streams_bidi = ms_extend_streams_bidi,

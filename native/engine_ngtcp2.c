@@ -1,8 +1,9 @@
 /* engine_ngtcp2: the QUIC server engine (engine.h) on ngtcp2 + GnuTLS.
  *
- * One engine per UDP socket, driven from the loop thread: recvmmsg batches in,
- * sendmmsg batches out (UDP GSO when the kernel takes it), one timer for all
- * connections (a min-heap on each connection's ngtcp2 expiry).
+ * One engine per UDP socket, driven from the loop thread: datagrams come and go in
+ * batches (udp_batch), connection ids route them (cid_map), and one timer serves all
+ * connections (timer_heap, on each connection's ngtcp2 expiry). This file is the
+ * ngtcp2 glue between those and the app callbacks.
  *
  * Server connection ids are SCID_LEN bytes: [0] random, [1..4] the worker id
  * (big-endian), the rest random, so a reuseport BPF program can steer on them.
@@ -11,46 +12,76 @@
 #include "engine.h"
 
 #include <arpa/inet.h>
-#include <errno.h>
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
 #include <netinet/in.h>
-#include <netinet/udp.h>
 #include <ngtcp2/ngtcp2.h>
 #include <ngtcp2/ngtcp2_crypto.h>
 #include <ngtcp2/ngtcp2_crypto_gnutls.h>
-#include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
-#include <unistd.h>
 
-#ifndef UDP_SEGMENT
-#define UDP_SEGMENT 103
-#endif
-#ifndef SOL_UDP
-#define SOL_UDP 17
-#endif
+#include "cid_map.h"
+#include "engine_common.h"
+#include "timer_heap.h"
+#include "udp_batch.h"
 
 _Static_assert(sizeof(fpy3_vec) == sizeof(ngtcp2_vec), "fpy3_vec must match ngtcp2_vec");
+_Static_assert(sizeof(ngtcp2_socklen) == sizeof(socklen_t), "ngtcp2_socklen is socklen_t");
 
 #define SCID_LEN 18
-#define RX_BATCH 64
-#define RX_ROUNDS 16 /* recvmmsg calls per ng_read: bounds one loop turn */
-#define RX_BUFSZ 2048
-#define RX_CTRLSZ 128
-#define TX_BUFSZ (1 << 20)
-#define TX_MAXMSG 512
-#define TX_CTRLSZ (CMSG_SPACE(sizeof(struct in6_pktinfo)) + CMSG_SPACE(sizeof(uint16_t)) + CMSG_SPACE(sizeof(int)))
-#define GSO_MAX_BYTES 65000 /* below the 64 KiB IP limit with headers */
-#define GSO_MAX_SEGS 64     /* the kernel's UDP_MAX_SEGMENTS */
+#define RX_ROUNDS 16        /* recvmmsg calls per ng_read: bounds one loop turn */
 #define ONEOFF_MAX 1500     /* Retry, version negotiation, stateless reset or close */
 #define SR_PER_SEC 100      /* stateless resets sent per second at most */
-#define NO_HEAP UINT32_MAX
+#define CLOSE_ALL_WAIT_MS 200 /* close_all: how long a full socket may hold the closes */
 
 enum { QC_ACTIVE, QC_CLOSING, QC_DRAINING };
+
+/* --- state ------------------------------------------------------------------------- */
+
+struct fpy3_qconn {
+    fpy3_qconn_base b; /* first: engine, app state, handle, dirty list */
+    ngtcp2_conn *conn;
+    gnutls_session_t tls;
+    ngtcp2_crypto_conn_ref ref;
+    fpy3_timer timer; /* ngtcp2's expiry; the closing or draining period's end */
+    int state;
+    ngtcp2_cid odcid; /* the client's first DCID: a map key until close */
+    ngtcp2_ccerr ccerr;
+    int err_set;
+    /* CONNECTION_CLOSE kept for the closing period; owned here, freed in conn_delete. */
+    uint8_t *closebuf;
+    size_t closelen;
+    uint32_t close_rx;
+    FILE *qlog;
+};
+
+struct fpy3_engine {
+    fpy3_engine_base b; /* first: ops, app callbacks, connection table, dirty list */
+    fpy3_engine_config cfg;
+    char *qlog_dir; /* owned copy; NULL = off */
+    uint8_t alpn[256];
+    size_t alpnlen;
+    gnutls_certificate_credentials_t cred;
+    gnutls_priority_t prio;
+    int accepting;
+    ngtcp2_tstamp now;
+    fpy3_udp udp;
+    fpy3_cid_map map;
+    fpy3_timer_heap timers;
+    size_t nconns;  /* all, closing and draining ones included */
+    size_t nactive; /* those that can still carry data */
+    uint32_t sr_tokens;
+    ngtcp2_tstamp sr_refill;
+};
+
+static void conn_delete(fpy3_qconn *qc);
+static void ng_extend(fpy3_qconn *qc, int64_t sid, uint64_t n);
+static void ng_free(fpy3_engine *e);
 
 /* --- small helpers ----------------------------------------------------------------- */
 
@@ -68,530 +99,31 @@ static uint64_t wall_ns(void)
     return (uint64_t)ts.tv_sec * NGTCP2_SECONDS + (uint64_t)ts.tv_nsec;
 }
 
-static void seterr(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (!err || !errlen)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-}
-
 /* Nonce-grade randomness is enough for connection ids and padding; secrets use
  * the static secret. */
 static void rand_bytes(void *p, size_t n) { gnutls_rnd(GNUTLS_RND_NONCE, p, n); }
 
-/* --- connection id map: open addressing, linear probing, backward-shift delete ---- */
-
-typedef struct {
-    ngtcp2_cid cid;
-    fpy3_qconn *qc; /* NULL = empty slot */
-} cid_slot;
-
-typedef struct {
-    cid_slot *slots;
-    size_t cap; /* power of two */
-    size_t n;
-    uint64_t seed; /* keyed: client-chosen ids must not pick our buckets */
-} cid_map;
-
-static uint64_t cid_hash(const cid_map *m, const uint8_t *p, size_t len)
+static fpy3_qconn *timer_conn(fpy3_timer *t)
 {
-    uint64_t h = m->seed ^ (len * 0x9e3779b97f4a7c15ull);
-    while (len >= 8) {
-        uint64_t w;
-        memcpy(&w, p, 8);
-        h = (h ^ w) * 0xbf58476d1ce4e5b9ull;
-        h ^= h >> 31;
-        p += 8;
-        len -= 8;
-    }
-    uint64_t w = 0;
-    memcpy(&w, p, len);
-    h = (h ^ w) * 0x94d049bb133111ebull;
-    return h ^ (h >> 29);
-}
-
-static int cid_eq(const ngtcp2_cid *a, const uint8_t *p, size_t len)
-{
-    return a->datalen == len && memcmp(a->data, p, len) == 0;
-}
-
-static fpy3_qconn *cid_find(const cid_map *m, const uint8_t *p, size_t len)
-{
-    size_t mask = m->cap - 1, i = cid_hash(m, p, len) & mask;
-    for (;; i = (i + 1) & mask) {
-        const cid_slot *s = &m->slots[i];
-        if (!s->qc)
-            return NULL;
-        if (cid_eq(&s->cid, p, len))
-            return s->qc;
-    }
-}
-
-static int cid_grow(cid_map *m)
-{
-    size_t ncap = m->cap * 2;
-    cid_slot *old = m->slots, *ns = calloc(ncap, sizeof(*ns));
-    if (!ns)
-        return -1;
-    size_t ocap = m->cap;
-    m->slots = ns;
-    m->cap = ncap;
-    for (size_t i = 0; i < ocap; i++) {
-        if (!old[i].qc)
-            continue;
-        size_t j = cid_hash(m, old[i].cid.data, old[i].cid.datalen) & (ncap - 1);
-        while (ns[j].qc)
-            j = (j + 1) & (ncap - 1);
-        ns[j] = old[i];
-    }
-    free(old);
-    return 0;
-}
-
-static int cid_put(cid_map *m, const ngtcp2_cid *cid, fpy3_qconn *qc)
-{
-    if ((m->n + 1) * 4 > m->cap * 3 && cid_grow(m) < 0)
-        return -1;
-    size_t mask = m->cap - 1, i = cid_hash(m, cid->data, cid->datalen) & mask;
-    for (;; i = (i + 1) & mask) {
-        cid_slot *s = &m->slots[i];
-        if (!s->qc) {
-            s->cid = *cid;
-            s->qc = qc;
-            m->n++;
-            return 0;
-        }
-        if (cid_eq(&s->cid, cid->data, cid->datalen)) {
-            s->qc = qc;
-            return 0;
-        }
-    }
-}
-
-static void cid_del(cid_map *m, const ngtcp2_cid *cid, const fpy3_qconn *qc)
-{
-    size_t mask = m->cap - 1, i = cid_hash(m, cid->data, cid->datalen) & mask;
-    for (;; i = (i + 1) & mask) {
-        if (!m->slots[i].qc)
-            return;
-        if (cid_eq(&m->slots[i].cid, cid->data, cid->datalen))
-            break;
-    }
-    if (m->slots[i].qc != qc)
-        return; /* the id now names another connection */
-    m->slots[i].qc = NULL;
-    m->n--;
-    /* Backward shift: pull later entries of the probe run into the hole. */
-    for (size_t j = (i + 1) & mask; m->slots[j].qc; j = (j + 1) & mask) {
-        size_t home = cid_hash(m, m->slots[j].cid.data, m->slots[j].cid.datalen) & mask;
-        if (((j - home) & mask) >= ((j - i) & mask)) {
-            m->slots[i] = m->slots[j];
-            m->slots[j].qc = NULL;
-            i = j;
-        }
-    }
-}
-
-/* --- engine and connection state --------------------------------------------------- */
-
-typedef struct {
-    struct sockaddr_storage addr;
-    socklen_t len;
-} sockaddr_buf;
-
-struct fpy3_qconn {
-    fpy3_engine *e; /* first: engine.c dispatches on it */
-    ngtcp2_conn *conn;
-    gnutls_session_t tls;
-    ngtcp2_crypto_conn_ref ref;
-    void *ac; /* the app's state, set by conn_open */
-    uint64_t handle;
-    uint32_t slot;
-    uint32_t heap_idx;
-    ngtcp2_tstamp expiry;
-    int state;
-    int dirty, defer;
-    fpy3_qconn *dnext, *dprev; /* dirty list */
-    ngtcp2_cid odcid;          /* the client's first DCID: a map key until close */
-    ngtcp2_ccerr ccerr;
-    int err_set;
-    /* CONNECTION_CLOSE kept for the closing period; owned here, freed in conn_delete. */
-    uint8_t *closebuf;
-    size_t closelen;
-    uint32_t close_rx;
-    FILE *qlog;
-};
-
-struct fpy3_engine {
-    const fpy3_engine_ops *ops; /* first: engine.c dispatches on it */
-    int fd, family;
-    fpy3_engine_config cfg;
-    char *qlog_dir; /* owned copy; NULL = off */
-    uint8_t alpn[256];
-    size_t alpnlen;
-    fpy3_engine_app cb;
-    void *app;
-    gnutls_certificate_credentials_t cred;
-    gnutls_priority_t prio;
-    uint16_t port; /* network order */
-    sockaddr_buf bound;
-    int gso, no_ecn, accepting;
-    ngtcp2_tstamp now;
-
-    cid_map map;
-
-    /* handle -> connection: slot index in the low 24 bits, a counter above. */
-    fpy3_qconn **slots;
-    uint32_t nslots, slotcap;
-    uint32_t *freeslots;
-    uint32_t nfree;
-    uint64_t counter;
-    size_t nconns;  /* all, closing and draining ones included */
-    size_t nactive; /* those that can still carry data */
-
-    fpy3_qconn **heap;
-    uint32_t heapn, heapcap;
-    fpy3_qconn **expired; /* scratch for ng_expire */
-
-    fpy3_qconn *dirty;
-
-    /* receive batch */
-    uint8_t *rxbuf;
-    struct mmsghdr rxmsg[RX_BATCH];
-    struct iovec rxiov[RX_BATCH];
-    struct sockaddr_storage rxaddr[RX_BATCH];
-    uint8_t rxctrl[RX_BATCH][RX_CTRLSZ];
-
-    /* send batch: packets are written in place into txbuf, one msg per GSO run */
-    uint8_t *txbuf;
-    size_t txlen;
-    uint32_t ntx, ntx_sent;
-    int blocked; /* EAGAIN: the rest waits for writability */
-    struct mmsghdr txmsg[TX_MAXMSG];
-    struct iovec txiov[TX_MAXMSG];
-    struct sockaddr_storage txaddr[TX_MAXMSG];
-    uint8_t txctrl[TX_MAXMSG][TX_CTRLSZ];
-    uint16_t txseg[TX_MAXMSG]; /* segment size (== len when one packet) */
-    uint8_t txecn[TX_MAXMSG];
-
-    uint32_t sr_tokens;
-    ngtcp2_tstamp sr_refill;
-};
-
-static void conn_delete(fpy3_qconn *qc);
-static void conn_write(fpy3_qconn *qc);
-static void ng_extend(fpy3_qconn *qc, int64_t sid, uint64_t n);
-static void ng_free(fpy3_engine *e);
-
-/* --- timer heap --------------------------------------------------------------------- */
-
-static void heap_swap(fpy3_engine *e, uint32_t a, uint32_t b)
-{
-    fpy3_qconn *t = e->heap[a];
-    e->heap[a] = e->heap[b];
-    e->heap[b] = t;
-    e->heap[a]->heap_idx = a;
-    e->heap[b]->heap_idx = b;
-}
-
-static void heap_up(fpy3_engine *e, uint32_t i)
-{
-    while (i > 0) {
-        uint32_t p = (i - 1) / 2;
-        if (e->heap[p]->expiry <= e->heap[i]->expiry)
-            break;
-        heap_swap(e, i, p);
-        i = p;
-    }
-}
-
-static void heap_down(fpy3_engine *e, uint32_t i)
-{
-    for (;;) {
-        uint32_t l = 2 * i + 1, r = l + 1, m = i;
-        if (l < e->heapn && e->heap[l]->expiry < e->heap[m]->expiry)
-            m = l;
-        if (r < e->heapn && e->heap[r]->expiry < e->heap[m]->expiry)
-            m = r;
-        if (m == i)
-            return;
-        heap_swap(e, i, m);
-        i = m;
-    }
-}
-
-static void heap_remove(fpy3_engine *e, fpy3_qconn *qc)
-{
-    uint32_t i = qc->heap_idx;
-    if (i == NO_HEAP)
-        return;
-    qc->heap_idx = NO_HEAP;
-    e->heapn--;
-    if (i == e->heapn)
-        return;
-    e->heap[i] = e->heap[e->heapn];
-    e->heap[i]->heap_idx = i;
-    heap_up(e, i);
-    heap_down(e, e->heap[i]->heap_idx);
-}
-
-/* Sets qc's expiry and its place in the heap (UINT64_MAX = not in the heap). */
-static void heap_set(fpy3_engine *e, fpy3_qconn *qc, ngtcp2_tstamp t)
-{
-    if (t == UINT64_MAX) {
-        heap_remove(e, qc);
-        qc->expiry = t;
-        return;
-    }
-    qc->expiry = t;
-    if (qc->heap_idx == NO_HEAP) {
-        if (e->heapn == e->heapcap) {
-            uint32_t ncap = e->heapcap ? e->heapcap * 2 : 64;
-            fpy3_qconn **nh = realloc(e->heap, ncap * sizeof(*nh));
-            fpy3_qconn **nx = realloc(e->expired, ncap * sizeof(*nx));
-            if (nh)
-                e->heap = nh;
-            if (nx)
-                e->expired = nx;
-            if (!nh || !nx)
-                return; /* no timer: the idle close comes with the next packet */
-            e->heapcap = ncap;
-        }
-        qc->heap_idx = e->heapn;
-        e->heap[e->heapn++] = qc;
-        heap_up(e, qc->heap_idx);
-    } else {
-        heap_up(e, qc->heap_idx);
-        heap_down(e, qc->heap_idx);
-    }
+    return (fpy3_qconn *)((char *)t - offsetof(fpy3_qconn, timer));
 }
 
 static void update_timer(fpy3_qconn *qc)
 {
     if (qc->state == QC_ACTIVE)
-        heap_set(qc->e, qc, ngtcp2_conn_get_expiry(qc->conn));
+        fpy3_timer_set(&qc->b.e->timers, &qc->timer, ngtcp2_conn_get_expiry(qc->conn));
 }
 
-/* --- dirty list -------------------------------------------------------------------- */
-
-static void dirty_add(fpy3_qconn *qc)
-{
-    if (qc->dirty)
-        return;
-    fpy3_engine *e = qc->e;
-    qc->dirty = 1;
-    qc->dprev = NULL;
-    qc->dnext = e->dirty;
-    if (e->dirty)
-        e->dirty->dprev = qc;
-    e->dirty = qc;
-}
-
-static void dirty_del(fpy3_qconn *qc)
-{
-    if (!qc->dirty)
-        return;
-    if (qc->dprev)
-        qc->dprev->dnext = qc->dnext;
-    else
-        qc->e->dirty = qc->dnext;
-    if (qc->dnext)
-        qc->dnext->dprev = qc->dprev;
-    qc->dirty = 0;
-    qc->dnext = qc->dprev = NULL;
-}
-
-/* --- send batch -------------------------------------------------------------------- */
-
-static int is_v4mapped(const struct sockaddr *sa)
-{
-    return sa->sa_family == AF_INET6 &&
-           IN6_IS_ADDR_V4MAPPED(&((const struct sockaddr_in6 *)sa)->sin6_addr);
-}
-
-/* Fills msg i's header and control data: source address, GSO segment size, ECN. */
-static void tx_fill(fpy3_engine *e, uint32_t i, uint8_t *data, size_t len, size_t seg,
-                    const ngtcp2_path *path, uint32_t ecn)
-{
-    struct msghdr *h = &e->txmsg[i].msg_hdr;
-    memcpy(&e->txaddr[i], path->remote.addr, path->remote.addrlen);
-    e->txiov[i].iov_base = data;
-    e->txiov[i].iov_len = len;
-    h->msg_name = &e->txaddr[i];
-    h->msg_namelen = path->remote.addrlen;
-    h->msg_iov = &e->txiov[i];
-    h->msg_iovlen = 1;
-    h->msg_control = e->txctrl[i];
-    h->msg_controllen = sizeof(e->txctrl[i]);
-    h->msg_flags = 0;
-    memset(e->txctrl[i], 0, sizeof(e->txctrl[i]));
-    struct cmsghdr *cm = CMSG_FIRSTHDR(h);
-    size_t clen = 0;
-    const struct sockaddr *la = path->local.addr;
-    if (la && la->sa_family == AF_INET) {
-        struct in_pktinfo pi = {.ipi_spec_dst = ((const struct sockaddr_in *)la)->sin_addr};
-        cm->cmsg_level = IPPROTO_IP;
-        cm->cmsg_type = IP_PKTINFO;
-        cm->cmsg_len = CMSG_LEN(sizeof(pi));
-        memcpy(CMSG_DATA(cm), &pi, sizeof(pi));
-        clen += CMSG_SPACE(sizeof(pi));
-        cm = CMSG_NXTHDR(h, cm);
-    } else if (la && la->sa_family == AF_INET6) {
-        struct in6_pktinfo pi = {.ipi6_addr = ((const struct sockaddr_in6 *)la)->sin6_addr};
-        cm->cmsg_level = IPPROTO_IPV6;
-        cm->cmsg_type = IPV6_PKTINFO;
-        cm->cmsg_len = CMSG_LEN(sizeof(pi));
-        memcpy(CMSG_DATA(cm), &pi, sizeof(pi));
-        clen += CMSG_SPACE(sizeof(pi));
-        cm = CMSG_NXTHDR(h, cm);
-    }
-    if (len > seg) {
-        uint16_t n = (uint16_t)seg;
-        cm->cmsg_level = SOL_UDP;
-        cm->cmsg_type = UDP_SEGMENT;
-        cm->cmsg_len = CMSG_LEN(sizeof(n));
-        memcpy(CMSG_DATA(cm), &n, sizeof(n));
-        clen += CMSG_SPACE(sizeof(n));
-        cm = CMSG_NXTHDR(h, cm);
-    }
-    if (ecn && !e->no_ecn) {
-        int v = (int)ecn;
-        /* v4-mapped peers go out through the IPv4 stack, which reads IP_TOS. */
-        int v6 = path->remote.addr->sa_family == AF_INET6 && !is_v4mapped(path->remote.addr);
-        cm->cmsg_level = v6 ? IPPROTO_IPV6 : IPPROTO_IP;
-        cm->cmsg_type = v6 ? IPV6_TCLASS : IP_TOS;
-        cm->cmsg_len = CMSG_LEN(sizeof(v));
-        memcpy(CMSG_DATA(cm), &v, sizeof(v));
-        clen += CMSG_SPACE(sizeof(v));
-    }
-    h->msg_controllen = clen;
-    if (!clen)
-        h->msg_control = NULL;
-    e->txseg[i] = (uint16_t)seg;
-    e->txecn[i] = (uint8_t)ecn;
-}
-
-/* sendmsg one packet at a time (GSO refused or ECN refused). */
-static int tx_send_split(fpy3_engine *e, uint32_t i)
-{
-    struct msghdr *h = &e->txmsg[i].msg_hdr;
-    uint8_t *p = e->txiov[i].iov_base;
-    size_t left = e->txiov[i].iov_len, seg = e->txseg[i];
-    ngtcp2_path path = {0};
-    /* Rebuild the msg per packet without GSO; path data is still in txaddr/txctrl. */
-    struct sockaddr_storage remote = e->txaddr[i];
-    struct sockaddr_storage local = {0};
-    struct cmsghdr *cm;
-    for (cm = CMSG_FIRSTHDR(h); cm; cm = CMSG_NXTHDR(h, cm)) {
-        if (cm->cmsg_level == IPPROTO_IP && cm->cmsg_type == IP_PKTINFO) {
-            struct in_pktinfo pi;
-            memcpy(&pi, CMSG_DATA(cm), sizeof(pi));
-            struct sockaddr_in *sin = (struct sockaddr_in *)&local;
-            sin->sin_family = AF_INET;
-            sin->sin_addr = pi.ipi_spec_dst;
-        } else if (cm->cmsg_level == IPPROTO_IPV6 && cm->cmsg_type == IPV6_PKTINFO) {
-            struct in6_pktinfo pi;
-            memcpy(&pi, CMSG_DATA(cm), sizeof(pi));
-            struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&local;
-            sin6->sin6_family = AF_INET6;
-            sin6->sin6_addr = pi.ipi6_addr;
-        }
-    }
-    path.remote.addr = (struct sockaddr *)&remote;
-    path.remote.addrlen = h->msg_namelen;
-    path.local.addr = local.ss_family ? (struct sockaddr *)&local : NULL;
-    uint32_t ecn = e->txecn[i];
-    while (left) {
-        size_t n = left < seg ? left : seg;
-        tx_fill(e, i, p, n, n, &path, ecn);
-        ssize_t rv;
-        do
-            rv = sendmsg(e->fd, &e->txmsg[i].msg_hdr, 0);
-        while (rv < 0 && errno == EINTR);
-        if (rv < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            /* Keep the unsent rest as msg i. */
-            tx_fill(e, i, p, left, seg, &path, ecn);
-            return -1;
-        }
-        p += n;
-        left -= n;
-    }
-    return 0;
-}
-
-/* Sends queued msgs. Returns 0 when all went (or were dropped), -1 when blocked. */
-static int tx_send(fpy3_engine *e)
-{
-    while (e->ntx_sent < e->ntx) {
-        int rv = sendmmsg(e->fd, &e->txmsg[e->ntx_sent], e->ntx - e->ntx_sent, 0);
-        if (rv > 0) {
-            e->ntx_sent += (uint32_t)rv;
-            continue;
-        }
-        if (rv < 0 && errno == EINTR)
-            continue;
-        if (rv < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            e->blocked = 1;
-            return -1;
-        }
-        uint32_t i = e->ntx_sent;
-        if (rv < 0 && errno == EIO && e->gso && e->txiov[i].iov_len > e->txseg[i]) {
-            e->gso = 0; /* the device cannot segment: one packet per send from now on */
-            if (tx_send_split(e, i) < 0) {
-                e->blocked = 1;
-                return -1;
-            }
-        } else if (rv < 0 && errno == EINVAL && !e->no_ecn && e->txecn[i]) {
-            e->no_ecn = 1; /* a kernel refusing the TOS cmsg: send without ECN */
-            if (tx_send_split(e, i) < 0) {
-                e->blocked = 1;
-                return -1;
-            }
-        }
-        /* Any other error drops this msg, as the network could have. */
-        e->ntx_sent++;
-    }
-    e->ntx = e->ntx_sent = 0;
-    e->txlen = 0;
-    e->blocked = 0;
-    return 0;
-}
-
-/* Room for `need` bytes and a GSO run's worth of msgs; NULL while blocked. */
-static uint8_t *tx_reserve(fpy3_engine *e, size_t need)
-{
-    if (e->blocked)
-        return NULL;
-    if (e->txlen + need > TX_BUFSZ || e->ntx + GSO_MAX_SEGS + 1 > TX_MAXMSG) {
-        if (tx_send(e) < 0)
-            return NULL;
-    }
-    return e->txbuf + e->txlen;
-}
-
-/* Queues len bytes already written at txbuf + txlen: one msg (GSO) or one per packet. */
+/* Queues a packet built at the reserved place of the send batch. */
 static void tx_commit(fpy3_engine *e, size_t len, size_t seg, const ngtcp2_path *path,
                       uint32_t ecn)
 {
-    uint8_t *p = e->txbuf + e->txlen;
-    e->txlen += len;
-    if (e->gso || len <= seg) {
-        tx_fill(e, e->ntx++, p, len, seg, path, ecn);
-        return;
-    }
-    while (len) {
-        size_t n = len < seg ? len : seg;
-        tx_fill(e, e->ntx++, p, n, n, path, ecn);
-        p += n;
-        len -= n;
-    }
+    fpy3_udp_commit(&e->udp, len, seg, path->remote.addr, path->remote.addrlen,
+                    path->local.addr, ecn);
 }
 
 /* A packet not tied to a connection (version negotiation, Retry, reset, close). */
-static uint8_t *oneoff_buf(fpy3_engine *e) { return tx_reserve(e, ONEOFF_MAX); }
+static uint8_t *oneoff_buf(fpy3_engine *e) { return fpy3_udp_reserve(&e->udp, ONEOFF_MAX); }
 
 static void oneoff_send(fpy3_engine *e, size_t len, const ngtcp2_path *path)
 {
@@ -626,16 +158,16 @@ static int cb_new_cid(ngtcp2_conn *conn, ngtcp2_cid *cid, uint8_t *token, size_t
                       void *ud)
 {
     fpy3_qconn *qc = ud;
-    fpy3_engine *e = qc->e;
+    fpy3_engine *e = qc->b.e;
     (void)conn;
     (void)cidlen; /* always SCID_LEN: it is what the connection was created with */
     do
         make_cid(e, cid);
-    while (cid_find(&e->map, cid->data, cid->datalen));
+    while (fpy3_cid_find(&e->map, cid->data, cid->datalen));
     if (ngtcp2_crypto_generate_stateless_reset_token(token, e->cfg.static_secret,
                                                      sizeof(e->cfg.static_secret), cid) != 0)
         return NGTCP2_ERR_CALLBACK_FAILURE;
-    if (cid_put(&e->map, cid, qc) < 0)
+    if (fpy3_cid_put(&e->map, cid, qc) < 0)
         return NGTCP2_ERR_CALLBACK_FAILURE;
     return 0;
 }
@@ -644,7 +176,7 @@ static int cb_remove_cid(ngtcp2_conn *conn, const ngtcp2_cid *cid, void *ud)
 {
     fpy3_qconn *qc = ud;
     (void)conn;
-    cid_del(&qc->e->map, cid, qc);
+    fpy3_cid_del(&qc->b.e->map, cid, qc);
     return 0;
 }
 
@@ -658,10 +190,11 @@ static int cb_recv_tx_key(ngtcp2_conn *conn, ngtcp2_encryption_level level, void
 {
     fpy3_qconn *qc = ud;
     (void)conn;
-    if (level != NGTCP2_ENCRYPTION_LEVEL_1RTT || qc->ac)
+    if (level != NGTCP2_ENCRYPTION_LEVEL_1RTT || qc->b.ac)
         return 0;
-    qc->ac = qc->e->cb.conn_open(qc->e->app, qc);
-    return qc->ac ? 0 : app_fail(qc);
+    fpy3_engine *e = qc->b.e;
+    qc->b.ac = e->b.cb.conn_open(e->b.app, qc);
+    return qc->b.ac ? 0 : app_fail(qc);
 }
 
 static int cb_recv_stream_data(ngtcp2_conn *conn, uint32_t flags, int64_t sid, uint64_t offset,
@@ -671,11 +204,11 @@ static int cb_recv_stream_data(ngtcp2_conn *conn, uint32_t flags, int64_t sid, u
     (void)conn;
     (void)offset;
     (void)sud;
-    if (!qc->ac) {
+    if (!qc->b.ac) {
         ng_extend(qc, sid, len);
         return 0;
     }
-    if (qc->e->cb.recv(qc->ac, sid, data, len, !!(flags & NGTCP2_STREAM_DATA_FLAG_FIN)) < 0)
+    if (qc->b.e->b.cb.recv(qc->b.ac, sid, data, len, !!(flags & NGTCP2_STREAM_DATA_FLAG_FIN)) < 0)
         return app_fail(qc);
     return 0;
 }
@@ -687,7 +220,7 @@ static int cb_acked(ngtcp2_conn *conn, int64_t sid, uint64_t offset, uint64_t le
     (void)conn;
     (void)offset;
     (void)sud;
-    if (qc->ac && qc->e->cb.acked(qc->ac, sid, len) < 0)
+    if (qc->b.ac && qc->b.e->b.cb.acked(qc->b.ac, sid, len) < 0)
         return app_fail(qc);
     return 0;
 }
@@ -700,7 +233,7 @@ static int cb_stream_close(ngtcp2_conn *conn, uint32_t flags, int64_t sid, uint6
     (void)sud;
     if (!(flags & NGTCP2_STREAM_CLOSE_FLAG_APP_ERROR_CODE_SET))
         app_error = 0; /* 0: closed without a code */
-    if (qc->ac && qc->e->cb.stream_close(qc->ac, sid, app_error) < 0)
+    if (qc->b.ac && qc->b.e->b.cb.stream_close(qc->b.ac, sid, app_error) < 0)
         return app_fail(qc);
     return 0;
 }
@@ -712,7 +245,7 @@ static int cb_stream_reset(ngtcp2_conn *conn, int64_t sid, uint64_t final_size,
     (void)conn;
     (void)final_size;
     (void)sud;
-    if (qc->ac && qc->e->cb.peer_reset(qc->ac, sid, app_error) < 0)
+    if (qc->b.ac && qc->b.e->b.cb.peer_reset(qc->b.ac, sid, app_error) < 0)
         return app_fail(qc);
     return 0;
 }
@@ -725,7 +258,7 @@ static int cb_stop_sending(ngtcp2_conn *conn, int64_t sid, uint64_t app_error, v
     (void)conn;
     (void)app_error;
     (void)sud;
-    if (qc->ac && qc->e->cb.stop_reading(qc->ac, sid) < 0)
+    if (qc->b.ac && qc->b.e->b.cb.stop_reading(qc->b.ac, sid) < 0)
         return app_fail(qc);
     return 0;
 }
@@ -734,8 +267,8 @@ static int cb_extend_max_remote_bidi(ngtcp2_conn *conn, uint64_t max_streams, vo
 {
     fpy3_qconn *qc = ud;
     (void)conn;
-    if (qc->ac)
-        qc->e->cb.max_streams(qc->ac, max_streams);
+    if (qc->b.ac)
+        qc->b.e->b.cb.max_streams(qc->b.ac, max_streams);
     return 0;
 }
 
@@ -746,7 +279,7 @@ static int cb_extend_max_stream_data(ngtcp2_conn *conn, int64_t sid, uint64_t ma
     (void)conn;
     (void)max_data;
     (void)sud;
-    if (qc->ac && qc->e->cb.unblocked(qc->ac, sid) < 0)
+    if (qc->b.ac && qc->b.e->b.cb.unblocked(qc->b.ac, sid) < 0)
         return app_fail(qc);
     return 0;
 }
@@ -775,7 +308,7 @@ static int alpn_hook(gnutls_session_t s, unsigned int htype, unsigned when, unsi
     fpy3_qconn *qc = ref->user_data;
     if (gnutls_alpn_get_selected_protocol(s, &sel) != 0)
         return GNUTLS_E_NO_APPLICATION_PROTOCOL;
-    if (sel.size != qc->e->alpnlen || memcmp(sel.data, qc->e->alpn, sel.size) != 0)
+    if (sel.size != qc->b.e->alpnlen || memcmp(sel.data, qc->b.e->alpn, sel.size) != 0)
         return GNUTLS_E_NO_APPLICATION_PROTOCOL;
     return 0;
 }
@@ -806,60 +339,34 @@ static const ngtcp2_callbacks callbacks = {
 
 /* --- connection lifecycle ---------------------------------------------------------- */
 
-static int slot_alloc(fpy3_engine *e, fpy3_qconn *qc)
-{
-    uint32_t s;
-    if (e->nfree) {
-        s = e->freeslots[--e->nfree];
-    } else {
-        if (e->nslots == e->slotcap) {
-            uint32_t ncap = e->slotcap ? e->slotcap * 2 : 64;
-            if (ncap > (1u << 24))
-                return -1;
-            fpy3_qconn **ns = realloc(e->slots, ncap * sizeof(*ns));
-            if (!ns)
-                return -1;
-            e->slots = ns;
-            uint32_t *nf = realloc(e->freeslots, ncap * sizeof(*nf));
-            if (!nf)
-                return -1;
-            e->freeslots = nf;
-            e->slotcap = ncap;
-        }
-        s = e->nslots++;
-    }
-    e->slots[s] = qc;
-    qc->slot = s;
-    qc->handle = (++e->counter << 24) | s;
-    return 0;
-}
-
 static void app_detach(fpy3_qconn *qc)
 {
-    void *ac = qc->ac;
+    void *ac = qc->b.ac;
     if (!ac)
         return;
-    qc->ac = NULL; /* engine calls made from conn_close see no app and do nothing */
-    qc->e->cb.conn_close(ac);
+    qc->b.ac = NULL; /* engine calls made from conn_close see no app and do nothing */
+    qc->b.e->b.cb.conn_close(ac);
 }
 
 static void conn_delete(fpy3_qconn *qc)
 {
-    fpy3_engine *e = qc->e;
+    fpy3_engine *e = qc->b.e;
     app_detach(qc);
-    heap_remove(e, qc);
-    dirty_del(qc);
+    fpy3_timer_remove(&e->timers, &qc->timer);
+    fpy3_dirty_del(qc);
     if (qc->odcid.datalen)
-        cid_del(&e->map, &qc->odcid, qc);
+        fpy3_cid_del(&e->map, &qc->odcid, qc);
     if (qc->conn) {
         size_t n = ngtcp2_conn_get_scid(qc->conn, NULL);
-        ngtcp2_cid ids[16], *p = n <= 16 ? ids : malloc(n * sizeof(*p));
+        ngtcp2_cid ids[16], *p = n <= 16 ? ids : malloc(n * sizeof(*p)); /* freed here */
         if (p) {
             ngtcp2_conn_get_scid(qc->conn, p);
             for (size_t i = 0; i < n; i++)
-                cid_del(&e->map, &p[i], qc);
+                fpy3_cid_del(&e->map, &p[i], qc);
             if (p != ids)
                 free(p);
+        } else {
+            fpy3_cid_del_all(&e->map, qc); /* no id may outlive qc in the map */
         }
         ngtcp2_conn_del(qc->conn);
     }
@@ -868,8 +375,7 @@ static void conn_delete(fpy3_qconn *qc)
     if (qc->qlog)
         fclose(qc->qlog);
     free(qc->closebuf);
-    e->slots[qc->slot] = NULL;
-    e->freeslots[e->nfree++] = qc->slot;
+    fpy3_conn_table_remove(&e->b, qc);
     e->nconns--;
     if (qc->state == QC_ACTIVE)
         e->nactive--;
@@ -880,18 +386,19 @@ static ngtcp2_duration close_wait(fpy3_qconn *qc) { return 3 * ngtcp2_conn_get_p
 
 static void start_draining(fpy3_qconn *qc)
 {
+    fpy3_engine *e = qc->b.e;
     if (qc->state == QC_ACTIVE)
-        qc->e->nactive--;
+        e->nactive--;
     qc->state = QC_DRAINING;
-    dirty_del(qc);
+    fpy3_dirty_del(qc);
     app_detach(qc);
-    heap_set(qc->e, qc, qc->e->now + close_wait(qc));
+    fpy3_timer_set(&e->timers, &qc->timer, e->now + close_wait(qc));
 }
 
 /* Sends CONNECTION_CLOSE with qc->ccerr and enters the closing period. */
 static void start_closing(fpy3_qconn *qc)
 {
-    fpy3_engine *e = qc->e;
+    fpy3_engine *e = qc->b.e;
     if (qc->state != QC_ACTIVE)
         return;
     if (qc->ccerr.type == NGTCP2_CCERR_TYPE_IDLE_CLOSE) {
@@ -905,11 +412,21 @@ static void start_closing(fpy3_qconn *qc)
     ngtcp2_path_storage ps;
     ngtcp2_pkt_info pi;
     ngtcp2_path_storage_zero(&ps);
-    qc->closebuf = malloc(NGTCP2_MAX_UDP_PAYLOAD_SIZE);
-    ngtcp2_ssize n = qc->closebuf ? ngtcp2_conn_write_connection_close(
-                                        qc->conn, &ps.path, &pi, qc->closebuf,
-                                        NGTCP2_MAX_UDP_PAYLOAD_SIZE, &qc->ccerr, e->now)
-                                  : -1;
+    qc->closebuf = malloc(NGTCP2_MAX_UDP_PAYLOAD_SIZE); /* qc's, freed in conn_delete */
+    if (!qc->closebuf) {
+        /* No memory to keep it for the closing period: send the close once, go. */
+        uint8_t *buf = fpy3_udp_reserve(&e->udp, NGTCP2_MAX_UDP_PAYLOAD_SIZE);
+        ngtcp2_ssize n = buf ? ngtcp2_conn_write_connection_close(
+                                   qc->conn, &ps.path, &pi, buf, NGTCP2_MAX_UDP_PAYLOAD_SIZE,
+                                   &qc->ccerr, e->now)
+                             : -1;
+        if (n > 0)
+            tx_commit(e, (size_t)n, (size_t)n, &ps.path, 0);
+        conn_delete(qc);
+        return;
+    }
+    ngtcp2_ssize n = ngtcp2_conn_write_connection_close(
+        qc->conn, &ps.path, &pi, qc->closebuf, NGTCP2_MAX_UDP_PAYLOAD_SIZE, &qc->ccerr, e->now);
     if (n <= 0) {
         conn_delete(qc);
         return;
@@ -917,10 +434,10 @@ static void start_closing(fpy3_qconn *qc)
     qc->closelen = (size_t)n;
     qc->state = QC_CLOSING;
     e->nactive--;
-    dirty_del(qc);
+    fpy3_dirty_del(qc);
     app_detach(qc);
-    heap_set(e, qc, e->now + close_wait(qc));
-    uint8_t *buf = tx_reserve(e, qc->closelen);
+    fpy3_timer_set(&e->timers, &qc->timer, e->now + close_wait(qc));
+    uint8_t *buf = fpy3_udp_reserve(&e->udp, qc->closelen);
     if (buf) {
         memcpy(buf, qc->closebuf, qc->closelen);
         tx_commit(e, qc->closelen, qc->closelen, &ps.path, 0);
@@ -942,11 +459,11 @@ static void fail_liberr(fpy3_qconn *qc, int rv)
  * (1st, 2nd, 4th, 8th ... packet) so we cannot be used to amplify. */
 static void resend_close(fpy3_qconn *qc)
 {
-    fpy3_engine *e = qc->e;
+    fpy3_engine *e = qc->b.e;
     uint32_t k = ++qc->close_rx;
     if (k & (k - 1))
         return;
-    uint8_t *buf = tx_reserve(e, qc->closelen);
+    uint8_t *buf = fpy3_udp_reserve(&e->udp, qc->closelen);
     if (!buf)
         return;
     memcpy(buf, qc->closebuf, qc->closelen);
@@ -956,16 +473,19 @@ static void resend_close(fpy3_qconn *qc)
 static fpy3_qconn *conn_new(fpy3_engine *e, const ngtcp2_pkt_hd *hd, const ngtcp2_cid *ocid,
                             ngtcp2_token_type token_type, const ngtcp2_path *path)
 {
-    fpy3_qconn *qc = calloc(1, sizeof(*qc));
+    /* A place in the timer heap for every connection, taken before there is one, so
+     * setting a connection's timer never fails. */
+    if (fpy3_timer_heap_reserve(&e->timers, (uint32_t)(e->nconns + 1)) < 0)
+        return NULL;
+    fpy3_qconn *qc = calloc(1, sizeof(*qc)); /* owned by the engine until conn_delete */
     if (!qc)
         return NULL;
-    qc->e = e;
-    qc->heap_idx = NO_HEAP;
-    qc->expiry = UINT64_MAX;
+    qc->b.e = e;
+    fpy3_timer_init(&qc->timer);
     qc->ref.get_conn = get_conn;
     qc->ref.user_data = qc;
     ngtcp2_ccerr_default(&qc->ccerr);
-    if (slot_alloc(e, qc) < 0) {
+    if (fpy3_conn_table_add(&e->b, qc) < 0) {
         free(qc);
         return NULL;
     }
@@ -975,7 +495,7 @@ static fpy3_qconn *conn_new(fpy3_engine *e, const ngtcp2_pkt_hd *hd, const ngtcp
     ngtcp2_cid scid;
     do
         make_cid(e, &scid);
-    while (cid_find(&e->map, scid.data, scid.datalen));
+    while (fpy3_cid_find(&e->map, scid.data, scid.datalen));
 
     ngtcp2_settings settings;
     ngtcp2_settings_default(&settings);
@@ -1007,7 +527,7 @@ static fpy3_qconn *conn_new(fpy3_engine *e, const ngtcp2_pkt_hd *hd, const ngtcp
     params.initial_max_streams_bidi = e->cfg.max_streams_bidi;
     params.initial_max_streams_uni = e->cfg.max_streams_uni;
     params.max_idle_timeout = e->cfg.idle_timeout_ms * NGTCP2_MILLISECONDS;
-    params.max_udp_payload_size = RX_BUFSZ;
+    params.max_udp_payload_size = FPY3_UDP_RX_BUFSZ;
     params.active_connection_id_limit = 7;
     params.stateless_reset_token_present = 1;
     if (ocid) {
@@ -1044,7 +564,7 @@ static fpy3_qconn *conn_new(fpy3_engine *e, const ngtcp2_pkt_hd *hd, const ngtcp
     ngtcp2_conn_set_tls_native_handle(qc->conn, qc->tls);
 
     qc->odcid = hd->dcid;
-    if (cid_put(&e->map, &hd->dcid, qc) < 0 || cid_put(&e->map, &scid, qc) < 0)
+    if (fpy3_cid_put(&e->map, &hd->dcid, qc) < 0 || fpy3_cid_put(&e->map, &scid, qc) < 0)
         goto fail;
     return qc;
 fail:
@@ -1142,9 +662,9 @@ static void send_stateless_reset(fpy3_engine *e, size_t pktlen, const uint8_t *d
 static void conn_read(fpy3_qconn *qc, const ngtcp2_path *path, const ngtcp2_pkt_info *pi,
                       const uint8_t *pkt, size_t len)
 {
-    int rv = ngtcp2_conn_read_pkt(qc->conn, path, pi, pkt, len, qc->e->now);
+    int rv = ngtcp2_conn_read_pkt(qc->conn, path, pi, pkt, len, qc->b.e->now);
     if (rv == 0) {
-        dirty_add(qc);
+        fpy3_dirty_add(qc);
         update_timer(qc);
         return;
     }
@@ -1195,11 +715,14 @@ static void accept_conn(fpy3_engine *e, const uint8_t *pkt, size_t len, const ng
         }
     }
     fpy3_qconn *qc = conn_new(e, &hd, pocid, ttype, path);
-    if (!qc)
+    if (!qc) {
+        /* No memory for it: refuse at once rather than leave the client to time out. */
+        send_stateless_close(e, &hd, path, NGTCP2_INTERNAL_ERROR);
         return;
+    }
     int rv = ngtcp2_conn_read_pkt(qc->conn, path, pi, pkt, len, e->now);
     if (rv == 0) {
-        dirty_add(qc);
+        fpy3_dirty_add(qc);
         update_timer(qc);
         return;
     }
@@ -1226,7 +749,7 @@ static void handle_datagram(fpy3_engine *e, const uint8_t *pkt, size_t len,
     }
     if (rv != 0)
         return;
-    fpy3_qconn *qc = cid_find(&e->map, vc.dcid, vc.dcidlen);
+    fpy3_qconn *qc = fpy3_cid_find(&e->map, vc.dcid, vc.dcidlen);
     if (!qc) {
         if (pkt[0] & 0x80)
             accept_conn(e, pkt, len, path, pi);
@@ -1243,88 +766,25 @@ static void handle_datagram(fpy3_engine *e, const uint8_t *pkt, size_t len,
     conn_read(qc, path, pi, pkt, len);
 }
 
-/* Destination address and ECN bits from a received message's control data. */
-static void parse_cmsgs(fpy3_engine *e, struct msghdr *h, struct sockaddr_storage *local,
-                        socklen_t *locallen, uint32_t *ecn)
-{
-    *ecn = 0;
-    memcpy(local, &e->bound.addr, e->bound.len);
-    *locallen = e->bound.len;
-    for (struct cmsghdr *cm = CMSG_FIRSTHDR(h); cm; cm = CMSG_NXTHDR(h, cm)) {
-        if (cm->cmsg_level == IPPROTO_IP && cm->cmsg_type == IP_PKTINFO) {
-            struct in_pktinfo pi;
-            memcpy(&pi, CMSG_DATA(cm), sizeof(pi));
-            if (e->family == AF_INET) {
-                struct sockaddr_in *sin = (struct sockaddr_in *)local;
-                sin->sin_addr = pi.ipi_addr;
-            } else {
-                /* IPv4 on a dual-stack socket: the v4-mapped form, like the peer's. */
-                struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)local;
-                memset(&sin6->sin6_addr, 0, sizeof(sin6->sin6_addr));
-                sin6->sin6_addr.s6_addr[10] = sin6->sin6_addr.s6_addr[11] = 0xff;
-                memcpy(&sin6->sin6_addr.s6_addr[12], &pi.ipi_addr, 4);
-            }
-        } else if (cm->cmsg_level == IPPROTO_IPV6 && cm->cmsg_type == IPV6_PKTINFO) {
-            struct in6_pktinfo pi;
-            memcpy(&pi, CMSG_DATA(cm), sizeof(pi));
-            struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)local;
-            sin6->sin6_addr = pi.ipi6_addr;
-            if (IN6_IS_ADDR_LINKLOCAL(&pi.ipi6_addr))
-                sin6->sin6_scope_id = pi.ipi6_ifindex;
-        } else if (cm->cmsg_level == IPPROTO_IP && cm->cmsg_type == IP_TOS) {
-            *ecn = *(uint8_t *)CMSG_DATA(cm) & 0x3; /* a byte for IPv4 */
-        } else if (cm->cmsg_level == IPPROTO_IPV6 && cm->cmsg_type == IPV6_TCLASS) {
-            int v;
-            memcpy(&v, CMSG_DATA(cm), sizeof(v));
-            *ecn = (uint32_t)v & 0x3;
-        }
-    }
-}
-
-static void write_dirty(fpy3_engine *e, int honor_defer)
-{
-    /* Deferred connections are set aside and put back after the pass. */
-    fpy3_qconn *kept = NULL;
-    while (e->dirty && !e->blocked) {
-        fpy3_qconn *qc = e->dirty;
-        dirty_del(qc);
-        if (honor_defer && qc->defer) {
-            qc->dnext = kept;
-            kept = qc;
-            continue;
-        }
-        qc->defer = 0;
-        conn_write(qc);
-    }
-    while (kept) {
-        fpy3_qconn *qc = kept;
-        kept = qc->dnext;
-        qc->dnext = NULL;
-        dirty_add(qc);
-    }
-    if (e->ntx > e->ntx_sent)
-        tx_send(e);
-}
-
 /* --- write path -------------------------------------------------------------------- */
 
 /* Writes one burst (at most the send quantum) of qc's packets into the send batch. */
 static void conn_write(fpy3_qconn *qc)
 {
-    fpy3_engine *e = qc->e;
+    fpy3_engine *e = qc->b.e;
     ngtcp2_conn *c = qc->conn;
     if (qc->state != QC_ACTIVE)
         return;
     size_t max_udp = ngtcp2_conn_get_max_tx_udp_payload_size(c);
     size_t path_max = ngtcp2_conn_get_path_max_tx_udp_payload_size(c);
     size_t quantum = ngtcp2_conn_get_send_quantum(c);
-    if (quantum > GSO_MAX_BYTES)
-        quantum = GSO_MAX_BYTES;
+    if (quantum > FPY3_UDP_GSO_MAX_BYTES)
+        quantum = FPY3_UDP_GSO_MAX_BYTES;
     if (quantum < path_max)
         quantum = path_max;
-    uint8_t *buf = tx_reserve(e, quantum);
+    uint8_t *buf = fpy3_udp_reserve(&e->udp, quantum);
     if (!buf) {
-        dirty_add(qc); /* blocked: try again on the next flush */
+        fpy3_dirty_add(qc); /* blocked: try again on the next flush */
         return;
     }
     ngtcp2_path_storage ps, prev;
@@ -1340,14 +800,10 @@ static void conn_write(fpy3_qconn *qc)
         int64_t sid = -1;
         int fin = 0;
         long nvec = 0;
-        if (qc->ac && ngtcp2_conn_get_max_data_left(c)) {
-            nvec = e->cb.pull(qc->ac, &sid, &fin, vec, 16);
-            if (nvec < 0) {
-                if (!qc->err_set)
-                    ngtcp2_ccerr_set_liberr(&qc->ccerr, NGTCP2_ERR_CALLBACK_FAILURE, NULL, 0);
-                start_closing(qc);
-                return;
-            }
+        if (qc->b.ac && ngtcp2_conn_get_max_data_left(c)) {
+            nvec = e->b.cb.pull(qc->b.ac, &sid, &fin, vec, 16);
+            if (nvec < 0)
+                goto app_error;
         }
         uint32_t flags = NGTCP2_WRITE_STREAM_FLAG_MORE | (fin ? NGTCP2_WRITE_STREAM_FLAG_FIN : 0);
         size_t left = quantum - off;
@@ -1361,23 +817,25 @@ static void conn_write(fpy3_qconn *qc)
         if (n < 0) {
             switch (n) {
             case NGTCP2_ERR_STREAM_DATA_BLOCKED:
-                if (qc->ac)
-                    e->cb.blocked(qc->ac, sid);
+                if (qc->b.ac)
+                    e->b.cb.blocked(qc->b.ac, sid);
                 continue;
             case NGTCP2_ERR_STREAM_SHUT_WR:
-                if (qc->ac)
-                    e->cb.shut_wr(qc->ac, sid);
+                if (qc->b.ac)
+                    e->b.cb.shut_wr(qc->b.ac, sid);
                 continue;
             case NGTCP2_ERR_WRITE_MORE:
-                if (qc->ac && e->cb.written(qc->ac, sid, (size_t)ndatalen) < 0)
+                if (qc->b.ac && e->b.cb.written(qc->b.ac, sid, (size_t)ndatalen) < 0)
                     goto app_error;
                 continue;
             default:
+                if (off)
+                    tx_commit(e, off, seg, &prev.path, prev_ecn);
                 fail_liberr(qc, (int)n);
                 return;
             }
         }
-        if (ndatalen >= 0 && qc->ac && e->cb.written(qc->ac, sid, (size_t)ndatalen) < 0)
+        if (ndatalen >= 0 && qc->b.ac && e->b.cb.written(qc->b.ac, sid, (size_t)ndatalen) < 0)
             goto app_error;
         if (n == 0)
             break;
@@ -1398,7 +856,7 @@ static void conn_write(fpy3_qconn *qc)
             off += (size_t)n;
             nseg++;
         }
-        if (quantum - off < path_max || (size_t)n < seg || nseg >= GSO_MAX_SEGS)
+        if (quantum - off < path_max || (size_t)n < seg || nseg >= FPY3_UDP_GSO_MAX_SEGS)
             break;
     }
     if (off)
@@ -1407,6 +865,7 @@ static void conn_write(fpy3_qconn *qc)
     update_timer(qc);
     return;
 app_error:
+    /* Packets already built go out first: the close must come after them. */
     if (off)
         tx_commit(e, off, seg, &prev.path, prev_ecn);
     if (!qc->err_set)
@@ -1414,27 +873,33 @@ app_error:
     start_closing(qc);
 }
 
-/* --- public API -------------------------------------------------------------------- */
-
-static int sockopt_on(int fd, int level, int name)
+static int write_one(fpy3_qconn *qc)
 {
-    int one = 1;
-    return setsockopt(fd, level, name, &one, sizeof(one));
+    fpy3_engine *e = qc->b.e; /* conn_write may delete qc */
+    conn_write(qc);
+    return e->udp.blocked ? -1 : 0; /* a full socket ends the pass */
 }
 
-static fpy3_engine *ng_new(int fd, const fpy3_engine_config *cfg, const fpy3_engine_app *cb,
-                             void *app, char *err, size_t errlen)
+static void write_dirty(fpy3_engine *e, int honor_defer)
 {
-    fpy3_engine *e = calloc(1, sizeof(*e));
+    fpy3_dirty_run(&e->b, honor_defer, write_one);
+    if (fpy3_udp_pending(&e->udp))
+        fpy3_udp_send(&e->udp);
+}
+
+/* --- public API -------------------------------------------------------------------- */
+
+static fpy3_engine *ng_new(int fd, const fpy3_engine_config *cfg, const fpy3_engine_app *cb,
+                           void *app, char *err, size_t errlen)
+{
+    fpy3_engine *e = calloc(1, sizeof(*e)); /* freed by ng_free */
     if (!e) {
-        seterr(err, errlen, "out of memory");
+        fpy3_seterr(err, errlen, "out of memory");
         return NULL;
     }
-    e->ops = &fpy3_engine_ngtcp2;
-    e->fd = fd;
+    fpy3_engine_base_init(&e->b, &fpy3_engine_ngtcp2, cb, app);
+    e->udp.fd = -1;
     e->cfg = *cfg;
-    e->cb = *cb;
-    e->app = app;
     e->accepting = 1;
     e->sr_tokens = SR_PER_SEC;
     e->cfg.cert_file = e->cfg.key_file = e->cfg.qlog_dir = e->cfg.alpn = NULL; /* not kept */
@@ -1442,68 +907,28 @@ static fpy3_engine *ng_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
         e->cfg.max_udp_payload = 1452;
     if (e->cfg.max_udp_payload < 1200)
         e->cfg.max_udp_payload = 1200;
-    if (e->cfg.max_udp_payload > RX_BUFSZ)
-        e->cfg.max_udp_payload = RX_BUFSZ;
+    if (e->cfg.max_udp_payload > FPY3_UDP_RX_BUFSZ)
+        e->cfg.max_udp_payload = FPY3_UDP_RX_BUFSZ;
     if (!e->cfg.max_streams_uni)
         e->cfg.max_streams_uni = 3;
     const char *alpn = cfg->alpn ? cfg->alpn : "h3";
     e->alpnlen = strlen(alpn);
     if (e->alpnlen == 0 || e->alpnlen > 255) {
-        seterr(err, errlen, "bad ALPN");
+        fpy3_seterr(err, errlen, "bad ALPN");
         goto fail;
     }
     memcpy(e->alpn, alpn, e->alpnlen);
     if (cfg->qlog_dir && cfg->qlog_dir[0] && !(e->qlog_dir = strdup(cfg->qlog_dir))) {
-        seterr(err, errlen, "out of memory");
+        fpy3_seterr(err, errlen, "out of memory");
         goto fail;
     }
-
-    e->bound.len = sizeof(e->bound.addr);
-    if (getsockname(fd, (struct sockaddr *)&e->bound.addr, &e->bound.len) < 0) {
-        seterr(err, errlen, "getsockname: %s", strerror(errno));
+    if (fpy3_udp_init(&e->udp, fd, err, errlen) < 0)
         goto fail;
-    }
-    e->family = e->bound.addr.ss_family;
-    if (e->family != AF_INET && e->family != AF_INET6) {
-        seterr(err, errlen, "not an IPv4 or IPv6 socket");
+    uint64_t seed;
+    rand_bytes(&seed, sizeof(seed));
+    if (fpy3_cid_map_init(&e->map, 1024, seed) < 0) {
+        fpy3_seterr(err, errlen, "out of memory");
         goto fail;
-    }
-    int type = 0;
-    socklen_t tl = sizeof(type);
-    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tl) < 0 || type != SOCK_DGRAM) {
-        seterr(err, errlen, "not a UDP socket");
-        goto fail;
-    }
-    /* Destination address and ECN of every datagram; IPv4 ones too on dual-stack. */
-    if (e->family == AF_INET6) {
-        sockopt_on(fd, IPPROTO_IPV6, IPV6_RECVPKTINFO);
-        sockopt_on(fd, IPPROTO_IPV6, IPV6_RECVTCLASS);
-    }
-    sockopt_on(fd, IPPROTO_IP, IP_PKTINFO);
-    sockopt_on(fd, IPPROTO_IP, IP_RECVTOS);
-    int gso = 0;
-    socklen_t gl = sizeof(gso);
-    e->gso = getsockopt(fd, SOL_UDP, UDP_SEGMENT, &gso, &gl) == 0;
-    const char *force = getenv("FPY3_NO_GSO"); /* testing the fallback */
-    if (force && force[0] == '1')
-        e->gso = 0;
-
-    e->map.cap = 1024;
-    e->map.slots = calloc(e->map.cap, sizeof(cid_slot));
-    rand_bytes(&e->map.seed, sizeof(e->map.seed));
-    e->rxbuf = malloc((size_t)RX_BATCH * RX_BUFSZ);
-    e->txbuf = malloc(TX_BUFSZ);
-    if (!e->map.slots || !e->rxbuf || !e->txbuf) {
-        seterr(err, errlen, "out of memory");
-        goto fail;
-    }
-    for (int i = 0; i < RX_BATCH; i++) {
-        e->rxiov[i].iov_base = e->rxbuf + (size_t)i * RX_BUFSZ;
-        e->rxiov[i].iov_len = RX_BUFSZ;
-        e->rxmsg[i].msg_hdr.msg_iov = &e->rxiov[i];
-        e->rxmsg[i].msg_hdr.msg_iovlen = 1;
-        e->rxmsg[i].msg_hdr.msg_name = &e->rxaddr[i];
-        e->rxmsg[i].msg_hdr.msg_control = e->rxctrl[i];
     }
 
     int rv = gnutls_certificate_allocate_credentials(&e->cred);
@@ -1511,8 +936,8 @@ static fpy3_engine *ng_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
         rv = gnutls_certificate_set_x509_key_file(e->cred, cfg->cert_file, cfg->key_file,
                                                   GNUTLS_X509_FMT_PEM);
     if (rv < 0) {
-        seterr(err, errlen, "loading %s / %s: %s", cfg->cert_file ? cfg->cert_file : "(null)",
-               cfg->key_file ? cfg->key_file : "(null)", gnutls_strerror(rv));
+        fpy3_seterr(err, errlen, "loading %s / %s: %s", cfg->cert_file ? cfg->cert_file : "(null)",
+                    cfg->key_file ? cfg->key_file : "(null)", gnutls_strerror(rv));
         goto fail;
     }
     /* TLS 1.3 only, the AEADs QUIC defines, no middlebox compatibility mode. */
@@ -1524,7 +949,7 @@ static fpy3_engine *ng_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
                               NULL);
     if (rv < 0) {
         e->prio = NULL;
-        seterr(err, errlen, "gnutls priority: %s", gnutls_strerror(rv));
+        fpy3_seterr(err, errlen, "gnutls priority: %s", gnutls_strerror(rv));
         goto fail;
     }
     e->now = mono_ns();
@@ -1538,20 +963,17 @@ static void ng_free(fpy3_engine *e)
 {
     if (!e)
         return;
-    for (uint32_t i = 0; i < e->nslots; i++)
-        if (e->slots[i])
-            conn_delete(e->slots[i]);
+    for (uint32_t i = 0; i < e->b.nslots; i++)
+        if (e->b.slots[i])
+            conn_delete(e->b.slots[i]);
     if (e->cred)
         gnutls_certificate_free_credentials(e->cred);
     if (e->prio)
         gnutls_priority_deinit(e->prio);
-    free(e->map.slots);
-    free(e->slots);
-    free(e->freeslots);
-    free(e->heap);
-    free(e->expired);
-    free(e->rxbuf);
-    free(e->txbuf);
+    fpy3_cid_map_free(&e->map);
+    fpy3_timer_heap_free(&e->timers);
+    fpy3_udp_free(&e->udp);
+    fpy3_engine_base_free(&e->b);
     free(e->qlog_dir);
     free(e);
 }
@@ -1559,39 +981,24 @@ static void ng_free(fpy3_engine *e)
 static int ng_read(fpy3_engine *e)
 {
     int total = 0;
-    if (e->blocked)
-        tx_send(e);
+    if (e->udp.blocked)
+        fpy3_udp_send(&e->udp);
     for (int round = 0; round < RX_ROUNDS; round++) {
-        for (int i = 0; i < RX_BATCH; i++) {
-            e->rxmsg[i].msg_hdr.msg_namelen = sizeof(e->rxaddr[i]);
-            e->rxmsg[i].msg_hdr.msg_controllen = RX_CTRLSZ;
-            e->rxmsg[i].msg_hdr.msg_flags = 0;
-        }
-        int n = recvmmsg(e->fd, e->rxmsg, RX_BATCH, MSG_DONTWAIT, NULL);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            break; /* EAGAIN, or an error the next readiness will show again */
-        }
+        int n = fpy3_udp_recv(&e->udp);
         e->now = mono_ns();
         for (int i = 0; i < n; i++) {
-            struct msghdr *h = &e->rxmsg[i].msg_hdr;
-            size_t len = e->rxmsg[i].msg_len;
-            if ((h->msg_flags & MSG_TRUNC) || len < 21) /* shorter is never QUIC */
+            fpy3_datagram d;
+            if (fpy3_udp_datagram(&e->udp, i, &d) < 0 || d.len < 21) /* shorter is never QUIC */
                 continue;
-            struct sockaddr_storage local;
-            socklen_t locallen;
-            uint32_t ecn;
-            parse_cmsgs(e, h, &local, &locallen, &ecn);
-            ngtcp2_pkt_info pi = {.ecn = (uint8_t)ecn};
+            ngtcp2_pkt_info pi = {.ecn = (uint8_t)d.ecn};
             ngtcp2_path path = {
-                .local = {.addr = (struct sockaddr *)&local, .addrlen = locallen},
-                .remote = {.addr = (struct sockaddr *)&e->rxaddr[i], .addrlen = h->msg_namelen},
+                .local = {.addr = (struct sockaddr *)&d.local, .addrlen = d.locallen},
+                .remote = {.addr = d.remote, .addrlen = d.remotelen},
             };
-            handle_datagram(e, e->rxiov[i].iov_base, len, &path, &pi);
+            handle_datagram(e, d.data, d.len, &path, &pi);
             total++;
         }
-        if (n < RX_BATCH)
+        if (n < FPY3_UDP_RX_BATCH)
             break;
     }
     e->now = mono_ns();
@@ -1602,17 +1009,12 @@ static int ng_read(fpy3_engine *e)
 static int ng_expire(fpy3_engine *e)
 {
     e->now = mono_ns();
-    if (e->blocked)
-        tx_send(e);
-    /* Take every due connection out first, so each is handled once per call. */
-    uint32_t n = 0;
-    while (e->heapn && e->heap[0]->expiry <= e->now) {
-        fpy3_qconn *qc = e->heap[0];
-        heap_remove(e, qc);
-        e->expired[n++] = qc;
-    }
+    if (e->udp.blocked)
+        fpy3_udp_send(&e->udp);
+    uint32_t n;
+    fpy3_timer **due = fpy3_timer_heap_take_due(&e->timers, e->now, &n);
     for (uint32_t i = 0; i < n; i++) {
-        fpy3_qconn *qc = e->expired[i];
+        fpy3_qconn *qc = timer_conn(due[i]);
         if (qc->state != QC_ACTIVE) {
             conn_delete(qc); /* closing or draining period over */
             continue;
@@ -1626,7 +1028,7 @@ static int ng_expire(fpy3_engine *e)
             fail_liberr(qc, rv);
             continue;
         }
-        dirty_add(qc);
+        fpy3_dirty_add(qc);
         update_timer(qc);
     }
     write_dirty(e, 0);
@@ -1636,57 +1038,68 @@ static int ng_expire(fpy3_engine *e)
 static int ng_flush(fpy3_engine *e)
 {
     e->now = mono_ns();
-    if (e->blocked && tx_send(e) < 0)
+    if (e->udp.blocked && fpy3_udp_send(&e->udp) < 0)
         return -1;
     write_dirty(e, 0);
-    return e->blocked ? -1 : 0;
+    return e->udp.blocked ? -1 : 0;
 }
 
 static int64_t ng_next_timeout_ms(fpy3_engine *e)
 {
-    if (e->dirty && !e->blocked)
+    if (e->b.dirty && !e->udp.blocked)
         return 0;
-    if (!e->heapn)
+    ngtcp2_tstamp t = fpy3_timer_heap_next(&e->timers);
+    if (t == FPY3_TIMER_NEVER)
         return -1;
-    ngtcp2_tstamp now = mono_ns(), t = e->heap[0]->expiry;
+    ngtcp2_tstamp now = mono_ns();
     if (t <= now)
         return 0;
     return (int64_t)((t - now + NGTCP2_MILLISECONDS - 1) / NGTCP2_MILLISECONDS);
 }
 
-static int ng_want_write(fpy3_engine *e) { return e->blocked; }
+static int ng_want_write(fpy3_engine *e) { return e->udp.blocked; }
 
 static void ng_stop_accepting(fpy3_engine *e) { e->accepting = 0; }
 
 static size_t ng_conn_count(fpy3_engine *e) { return e->nactive; }
 
-static void ng_each(fpy3_engine *e, void (*fn)(void *ac, void *arg), void *arg)
+static int wait_left_ms(ngtcp2_tstamp deadline)
 {
-    for (uint32_t i = 0; i < e->nslots; i++) {
-        fpy3_qconn *qc = e->slots[i];
-        if (qc && qc->ac)
-            fn(qc->ac, arg);
+    ngtcp2_tstamp now = mono_ns();
+    return now >= deadline ? 0 : (int)((deadline - now) / NGTCP2_MILLISECONDS);
+}
+
+/* Every active connection sends CONNECTION_CLOSE with app_error now and enters its
+ * closing period; the packets go to the socket before this returns (a full socket
+ * is waited for, briefly). New connections are refused from now on. */
+static void ng_close_all(fpy3_engine *e, uint64_t app_error)
+{
+    e->accepting = 0;
+    e->now = mono_ns();
+    ngtcp2_tstamp deadline = e->now + CLOSE_ALL_WAIT_MS * NGTCP2_MILLISECONDS;
+    for (uint32_t i = 0; i < e->b.nslots; i++) {
+        fpy3_qconn *qc = e->b.slots[i];
+        if (!qc || qc->state != QC_ACTIVE)
+            continue;
+        ngtcp2_ccerr_set_application_error(&qc->ccerr, app_error, NULL, 0);
+        qc->err_set = 1;
+        /* Room for the close in the send batch, or it would wait for the peer's
+         * next packet. */
+        if (!fpy3_udp_reserve(&e->udp, NGTCP2_MAX_UDP_PAYLOAD_SIZE))
+            fpy3_udp_send_wait(&e->udp, wait_left_ms(deadline));
+        start_closing(qc); /* may delete qc: its slot empties */
     }
+    fpy3_udp_send_wait(&e->udp, wait_left_ms(deadline));
 }
 
-static uint64_t ng_conn_handle(fpy3_qconn *qc) { return qc->handle; }
-
-static void *ng_conn_find(fpy3_engine *e, uint64_t handle)
-{
-    uint32_t s = (uint32_t)(handle & 0xffffff);
-    if (s >= e->nslots || !e->slots[s] || e->slots[s]->handle != handle)
-        return NULL;
-    return e->slots[s]->ac;
-}
-
-const struct sockaddr *ng_conn_peer(fpy3_qconn *qc, uint32_t *len)
+static const struct sockaddr *ng_conn_peer(fpy3_qconn *qc, uint32_t *len)
 {
     const ngtcp2_path *p = ngtcp2_conn_get_path(qc->conn);
     *len = (uint32_t)p->remote.addrlen;
     return p->remote.addr;
 }
 
-const struct sockaddr *ng_conn_local(fpy3_qconn *qc, uint32_t *len)
+static const struct sockaddr *ng_conn_local(fpy3_qconn *qc, uint32_t *len)
 {
     const ngtcp2_path *p = ngtcp2_conn_get_path(qc->conn);
     *len = (uint32_t)p->local.addrlen;
@@ -1696,10 +1109,8 @@ const struct sockaddr *ng_conn_local(fpy3_qconn *qc, uint32_t *len)
 static void ng_mark(fpy3_qconn *qc)
 {
     if (qc->state == QC_ACTIVE)
-        dirty_add(qc);
+        fpy3_dirty_add(qc);
 }
-
-static void ng_defer(fpy3_qconn *qc) { qc->defer = 1; }
 
 static int ng_open_uni(fpy3_qconn *qc, int64_t *sid)
 {
@@ -1737,7 +1148,7 @@ static int ng_shutdown_stream(fpy3_qconn *qc, int64_t sid, uint64_t app_error, i
         rv = ngtcp2_conn_shutdown_stream_read(qc->conn, 0, sid, app_error);
     else if (how & FPY3_SHUT_WR)
         rv = ngtcp2_conn_shutdown_stream_write(qc->conn, 0, sid, app_error);
-    dirty_add(qc);
+    fpy3_dirty_add(qc);
     return rv == 0 ? 0 : -1;
 }
 
@@ -1754,15 +1165,16 @@ static void ng_conn_close(fpy3_qconn *qc, uint64_t app_error)
     if (qc->state != QC_ACTIVE)
         return;
     ng_conn_error(qc, app_error);
-    qc->e->now = mono_ns();
+    qc->b.e->now = mono_ns();
     start_closing(qc);
 }
 
-static int ng_fd(fpy3_engine *e) { return e->fd; }
+static int ng_fd(fpy3_engine *e) { return e->udp.fd; }
 
 const fpy3_engine_ops fpy3_engine_ngtcp2 = {
     .new = ng_new,
     .free = ng_free,
+    .fd = ng_fd,
     .read = ng_read,
     .expire = ng_expire,
     .flush = ng_flush,
@@ -1770,13 +1182,14 @@ const fpy3_engine_ops fpy3_engine_ngtcp2 = {
     .want_write = ng_want_write,
     .stop_accepting = ng_stop_accepting,
     .conn_count = ng_conn_count,
-    .each = ng_each,
-    .conn_handle = ng_conn_handle,
-    .conn_find = ng_conn_find,
+    .close_all = ng_close_all,
+    .each = fpy3_common_each,
+    .conn_handle = fpy3_common_conn_handle,
+    .conn_find = fpy3_common_conn_find,
     .conn_peer = ng_conn_peer,
     .conn_local = ng_conn_local,
     .mark = ng_mark,
-    .defer = ng_defer,
+    .defer = fpy3_common_defer,
     .open_uni = ng_open_uni,
     .extend = ng_extend,
     .extend_streams_bidi = ng_extend_streams_bidi,
@@ -1784,5 +1197,4 @@ const fpy3_engine_ops fpy3_engine_ngtcp2 = {
     .shutdown_stream = ng_shutdown_stream,
     .conn_error = ng_conn_error,
     .conn_close = ng_conn_close,
-    .fd = ng_fd,
 };

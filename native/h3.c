@@ -32,6 +32,7 @@ _Static_assert(sizeof(fpy3_vec) == sizeof(nghttp3_vec), "fpy3_vec must match ngh
 #define S_RESET_DONE 0x40 /* RESET emitted, or Python reset it itself: no RESET event */
 #define S_WR_SHUT 0x80    /* the write side is gone (peer STOP_SENDING or reset) */
 
+/* A unit of response body: owned by one stream's chain (or the free pool). */
 typedef struct chunk {
     struct chunk *next;
     uint32_t len; /* bytes filled */
@@ -46,6 +47,7 @@ typedef struct stream {
     h3conn *c;
     struct stream *prev, *next; /* the connection's live streams; next also links pools */
     uint32_t flags;
+    uint32_t promised; /* final events (RESET, CLOSED) with room kept in the batches */
     /* Request head "name\0value\0...": owned by the stream object and kept with it
      * in the pool; an event points here until the object is reused (next batch). */
     uint8_t *hbuf;
@@ -62,10 +64,12 @@ typedef struct stream {
 } stream;
 
 typedef struct {
-    stream **slots;
+    stream **slots; /* owned by the map; the streams are the connection's */
     uint32_t cap, n;
 } smap;
 
+/* Owned by the engine's connection (its app state) from conn_open to conn_close,
+ * then a zombie until the next batch begins, as REQUEST events point at peer/local. */
 struct h3conn {
     fpy3_h3_server *s;
     fpy3_qconn *qc; /* NULL once the engine closed the connection */
@@ -97,14 +101,18 @@ struct fpy3_h3_server {
     size_t high_water, low_water;
     int shutting_down; /* 0, 1: GOAWAY notice sent, 2: final GOAWAY sent */
 
-    fpy3_h3_event *ev; /* the batch Python reads */
+    fpy3_h3_event *ev; /* the batch Python reads; owned here, reused */
     size_t nev, evcap;
-    /* Events raised while flushing (resets, closes; they carry no bytes) wait here
-     * for the next read/expire batch, so a flush never invalidates or extends the
-     * batch Python may still be reading. */
+    /* Events raised while flushing or closing all (resets, closes; they carry no
+     * bytes) wait here for the next read/expire batch, so those calls never
+     * invalidate or extend the batch Python may still be reading. */
     fpy3_h3_event *pend;
     size_t npend, pendcap;
     int in_flush;
+    /* Room kept in both arrays for every final event still promised: a surfaced
+     * stream's RESET and CLOSED must reach Python even when memory runs out, as they
+     * may be raised where nothing can fail any more (the connection already gone). */
+    size_t reserved;
     ablock *arena;      /* current block first */
     ablock *arena_full; /* filled blocks of this batch */
 
@@ -114,7 +122,7 @@ struct fpy3_h3_server {
     size_t nfree_chunks;
     h3conn *zombie_conns;
     h3conn *pending_close;
-    nghttp3_nv *nv; /* scratch for respond() with many fields */
+    nghttp3_nv *nv; /* scratch for respond() with many fields; owned here */
     size_t nvcap;
 };
 
@@ -126,7 +134,7 @@ static chunk *chunk_get(fpy3_h3_server *s)
     if (ch) {
         s->free_chunks = ch->next;
         s->nfree_chunks--;
-    } else if (!(ch = malloc(CHUNK_SIZE))) {
+    } else if (!(ch = malloc(CHUNK_SIZE))) { /* the caller's chain owns it */
         return NULL;
     }
     ch->next = NULL;
@@ -158,7 +166,7 @@ static stream *stream_get(fpy3_h3_server *s)
         st->hcap = hcap;
         return st;
     }
-    return calloc(1, sizeof(*st));
+    return calloc(1, sizeof(*st)); /* the caller's connection owns it */
 }
 
 static void stream_free_now(fpy3_h3_server *s, stream *st)
@@ -197,7 +205,7 @@ static int smap_put(smap *m, stream *st)
 {
     if ((m->n + 1) * 2 > m->cap) {
         uint32_t ncap = m->cap ? m->cap * 2 : 16;
-        stream **ns = calloc(ncap, sizeof(*ns));
+        stream **ns = calloc(ncap, sizeof(*ns)); /* replaces m->slots */
         if (!ns)
             return -1;
         for (uint32_t i = 0; i < m->cap; i++) {
@@ -261,18 +269,21 @@ static int ev_reserve(fpy3_h3_event **arr, size_t *cap, size_t need)
     return 0;
 }
 
-static fpy3_h3_event *ev_push(fpy3_h3_server *s, int type, h3conn *c, int64_t sid)
+/* Room for k more events on top of those promised, in the array pushes go to now
+ * and in the one they may go to later; the batch array also holds what waits in
+ * pend, as batch_begin moves it there. */
+static int ev_room(fpy3_h3_server *s, size_t k)
 {
-    fpy3_h3_event *ev;
-    if (s->in_flush) {
-        if (ev_reserve(&s->pend, &s->pendcap, s->npend + 1) < 0)
-            return NULL;
-        ev = &s->pend[s->npend++];
-    } else {
-        if (ev_reserve(&s->ev, &s->evcap, s->nev + 1) < 0)
-            return NULL;
-        ev = &s->ev[s->nev++];
-    }
+    size_t need = s->reserved + k, cur = s->nev > s->npend ? s->nev : s->npend;
+    if (ev_reserve(&s->ev, &s->evcap, cur + need) < 0 ||
+        ev_reserve(&s->pend, &s->pendcap, s->npend + need) < 0)
+        return -1;
+    return 0;
+}
+
+static fpy3_h3_event *ev_add(fpy3_h3_server *s, int type, h3conn *c, int64_t sid)
+{
+    fpy3_h3_event *ev = s->in_flush ? &s->pend[s->npend++] : &s->ev[s->nev++];
     memset(ev, 0, sizeof(*ev));
     ev->type = type;
     ev->conn = c->handle;
@@ -280,6 +291,34 @@ static fpy3_h3_event *ev_push(fpy3_h3_server *s, int type, h3conn *c, int64_t si
     if (c->qc)
         fpy3_engine_defer(c->qc); /* Python will flush after this batch */
     return ev;
+}
+
+/* An event; NULL when there is no memory for it, which must fail the connection. */
+static fpy3_h3_event *ev_push(fpy3_h3_server *s, int type, h3conn *c, int64_t sid)
+{
+    return ev_room(s, 1) < 0 ? NULL : ev_add(s, type, c, sid);
+}
+
+/* A surfaced stream's RESET or CLOSED: never fails, its room was kept (promise). */
+static fpy3_h3_event *ev_push_final(fpy3_h3_server *s, int type, h3conn *c, stream *st)
+{
+    if (st->promised) {
+        st->promised--;
+        s->reserved--;
+    } else if (ev_room(s, 1) < 0) {
+        return NULL; /* not reached: every surfaced stream holds two promises */
+    }
+    return ev_add(s, type, c, st->id);
+}
+
+/* The stream is surfacing: room for its REQUEST event now and its final ones later. */
+static int ev_promise(fpy3_h3_server *s, stream *st)
+{
+    if (ev_room(s, 3) < 0)
+        return -1;
+    st->promised = 2;
+    s->reserved += 2;
+    return 0;
 }
 
 /* n bytes in the batch arena, valid until the next batch begins. */
@@ -292,7 +331,7 @@ static uint8_t *arena_alloc(fpy3_h3_server *s, size_t n)
         return p;
     }
     size_t cap = n > ARENA_BLOCK ? n : ARENA_BLOCK;
-    ablock *nb = malloc(sizeof(ablock) + cap);
+    ablock *nb = malloc(sizeof(ablock) + cap); /* the server's arena; batch_begin frees it */
     if (!nb)
         return NULL;
     nb->cap = cap;
@@ -310,11 +349,10 @@ static uint8_t *arena_alloc(fpy3_h3_server *s, size_t n)
 /* Start of read/expire: the last batch is done with; events a flush raised lead. */
 static void batch_begin(fpy3_h3_server *s)
 {
-    s->nev = 0;
-    if (s->npend && ev_reserve(&s->ev, &s->evcap, s->npend) == 0) {
+    /* ev has room for all of pend (ev_room): nothing is dropped here. */
+    if (s->npend)
         memcpy(s->ev, s->pend, s->npend * sizeof(*s->ev));
-        s->nev = s->npend;
-    }
+    s->nev = s->npend;
     s->npend = 0;
     /* Arena: keep up to ARENA_KEEP bytes of blocks, emptied. */
     size_t kept = 0;
@@ -354,7 +392,8 @@ static void batch_begin(fpy3_h3_server *s)
     }
 }
 
-static void emit_data(fpy3_h3_server *s, h3conn *c, stream *st, const uint8_t *data, size_t len)
+/* Body bytes to Python: 0, or -1 without memory for them (the connection must fail). */
+static int emit_data(fpy3_h3_server *s, h3conn *c, stream *st, const uint8_t *data, size_t len)
 {
     /* Extend the previous DATA event when its bytes end where the arena is. */
     if (s->nev) {
@@ -365,16 +404,17 @@ static void emit_data(fpy3_h3_server *s, h3conn *c, stream *st, const uint8_t *d
             memcpy(b->data + b->used, data, len);
             b->used += len;
             last->len += len;
-            return;
+            return 0;
         }
     }
     uint8_t *p = arena_alloc(s, len);
     fpy3_h3_event *ev = p ? ev_push(s, FPY3_H3_DATA, c, st->id) : NULL;
     if (!ev)
-        return;
+        return -1;
     memcpy(p, data, len);
     ev->data = p;
     ev->len = len;
+    return 0;
 }
 
 /* --- response body chain ----------------------------------------------------------- */
@@ -498,11 +538,13 @@ static void stream_release(h3conn *c, stream *st, uint64_t code)
     fpy3_h3_server *s = c->s;
     if (st->flags & S_SURFACED) {
         if (!(st->flags & (S_RESET_DONE | S_FIN))) {
-            fpy3_h3_event *ev = ev_push(s, FPY3_H3_RESET, c, st->id);
+            fpy3_h3_event *ev = ev_push_final(s, FPY3_H3_RESET, c, st);
             if (ev)
                 ev->code = code;
         }
-        ev_push(s, FPY3_H3_CLOSED, c, st->id);
+        ev_push_final(s, FPY3_H3_CLOSED, c, st);
+        s->reserved -= st->promised; /* a RESET never raised */
+        st->promised = 0;
     }
     if (c->qc && st->unconsumed)
         fpy3_engine_extend(c->qc, -1, st->unconsumed); /* connection window only */
@@ -560,18 +602,26 @@ static void send_goaway(h3conn *c, int phase)
 
 /* --- nghttp3 callbacks -------------------------------------------------------------- */
 
+/* No memory for what the peer sent: the connection closes with H3_INTERNAL_ERROR
+ * (nghttp3 passes the failure up to the engine callback, which fails). */
+static int oom(h3conn *c)
+{
+    fpy3_engine_conn_error(c->qc, FPY3_H3_INTERNAL_ERROR);
+    return NGHTTP3_ERR_CALLBACK_FAILURE;
+}
+
 static int h_begin_headers(nghttp3_conn *h3, int64_t sid, void *cud, void *sud)
 {
     h3conn *c = cud;
     (void)sud;
     stream *st = stream_get(c->s);
     if (!st)
-        return NGHTTP3_ERR_CALLBACK_FAILURE;
+        return oom(c);
     st->id = sid;
     st->c = c;
     if (smap_put(&c->streams, st) < 0) {
         stream_free_now(c->s, st);
-        return NGHTTP3_ERR_CALLBACK_FAILURE;
+        return oom(c);
     }
     st->next = c->live;
     if (c->live)
@@ -587,7 +637,7 @@ static int head_append(stream *st, const uint8_t *p, size_t n)
         size_t ncap = st->hcap ? st->hcap : HEAD_INITIAL;
         while (ncap < st->hlen + n + 1)
             ncap *= 2;
-        uint8_t *nb = realloc(st->hbuf, ncap);
+        uint8_t *nb = realloc(st->hbuf, ncap); /* the stream's, kept with it in the pool */
         if (!nb)
             return -1;
         st->hbuf = nb;
@@ -618,7 +668,7 @@ static int h_recv_header(nghttp3_conn *h3, int64_t sid, int32_t token, nghttp3_r
         return 0;
     }
     if (head_append(st, n.base, n.len) < 0 || head_append(st, v.base, v.len) < 0)
-        return NGHTTP3_ERR_CALLBACK_FAILURE;
+        return oom(c);
     return 0;
 }
 
@@ -637,15 +687,15 @@ static int h_end_headers(nghttp3_conn *h3, int64_t sid, int fin, void *cud, void
         st->flags |= S_DISCARD | S_RESPONDED | S_FIN;
         int rv = nghttp3_conn_submit_response(h3, sid, nv, 2, NULL);
         if (rv != 0)
-            return rv == NGHTTP3_ERR_NOMEM ? NGHTTP3_ERR_CALLBACK_FAILURE : 0;
+            return rv == NGHTTP3_ERR_NOMEM ? oom(c) : 0;
         if (!fin)
             fpy3_engine_shutdown_stream(c->qc, sid, FPY3_H3_NO_ERROR, FPY3_SHUT_RD);
         fpy3_engine_mark(c->qc);
         return 0;
     }
-    fpy3_h3_event *ev = ev_push(c->s, FPY3_H3_REQUEST, c, sid);
-    if (!ev)
-        return NGHTTP3_ERR_CALLBACK_FAILURE;
+    if (ev_promise(c->s, st) < 0)
+        return oom(c);
+    fpy3_h3_event *ev = ev_push(c->s, FPY3_H3_REQUEST, c, sid); /* room: promised */
     st->flags |= S_SURFACED;
     ev->data = st->hbuf;
     ev->len = st->hlen;
@@ -666,8 +716,9 @@ static int h_recv_data(nghttp3_conn *h3, int64_t sid, const uint8_t *data, size_
         fpy3_engine_extend(c->qc, sid, len); /* nobody will consume it */
         return 0;
     }
+    if (emit_data(c->s, c, st, data, len) < 0)
+        return oom(c);
     st->unconsumed += len;
-    emit_data(c->s, c, st, data, len);
     return 0;
 }
 
@@ -685,8 +736,8 @@ static int h_end_stream(nghttp3_conn *h3, int64_t sid, void *cud, void *sud)
     h3conn *c = cud;
     stream *st = sud;
     (void)h3;
-    if (st && (st->flags & S_SURFACED))
-        ev_push(c->s, FPY3_H3_END, c, sid);
+    if (st && (st->flags & S_SURFACED) && !ev_push(c->s, FPY3_H3_END, c, sid))
+        return oom(c);
     return 0;
 }
 
@@ -699,8 +750,9 @@ static int h_acked(nghttp3_conn *h3, int64_t sid, uint64_t n, void *cud, void *s
         return 0;
     chain_ack(c->s, st, n);
     if ((st->flags & S_WANT_WRITABLE) && st->buffered <= c->s->low_water) {
+        if (!ev_push(c->s, FPY3_H3_WRITABLE, c, sid))
+            return oom(c);
         st->flags &= ~S_WANT_WRITABLE;
-        ev_push(c->s, FPY3_H3_WRITABLE, c, sid);
     }
     return 0;
 }
@@ -791,9 +843,9 @@ static void addr_text(const struct sockaddr *sa, char *out, size_t outlen, int *
 static void *e_conn_open(void *app, fpy3_qconn *qc)
 {
     fpy3_h3_server *s = app;
-    h3conn *c = calloc(1, sizeof(*c));
+    h3conn *c = calloc(1, sizeof(*c)); /* see struct h3conn for its owner */
     if (!c)
-        return NULL;
+        return NULL; /* the engine refuses the connection */
     c->s = s;
     c->qc = qc;
     c->handle = fpy3_engine_conn_handle(qc);
@@ -891,7 +943,7 @@ static int e_peer_reset(void *ac, int64_t sid, uint64_t code)
     stream *st = smap_find(&c->streams, sid);
     if (st && (st->flags & S_SURFACED) && !(st->flags & S_RESET_DONE)) {
         st->flags |= S_RESET_DONE;
-        fpy3_h3_event *ev = ev_push(c->s, FPY3_H3_RESET, c, sid);
+        fpy3_h3_event *ev = ev_push_final(c->s, FPY3_H3_RESET, c, st);
         if (ev)
             ev->code = code;
     }
@@ -953,7 +1005,7 @@ static void e_shut_wr(void *ac, int64_t sid)
     st->flags |= S_WR_SHUT;
     if ((st->flags & S_SURFACED) && !(st->flags & S_RESET_DONE)) {
         st->flags |= S_RESET_DONE;
-        fpy3_h3_event *ev = ev_push(c->s, FPY3_H3_RESET, c, sid);
+        fpy3_h3_event *ev = ev_push_final(c->s, FPY3_H3_RESET, c, st);
         if (ev)
             ev->code = FPY3_H3_REQUEST_CANCELLED;
     }
@@ -979,7 +1031,7 @@ static const fpy3_engine_app engine_app = {
 
 fpy3_h3_server *fpy3_h3_server_new(int fd, const fpy3_h3_config *cfg, char *err, size_t errlen)
 {
-    fpy3_h3_server *s = calloc(1, sizeof(*s));
+    fpy3_h3_server *s = calloc(1, sizeof(*s)); /* Python's, until fpy3_h3_server_free */
     if (!s) {
         if (err && errlen)
             snprintf(err, errlen, "out of memory");
@@ -1025,6 +1077,8 @@ void fpy3_h3_server_free(fpy3_h3_server *s)
 {
     if (!s)
         return;
+    /* Clients learn at once (CONNECTION_CLOSE), not at their idle timeout. */
+    fpy3_h3_close_all(s, FPY3_H3_NO_ERROR);
     fpy3_engine_free(s->e); /* conn_close for each: streams and conns become zombies */
     s->e = NULL;
     batch_begin(s);
@@ -1135,8 +1189,10 @@ int fpy3_h3_respond(fpy3_h3_server *s, uint64_t conn, int64_t sid, int status,
     if (nfields + 1 > NV_STACK) {
         if (s->nvcap < nfields + 1) {
             nghttp3_nv *n = realloc(s->nv, (nfields + 1) * sizeof(*n));
-            if (!n)
+            if (!n) {
+                conn_close_later(c, FPY3_H3_INTERNAL_ERROR);
                 return -1;
+            }
             s->nv = n;
             s->nvcap = nfields + 1;
         }
@@ -1239,3 +1295,13 @@ void fpy3_h3_shutdown(fpy3_h3_server *s, int phase)
 }
 
 size_t fpy3_h3_connection_count(fpy3_h3_server *s) { return fpy3_engine_conn_count(s->e); }
+
+void fpy3_h3_close_all(fpy3_h3_server *s, uint64_t h3_error)
+{
+    /* As in a flush: the events this raises (streams reset and closed) lead the next
+     * batch, and next_timeout_ms is 0 until then. */
+    s->in_flush = 1;
+    close_pending(s); /* those already failing close with their own code */
+    fpy3_engine_close_all(s->e, h3_error);
+    s->in_flush = 0;
+}

@@ -93,5 +93,15 @@ void fpy3_h3_shutdown(fpy3_h3_server *s, int phase);
 /* Connections that can still carry requests (those in their closing period are
  * only timers and do not count). */
 size_t fpy3_h3_connection_count(fpy3_h3_server *s);
+/* Closes every connection now: CONNECTION_CLOSE with h3_error (an application close,
+ * e.g. FPY3_H3_NO_ERROR) goes to each client before this returns, and no new
+ * connection is accepted after it. For the drain deadline and a worker's exit (also
+ * right before os._exit): no client is left to find out by its idle timeout. It
+ * blocks briefly: ngtcp2 waits only for a full socket (at most 200 ms); MsQuic sends
+ * from its own threads, so this waits for the connections' shutdown to complete
+ * (three probe timeouts, some 80 ms on loopback; at most 1 s). Streams Python knows
+ * get RESET and CLOSED events in the next read/expire batch (next_timeout_ms is 0
+ * until then), as after a flush. fpy3_h3_server_free does this first (H3_NO_ERROR). */
+void fpy3_h3_close_all(fpy3_h3_server *s, uint64_t h3_error);
 
 #endif

@@ -426,6 +426,52 @@ def test_sigterm_drains_and_exits(start_echo):
     assert "DRAINED" in srv.tail
 
 
+def _close_seen_by_client(srv, trigger, within: float = 2.0):
+    """An aioquic client with an open connection (one request answered); trigger() is
+    called and the client must see the server's CONNECTION_CLOSE within ``within``
+    seconds, far below both idle timeouts (30 s). Returns (seconds, the close)."""
+    pytest.importorskip("aioquic")
+    import asyncio
+
+    async def go():
+        async with h3c._h3_connection(srv.host, srv.port, srv.cafile, 30) as proto:
+            authority = f"{srv.host}:{srv.port}"
+            ex = await h3c._send_request(proto, "GET", "/hello", authority, (), b"")
+            assert (await h3c._finish(proto, ex)).status == 200
+            t0 = time.monotonic()
+            trigger()
+            try:
+                await asyncio.wait_for(h3c._until(lambda: proto.terminated is not None), within)
+            except TimeoutError:
+                raise AssertionError(
+                    f"no CONNECTION_CLOSE within {within} s: {proto.describe()}"
+                ) from None
+            return time.monotonic() - t0, proto.terminated
+
+    return asyncio.run(asyncio.wait_for(go(), 20))
+
+
+def test_close_all_sends_connection_close_at_once(start_echo):
+    srv = start_echo()
+    took, (code, _reason, by_peer, transport) = _close_seen_by_client(
+        srv, lambda: srv.proc.send_signal(signal.SIGUSR1)
+    )
+    assert (code, by_peer, transport) == (h3c.H3_NO_ERROR, True, False), took
+    srv.line("CLOSED_ALL")
+    assert srv.stop(timeout=15) == 0  # nothing left to drain
+    assert "DRAINED" in srv.tail
+
+
+def test_server_free_closes_connections(start_echo):
+    # Exit without draining: fpy3_h3_server_free must still tell the client at once.
+    srv = start_echo()
+    took, (code, _reason, by_peer, transport) = _close_seen_by_client(
+        srv, lambda: srv.proc.send_signal(signal.SIGUSR2)
+    )
+    assert (code, by_peer, transport) == (h3c.H3_NO_ERROR, True, False), took
+    assert srv.proc.wait(15) == 0, srv.stderr()
+
+
 # --- the C API without a network -----------------------------------------------------------
 
 

@@ -12,6 +12,10 @@ The driving pattern is the one the real worker uses: add_reader on the UDP fd wi
 one native call per readiness, one call_later timer for the engine's deadline, and
 one flush after each batch. Prints "READY <port>" once serving; SIGTERM drains
 (GOAWAY) and exits 0 when every connection is gone.
+
+SIGUSR1 closes every connection at once (fpy3_h3_close_all, H3_NO_ERROR) and prints
+"CLOSED_ALL"; the server then refuses new connections. SIGUSR2 exits at once, without
+draining: fpy3_h3_server_free closes what is left.
 """
 
 from __future__ import annotations
@@ -108,6 +112,15 @@ class Echo:
         if self.draining and lib.fpy3_h3_connection_count(self.srv) == 0:
             if not self.done.done():
                 self.done.set_result(None)
+
+    def close_all(self) -> None:
+        lib.fpy3_h3_close_all(self.srv, lib.FPY3_H3_NO_ERROR)
+        print("CLOSED_ALL", flush=True)
+        self.round()  # the RESET/CLOSED events it raised come with the next batch
+
+    def quit_now(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
 
     def drain(self) -> None:
         self.draining = True
@@ -315,6 +328,8 @@ def main(argv=None) -> int:
     loop.add_reader(fd, echo.on_readable)
     loop.add_signal_handler(signal.SIGTERM, echo.drain)
     loop.add_signal_handler(signal.SIGINT, echo.drain)
+    loop.add_signal_handler(signal.SIGUSR1, echo.close_all)
+    loop.add_signal_handler(signal.SIGUSR2, echo.quit_now)
     print("READY", port, flush=True)
     try:
         loop.run_until_complete(asyncio.wait_for(echo.done, None))
