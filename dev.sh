@@ -5,6 +5,7 @@
 #   ./dev.sh run     serve the bundled example app (config/fpy3.toml) on https://127.0.0.1:8443
 #   ./dev.sh test    run the whole test suite
 #   ./dev.sh bench   run the benchmarks in bench/
+#   ./dev.sh sanitize  the native, HTTP/3 and websocket suites on an ASan+UBSan build
 #   ./dev.sh setup   only set up
 set -euo pipefail
 shopt -s nullglob
@@ -84,7 +85,7 @@ setup_venv() {
     fi
     # Reinstall only when the package's sources or metadata changed.
     local stamp=$VENV/.fpy3-installed sum
-    sum=$( (echo "$extras"; cat pyproject.toml setup.py native/*.c native/*.h native/*.cdef native/build.py) | sha256sum | cut -d' ' -f1)
+    sum=$( (echo "$extras ${FPY3_SANITIZE:-}"; cat pyproject.toml setup.py native/*.c native/*.h native/*.cdef native/build.py) | sha256sum | cut -d' ' -f1)
     if [ "$(cat "$stamp" 2>/dev/null)" != "$sum" ]; then
         log "installing fpy3[$extras] into .venv"
         # The build is chatty; show its log only when it fails.
@@ -114,6 +115,31 @@ test)
     setup_venv test
     # Setup installed every test client: a missing one fails instead of skipping.
     FPY3_TEST_ALL_CLIENTS=1 exec "$VENV/bin/pytest" "$@"
+    ;;
+sanitize)
+    setup_system test
+    setup_venv test
+    # The ASan+UBSan build lives in its own copy of the tree and its own venv, so the
+    # regular build (an in-place extension module) is left alone.
+    copy=$ROOT/build/sanitize
+    mkdir -p "$copy"
+    tar --exclude=./.venv --exclude=./build --exclude='*.so' --exclude=__pycache__ -cf - . |
+        tar -xf - -C "$copy"
+    (ROOT=$copy VENV=$copy/.venv && cd "$copy" && FPY3_SANITIZE=1 setup_venv test)
+    asan=$(gcc -print-file-name=libasan.so)
+    [ -f "$asan" ] || { log "libasan not found (gcc -print-file-name=libasan.so)"; exit 1; }
+    suites=(tests/e2e/test_h3_native.py tests/e2e/test_h3_asgi.py tests/e2e/test_h3_server.py
+        tests/e2e/test_ws_h1.py tests/e2e/test_ws_h3.py tests/e2e/test_response_rules.py
+        tests/e2e/test_drain.py tests/unit)
+    [ $# -gt 0 ] && suites=("$@")
+    cd "$copy"
+    # Python itself is not instrumented: the ASan runtime must be loaded first. Leak
+    # checks would report the interpreter's own allocations, so they are off; any other
+    # report aborts the process (and fails the test that started it).
+    FPY3_TEST_ALL_CLIENTS=1 LD_PRELOAD=$asan \
+        ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:halt_on_error=1 \
+        UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+        exec "$copy/.venv/bin/pytest" -p no:cacheprovider "${suites[@]}"
     ;;
 bench)
     setup_system test

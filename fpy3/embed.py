@@ -77,25 +77,29 @@ class ASGIServer:
         return self._started
 
     async def _start(self, sock, ssl_context) -> None:
-        self.lifespan = Lifespan(self.app, self.loop)
-        await self.lifespan.startup()
-        self.service = HTTPService(
-            self.app, self.loop, self.settings, state=self.lifespan.state, debug=self.debug
+        loop = asyncio.get_running_loop()
+        lifespan = self.lifespan = Lifespan(self.app, loop)
+        await lifespan.startup()
+        service = self.service = HTTPService(
+            self.app, loop, self.settings, state=lifespan.state, debug=self.debug
         )
-        self.service.start()
-        await self.service.listen(sock, ssl_context)
+        service.start()
+        await service.listen(sock, ssl_context)
+        self._sock = sock
 
     @property
     def port(self) -> int:
         """The bound port (useful with port 0)."""
-        return self.service.servers[0].sockets[0].getsockname()[1]
+        return self._sock.getsockname()[1]
 
     async def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, drain in-flight requests (up to ``timeout``), run lifespan shutdown."""
         if self._started is None:
             return
         await self._started
-        await self.service.drain(timeout)
-        await self.lifespan.shutdown()
+        if self.service is not None:
+            await self.service.drain(timeout)
+        if self.lifespan is not None:
+            await self.lifespan.shutdown()
 
     close = stop

@@ -29,9 +29,9 @@ ERROR_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 def configure_error_log(settings: LoggingSettings, debug: bool = False) -> None:
     """Point the ``fpy3`` loggers at stderr or the configured file."""
     root = logging.getLogger("fpy3")
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
     if settings.error_log_file:
         handler: logging.Handler = logging.FileHandler(settings.error_log_file)
     else:

@@ -44,7 +44,7 @@ class Worker:
         worker_id: int = 0,
         quic_secret: bytes | None = None,
         request_limit: int = 0,
-        quic_join: tuple | None = None,
+        quic_join: tuple[str, str, int] | None = None,
     ):
         self.settings = settings
         self.quic_join = quic_join  # (lock path, program path, ack fd): MsQuic, steered
@@ -174,6 +174,8 @@ class Worker:
         self._pulse = self.loop.call_later(min(interval, 0.1 if limit else 1.0), self._tick)
 
     def _send(self, message: bytes) -> None:
+        if self.ready_fd is None:
+            return
         try:
             os.write(self.ready_fd, message)
         except BlockingIOError:
@@ -230,7 +232,7 @@ def run(
     worker_id: int = 0,
     quic_secret: bytes | None = None,
     request_limit: int = 0,
-    quic_join: tuple | None = None,
+    quic_join: tuple[str, str, int] | None = None,
 ) -> int:
     """Run a worker to the end; returns the process exit code."""
     loop = uvloop.new_event_loop()

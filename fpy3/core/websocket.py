@@ -11,6 +11,7 @@ the idle limit and the close handshake's deadline.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -125,7 +126,7 @@ class WebSocketCycle:
         self.code = 1006
         self.reason = ""
         self.waiter = Waiter(self.loop)
-        self.timer = None
+        self.timer: asyncio.TimerHandle | None = None
         self.started_at = self.loop.time()
         self.last_rx = 0.0
         self.last_msg = 0.0
@@ -167,6 +168,7 @@ class WebSocketCycle:
             self.adapter.pause_reading()
 
     def _events(self, events: list) -> None:
+        assert self.proto is not None
         closing = self.proto.close_sent
         for ev in events:
             kind = ev[0]
@@ -211,6 +213,7 @@ class WebSocketCycle:
         self.waiter.wake()
 
     def _flush(self) -> None:
+        assert self.proto is not None
         out = self.proto.outgoing
         if out and not self.gone:
             self.adapter.write(out[:])
@@ -237,7 +240,9 @@ class WebSocketCycle:
         kind = message["type"]
         state = self.state
         if state == ACCEPTED:
-            if self.gone or (self.proto.close_sent and kind != "websocket.close"):
+            proto = self.proto
+            assert proto is not None  # set with the state
+            if self.gone or (proto.close_sent and kind != "websocket.close"):
                 raise ClientDisconnected(f"websocket closed ({self.code}); cannot send {kind!r}")
             if kind == "websocket.send":
                 text, data = message.get("text"), message.get("bytes")
@@ -245,9 +250,9 @@ class WebSocketCycle:
                     raise RuntimeError("websocket.send needs exactly one of 'bytes' and 'text'")
                 self.last_msg = self.loop.time()
                 if text is not None:
-                    frames = self.proto.message(text, True)
+                    frames = proto.message(text, True)
                 else:
-                    frames = self.proto.message(data, False)
+                    frames = proto.message(data, False)
                 pending = self.adapter.write(frames)
                 if pending is not None:
                     await pending
@@ -291,7 +296,7 @@ class WebSocketCycle:
             if not more:
                 self.state = DONE
                 self._end(1000, "")
-            await self.denial.send(
+            await self._denial().send(
                 {"type": "http.response.body", "body": message.get("body", b""), "more_body": more}
             )
             return
@@ -419,7 +424,7 @@ class WebSocketCycle:
                 self._send_close(1000, "")
             elif self.state == RESPONSE:
                 logger.error("ASGI app returned without completing the response")
-                self.denial.fail(None)
+                self._denial().fail(None)
         finally:
             self.app_done = True
             self._cancel_timer()
@@ -434,7 +439,7 @@ class WebSocketCycle:
             self._send_close(1011, "")
             return
         if self.state == RESPONSE:
-            self.denial.fail(exc)
+            self._denial().fail(exc)
             return
         if self.state == DONE:
             return

@@ -89,12 +89,13 @@ class H1Listener:
 class H1Connection(asyncio.Protocol):
     """One HTTP/1.1 connection (cleartext or TLS: the transport hides which)."""
 
+    transport: asyncio.Transport  # from connection_made on
+
     def __init__(self, listener: H1Listener):
         self.listener = listener
         self.svc = svc = listener.svc
         self.loop = svc.loop
         self.scheme = listener.scheme
-        self.transport: asyncio.Transport | None = None
         self.client = None
         self.server = None
         self.buf = b""  # received bytes not yet consumed
@@ -150,7 +151,7 @@ class H1Connection(asyncio.Protocol):
             return
         ws = self.ws
         if ws is not None and ws.upgraded:
-            ws.cycle.feed_data(data)
+            ws.feed_data(data)
             return
         self.buf = self.buf + data if self.buf else data
         if not self.in_process:

@@ -97,7 +97,12 @@ class H1WebSocket:
         buf = conn.take_buffer()
         conn.resume_reading()
         if buf:
-            self.cycle.feed_data(buf)
+            self.feed_data(buf)
+
+    def feed_data(self, data: bytes) -> None:
+        """Frames from the client (after the 101)."""
+        if self.cycle is not None:
+            self.cycle.feed_data(data)
 
     def http(self) -> H1Connection:
         return self.conn

@@ -68,6 +68,8 @@ class H3Server:
         cfg.send_high_water = SEND_HIGH_WATER
         cfg.enable_connect_protocol = settings.websocket.enabled
         addr = sock.getsockname() if sock is not None else addr
+        if addr is None:
+            raise ValueError("HTTP/3 needs a socket or an address")
         self.server_addr = _addr(addr)
         cfg.engine = engine.choose(h3.engine)
         fd = sock.fileno() if sock is not None else -1
@@ -294,9 +296,7 @@ class H3Server:
             self.loop.remove_writer(self.fd)
         if self._timer is not None:
             self._timer.cancel()
-        close_all = getattr(lib, "fpy3_h3_close_all", None)  # TEMP until native merge
-        if close_all is not None:
-            close_all(self.srv, H3_NO_ERROR)
+        lib.fpy3_h3_close_all(self.srv, H3_NO_ERROR)
         for stream in list(self.streams.values()):
             stream.closed = True
             stream.handle(lib.FPY3_H3_CLOSED, None)

@@ -70,8 +70,8 @@ class Deflate:
         self.server_reset = server_reset  # server_no_context_takeover
         self.client_reset = client_reset  # client_no_context_takeover
         self.level = level
-        self._c = None
-        self._d = None
+        self._c: zlib._Compress | None = None
+        self._d: zlib._Decompress | None = None
 
     def compress(self, data: bytes) -> bytes:
         c = self._c
@@ -260,6 +260,7 @@ class WSProtocol:
             data = b"".join(self._parts)
             self._parts.clear()
         if self._compressed:
+            assert self.deflate is not None  # RSV1 is refused in C without deflate
             try:
                 data = self.deflate.decompress(data, self.max_message)
             except ProtocolError as exc:

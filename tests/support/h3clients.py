@@ -542,6 +542,25 @@ def aioquic_sequence(
     return _run(go, timeout, f"aioquic_sequence {paths}", progress)
 
 
+def aioquic_until_closed(
+    host: str, port: int, path: str, cafile: str | None, timeout: float = 30
+) -> tuple[int, bool, float, int | None]:
+    """GET ``path`` and wait until the connection ends (the server's CONNECTION_CLOSE or
+    the idle timeout). Returns (error code, closed by the server, when (monotonic),
+    the code the request stream was reset with or None)."""
+    authority = _authority(host, port)
+    progress: list = []
+
+    async def go():
+        async with _h3_connection(host, port, cafile, timeout, progress) as proto:
+            ex = await _send_request(proto, "GET", path, authority, (), b"")
+            await _until(lambda: proto.terminated is not None)
+            code, _reason, by_peer, _transport = proto.terminated
+            return code, by_peer, time.monotonic(), ex.reset_code
+
+    return _run(go, timeout + 5, f"aioquic_until_closed {path}", progress)
+
+
 def aioquic_read_then_close(
     host: str,
     port: int,
@@ -1239,6 +1258,9 @@ def chromium_fetch(
                     stdin=subprocess.DEVNULL,
                     stdout=err,
                     stderr=err,
+                    # Not under a sanitizer run's preloaded runtime: Chromium is no
+                    # instrumented program and does not start with it.
+                    env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"},
                     preexec_fn=child_fds,
                     close_fds=False,  # keeps the dup2'd 3 and 4; Python's own fds are CLOEXEC
                 )
