@@ -47,10 +47,10 @@ from dataclasses import dataclass, field
 from setproctitle import setproctitle
 
 from fpy3 import __version__, config
-from fpy3.cli import EXIT_CONFIG, load_settings, prepare
+from fpy3.bootstrap import EXIT_CONFIG, EXIT_STARTUP, load_settings, prepare
 from fpy3.h3.engine import msquic_engine
 from fpy3.logs import configure_error_log
-from fpy3.worker import EXIT_STARTUP, reopen_error_log
+from fpy3.worker import reopen_error_log
 
 from . import steering
 

@@ -506,7 +506,7 @@ def test_workers_share_http3_through_steering(tmp_path):
 def _serve(opts: dict) -> int:
     """The mini master: bind, fork ``workers`` fpy3 workers, reload on "reload"."""
     from fpy3 import config, worker
-    from fpy3.cli import prepare
+    from fpy3.bootstrap import prepare
 
     support_dir = os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support"
