@@ -36,6 +36,7 @@ import logging
 import os
 import pwd
 import random
+import resource
 import select
 import signal
 import socket
@@ -52,7 +53,9 @@ from fpy3.h3.engine import msquic_engine
 from fpy3.logs import configure_error_log
 from fpy3.worker import reopen_error_log
 
-from . import steering
+from .steering.bpf import SteeringError
+from .steering.msquic_group import MsQuicGroup
+from .steering.reuseport import MAX_SOCKETS, QuicSockets, SteeringUnavailable
 
 logger = logging.getLogger("fpy3.error")
 
@@ -119,8 +122,8 @@ class Arbiter:
         self.announced = False  # READY=1 sent once
         self.last_round = time.monotonic()
         self.next_rss_check = 0.0
-        self.quic: steering.QuicSockets | None = None  # the steered UDP socket group
-        self.msquic: steering.MsQuicGroup | None = None  # MsQuic: the workers' sockets, steered
+        self.quic: QuicSockets | None = None  # the steered UDP socket group
+        self.msquic: MsQuicGroup | None = None  # MsQuic: the workers' sockets, steered
         self.serving = 1  # the generation that takes new QUIC connections
 
     # -- signals: queue and wake ------------------------------------------------------------
@@ -324,7 +327,7 @@ class Arbiter:
         if msquic_engine(self.settings.http3.engine):
             # MsQuic binds its own per-CPU SO_REUSEPORT sockets in each worker: they
             # join the group one worker at a time and the master keeps copies, so
-            # their indexes stay put and the program can steer (steering.MsQuicGroup).
+            # their indexes stay put and the program can steer (MsQuicGroup).
             # Without pidfd_getfd the kernel hashes each 4-tuple to a worker.
             addr = udp.getsockname()
             udp.close()
@@ -333,14 +336,15 @@ class Arbiter:
                 from fpy3.devcert import default_state_dir
 
                 state = self.settings.server.state_dir or default_state_dir()
-                self.msquic = steering.MsQuicGroup(addr[1], state)
+                raise_open_files_limit()
+                self.msquic = MsQuicGroup(addr[1], state)
             else:
                 logger.info("HTTP/3 on MsQuic: packets spread over workers by 4-tuple hash")
             return
-        slots = min(2 * self.worker_count, steering.MAX_SOCKETS)
+        slots = min(2 * self.worker_count, MAX_SOCKETS)
         try:
-            self.quic = steering.QuicSockets.take_over(udp, slots)
-        except steering.SteeringUnavailable as exc:
+            self.quic = QuicSockets.take_over(udp, slots)
+        except SteeringUnavailable as exc:
             logger.warning("%s; HTTP/3 is served by worker 1 only", exc)
             return
         self.listeners = dataclasses.replace(self.listeners, udp=None)
@@ -363,7 +367,7 @@ class Arbiter:
         ]
         try:
             self.quic.steer(active)
-        except steering.SteeringError as exc:
+        except SteeringError as exc:
             logger.error("QUIC steering not updated: %s", exc)
 
     def _worker_main(
@@ -756,6 +760,14 @@ def resolve_ids(settings: config.Settings) -> tuple[int, int, str] | None:
             logger.warning("server.user/group ignored: the master is not running as root")
         return None
     return entry.pw_uid, gid, entry.pw_name
+
+
+def raise_open_files_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard one, as nginx's worker_rlimit_nofile does: the
+    MsQuic group keeps a few fds of every worker ever started."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def drop_privileges(uid: int, gid: int, user: str) -> None:
