@@ -18,7 +18,10 @@ is killed (SIGKILL) and replaced. A worker past ``workers.max_requests`` (plus j
 or ``workers.max_rss_mb`` is recycled: its replacement starts first, and it drains
 once that one is ready.
 
-HTTP/3 packets are steered to the worker owning their connection (steering/).
+HTTP/3 packets are steered to the worker owning their connection (steering/). A
+steering failure (no fd left, a worker or socket gone, a program the kernel refuses)
+costs at most HTTP/3 packets their best route: it is logged and retried, and never
+ends the loop, which would leave the workers without their master.
 
 With ``NOTIFY_SOCKET`` set (systemd ``Type=notify``) the master reports READY=1,
 RELOADING=1, STOPPING=1 and STATUS= (systemd.py). ``server.pidfile`` is written once
@@ -52,7 +55,6 @@ from fpy3.worker import reopen_error_log
 from .pidfile import Pidfile
 from .privileges import UserIds, raise_open_files_limit, resolve_ids
 from .reloader import FileWatcher
-from .steering.bpf import SteeringError
 from .steering.msquic_group import MsQuicGroup
 from .steering.reuseport import MAX_SOCKETS, QuicSockets, SteeringUnavailable
 from .systemd import sd_notify
@@ -103,6 +105,7 @@ class Arbiter:
         self.quic: QuicSockets | None = None  # the steered UDP socket group
         self.msquic: MsQuicGroup | None = None  # MsQuic: the workers' sockets, steered
         self.serving = 1  # the generation that takes new QUIC connections
+        self.steering_stale = False  # the last steer() failed: retried every round
 
     # -- signals: queue and wake ------------------------------------------------------------
 
@@ -130,6 +133,8 @@ class Arbiter:
         except (OSError, ValueError) as exc:
             print(f"{self.settings.config_file or 'command line'}: {exc}", file=sys.stderr)
             self.listeners.close()
+            if self.pidfile is not None:
+                self.pidfile.remove()
             return EXIT_CONFIG
         self._install_signals()
         logger.info(
@@ -149,6 +154,8 @@ class Arbiter:
                     self._handle_signal(self.signals.pop(0))
                 self._reap()
                 self._check_heartbeats()
+                if self.steering_stale:
+                    self._steer()
                 if self.stopping:
                     if not self.workers:
                         break
@@ -233,9 +240,12 @@ class Arbiter:
 
     def _spawn_generation(self) -> None:
         for number in range(1, self.worker_count + 1):
-            self._spawn(number)
+            if self._spawn(number) is None:
+                return  # the rest follow in _maintain, after the backoff
 
-    def _spawn(self, number: int) -> WorkerProcess:
+    def _spawn(self, number: int) -> WorkerProcess | None:
+        """Start worker ``number`` of the current generation; None when the system
+        refused (logged, and counted as a crash so that retries back off)."""
         workers = self.settings.workers
         limit = 0
         if workers.max_requests:
@@ -257,10 +267,12 @@ class Arbiter:
         )
         try:
             worker = spawn(launch, functools.partial(self._detach_child, number, quic_id))
-        except OSError:
+        except OSError as exc:
             if quic_id is not None:
                 self.quic.release(quic_id)
-            raise
+            logger.error("cannot start worker number %d: %s", number, exc)
+            self.crashes.append(time.monotonic())
+            return None
         worker.quic_id = quic_id
         self.workers[worker.pid] = worker
         self._steer()
@@ -388,8 +400,8 @@ class Arbiter:
             return  # backoff
         running = {w.number for w in self._current()}
         for number in range(1, self.worker_count + 1):
-            if number not in running:
-                self._spawn(number)
+            if number not in running and self._spawn(number) is None:
+                return
 
     def _check_recycle(self, now: float) -> None:
         """Recycle one worker at a time past max_requests or max_rss_mb."""
@@ -411,6 +423,9 @@ class Arbiter:
             else:
                 continue
             new = self._spawn(w.number)
+            if new is None:
+                w.next_recycle = now + RECYCLE_RETRY
+                return
             new.replaces, w.replacement = w.pid, new.pid
             logger.info(
                 "worker %d (number %d) %s; starting worker %d", w.pid, w.number, reason, new.pid
@@ -471,7 +486,13 @@ class Arbiter:
 
                 state = self.settings.server.state_dir or default_state_dir()
                 raise_open_files_limit()
-                self.msquic = MsQuicGroup(addr[1], state)
+                try:
+                    self.msquic = MsQuicGroup(addr[1], state)
+                except OSError as exc:
+                    raise ValueError(
+                        f"server.state_dir: cannot keep the QUIC port group's files in "
+                        f"{state}: {exc.strerror or exc}"
+                    ) from None
             else:
                 logger.info("HTTP/3 on MsQuic: packets spread over workers by 4-tuple hash")
             return
@@ -484,20 +505,37 @@ class Arbiter:
         self.listeners = dataclasses.replace(self.listeners, udp=None)
 
     def _on_join(self, worker: WorkerProcess, quic_id: int) -> None:
-        """A worker's MsQuic has bound its sockets: keep them in the group, steer to them."""
-        if self.msquic is not None and worker.quic_ack is not None:
-            adopted = False
-            try:
-                self.msquic.adopt(worker.pid, quic_id)
-                worker.quic_id = quic_id
-                adopted = True
-            except OSError as exc:
-                logger.error("worker %d: its QUIC sockets cannot be steered: %s", worker.pid, exc)
-            worker.answer_join(adopted)
-            self._steer()
+        """A worker's MsQuic has bound its sockets: keep copies in the group, steer to them.
+
+        If they cannot be adopted (the worker is gone, no fd left, ...) the worker is
+        told no and serves on without HTTP/3 packets: the other workers take them.
+        Its sockets stay in the group until it exits; then the kernel moves the last
+        sockets into their places, and the next reload puts every new worker on an
+        index it owns again.
+        """
+        if self.msquic is None or worker.quic_ack is None:
+            logger.warning("worker %d asked to join a QUIC port group; there is none", worker.pid)
+            return
+        try:
+            self.msquic.adopt(worker.pid, quic_id)
+        except Exception as exc:  # whatever it is, the master must go on
+            _log_steering_error(
+                f"worker {worker.pid} (number {worker.number}): its QUIC sockets on UDP port "
+                f"{self.msquic.port} cannot be adopted, so no HTTP/3 is steered to it "
+                f"(worker id {quic_id:#x})",
+                exc,
+            )
+            worker.answer_join(False)
+            return
+        worker.quic_id = quic_id
+        worker.answer_join(True)
+        self._steer()
 
     def _steer(self) -> None:
-        """Point new QUIC connections at the serving generation; keep the rest in place."""
+        """Point new QUIC connections at the serving generation; keep the rest in place.
+
+        A failure is logged once and tried again every round until it succeeds.
+        """
         group = self.quic or self.msquic
         if group is None:
             return
@@ -506,13 +544,20 @@ class Arbiter:
             for w in self.workers.values()
             if w.generation == self.serving and not w.retiring and w.quic_id is not None
         ]
-        if group is self.msquic:
-            group.steer(active)
-            return
         try:
             group.steer(active)
-        except SteeringError as exc:
-            logger.error("QUIC steering not updated: %s", exc)
+        except Exception as exc:  # whatever it is, the master must go on
+            if not self.steering_stale:  # once, not every round
+                _log_steering_error(
+                    f"QUIC steering not updated for {len(active)} active worker(s); "
+                    "retrying every round",
+                    exc,
+                )
+            self.steering_stale = True
+            return
+        if self.steering_stale:
+            logger.info("QUIC steering updated again (%d active worker(s))", len(active))
+            self.steering_stale = False
 
     # -- reload and stop ---------------------------------------------------------------------
 
@@ -612,6 +657,15 @@ class Arbiter:
         except OSError as exc:
             if exc.errno != errno.ESRCH:
                 raise
+
+
+def _log_steering_error(what: str, exc: Exception) -> None:
+    # An OSError is the system's answer (EMFILE, a process or socket gone): its message
+    # says it all. Anything else is a bug: keep the traceback.
+    if isinstance(exc, OSError):
+        logger.error("%s: %s", what, exc)
+    else:
+        logger.error("%s: %r", what, exc, exc_info=exc)
 
 
 def worker_rss_mb(pids: list[int]) -> dict[int, float]:
