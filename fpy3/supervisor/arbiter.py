@@ -323,7 +323,7 @@ class Arbiter:
                 continue
             worker.close()
             if worker.quic_id is not None:
-                group = self.quic or self.msquic
+                group = self._steering_group()
                 if group is not None:
                     group.release(worker.quic_id)  # bookkeeping only: cannot fail
                     self._steer()
@@ -531,12 +531,15 @@ class Arbiter:
         worker.answer_join(True)
         self._steer()
 
+    def _steering_group(self) -> QuicSockets | MsQuicGroup | None:
+        return self.quic if self.quic is not None else self.msquic
+
     def _steer(self) -> None:
         """Point new QUIC connections at the serving generation; keep the rest in place.
 
         A failure is logged once and tried again every round until it succeeds.
         """
-        group = self.quic or self.msquic
+        group = self._steering_group()
         if group is None:
             return
         active = [
