@@ -135,8 +135,18 @@ def spawn(launch: Launch, detach: Callable[[], tuple[Listeners, int]]) -> Worker
         if launch.msquic_join is not None:
             ack = os.pipe2(os.O_CLOEXEC)
             fds += ack
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    # Signals stay blocked from the fork until the child has its own handlers: the
+    # master's would queue a signal (a TERM from a stop) in the child's copy of the
+    # master, where nothing ever reads it.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
         pid = os.fork()
     except OSError:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for fd in fds:
             os.close(fd)
         raise
@@ -146,7 +156,8 @@ def spawn(launch: Launch, detach: Callable[[], tuple[Listeners, int]]) -> Worker
         if ack is not None:
             os.close(ack[1])
             join = (*launch.msquic_join, ack[0])
-        _worker_main(launch, detach, write_fd, join)
+        _worker_main(launch, detach, mask, write_fd, join)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.close(write_fd)
     if ack is not None:
         os.close(ack[0])
@@ -165,6 +176,7 @@ def spawn(launch: Launch, detach: Callable[[], tuple[Listeners, int]]) -> Worker
 def _worker_main(
     launch: Launch,
     detach: Callable[[], tuple[Listeners, int]],
+    mask: set[signal.Signals],
     ready_fd: int,
     quic_join: tuple | None,
 ) -> NoReturn:
@@ -173,6 +185,7 @@ def _worker_main(
         listeners, worker_id = detach()
         for sig in MASTER_ONLY_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # what came meanwhile acts now
         # Only the master talks to systemd; the app must not send READY=1 for it.
         os.environ.pop("NOTIFY_SOCKET", None)
         setproctitle(f"fpy3: worker {launch.number} gen {launch.generation}")
