@@ -6,41 +6,8 @@ import argparse
 import sys
 
 from . import __version__, config
+from .bootstrap import load_settings, prepare
 from .logs import configure_error_log
-
-EXIT_CONFIG = 2  # bad config, or a socket that cannot be bound
-
-
-def load_settings(args: argparse.Namespace) -> config.Settings:
-    """Settings from --config, env and flags; prints the error and exits 2 on failure."""
-    try:
-        settings = config.load(args.config, overrides=config.overrides_from_args(args))
-    except config.ConfigError as exc:
-        print(exc, file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-    if args.check_config:
-        sys.stdout.write(config.dump(settings))
-        sys.exit(0)
-    return settings
-
-
-def prepare(settings: config.Settings):
-    """Certificate and sockets, shared by ``fpy3 run`` and the master. Exits 2 on failure."""
-    from .sockets import BindError, bind_listeners
-    from .tls import server_context, with_certificate
-
-    try:
-        settings = with_certificate(settings)
-        server_context(settings)  # fail here, once, rather than in every worker
-    except (OSError, ValueError) as exc:
-        print(f"{settings.config_file or 'command line'}: tls.cert: {exc}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-    try:
-        listeners = bind_listeners(settings)
-    except BindError as exc:
-        print(f"{settings.config_file or 'command line'}: {exc}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
-    return settings, listeners
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     settings, listeners = prepare(settings)
     if settings.workers.count > 1 or settings.reload.enabled:
         # Several workers or hot reload need a master: become one.
-        from .supervisor.master import Arbiter
+        from .supervisor.arbiter import Arbiter
 
         sys.exit(Arbiter(args, settings, listeners).run())
     from . import worker

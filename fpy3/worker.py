@@ -21,6 +21,7 @@ import sys
 
 import uvloop
 
+from .bootstrap import EXIT_STARTUP
 from .config import Settings
 from .core.lifespan import Lifespan, LifespanError
 from .importer import AppImportError, import_app
@@ -32,7 +33,6 @@ from .tls import server_context
 logger = logging.getLogger("fpy3.error")
 
 EXIT_OK = 0
-EXIT_STARTUP = 3  # the app could not be imported or its lifespan startup failed
 
 
 class Worker:

@@ -76,8 +76,9 @@ def udp_inodes(port: int) -> set[str]:
 
 
 class GroupJoin:
-    """A worker joining the master's steered MsQuic port group (fpy3/supervisor/steering.py,
-    MsQuicGroup): under the master's lock, its sockets go at the end of the group."""
+    """A worker joining the master's steered MsQuic port group (MsQuicGroup in
+    fpy3/supervisor/steering/msquic_group.py): under the master's lock, its sockets go
+    at the end of the group."""
 
     def __init__(self, lock_path: str, prog_path: str, ack_fd: int, port: int) -> None:
         self._lock = open(lock_path, "a")  # noqa: SIM115 (held across join() and done())

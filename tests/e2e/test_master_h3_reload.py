@@ -21,7 +21,7 @@ import pytest
 from harness import client_missing, wait_until
 from masters import wait_workers, workers
 
-from fpy3.supervisor.steering import udp_fds
+from fpy3.supervisor.steering.msquic_group import udp_fds
 
 # Every test runs once per QUIC engine (msquic cases skip without libmsquic).
 pytestmark = pytest.mark.usefixtures("quic_engine")

@@ -1,4 +1,4 @@
-"""QUIC steering (fpy3/supervisor/steering.py): the cBPF program against a model, a real
+"""QUIC steering (fpy3/supervisor/steering/): the cBPF program against a model, a real
 SO_REUSEPORT group on 127.0.0.1, and real fpy3 workers behind it with aioquic.
 
 Run as a script (``python test_steering.py serve OPTIONS``) this file is the small
@@ -23,8 +23,14 @@ import time
 import pytest
 from harness import client_missing
 
-from fpy3.supervisor import steering
-from fpy3.supervisor.steering import CID_LEN, QuicSockets, build_program
+from fpy3.supervisor.steering.bpf import (
+    BPF_MAXINSNS,
+    CID_LEN,
+    NO_SOCKET,
+    SteeringError,
+    build_program,
+)
+from fpy3.supervisor.steering.reuseport import QuicSockets, SteeringUnavailable
 
 HOST = "127.0.0.1"
 
@@ -32,7 +38,7 @@ HOST = "127.0.0.1"
 def _unavailable() -> str | None:
     try:
         QuicSockets.bind(HOST, 0, 2).close()
-    except steering.SteeringUnavailable as exc:
+    except SteeringUnavailable as exc:
         return str(exc)
     return None
 
@@ -116,7 +122,7 @@ def model(pkt: bytes, live, active) -> int:
     """Where a datagram must go, written from the design rather than the code."""
     targets = sorted({w & 0xFFFF for w in (active or live)})
     if not targets:
-        return steering.NO_SOCKET
+        return NO_SOCKET
 
     def u32(i):
         return int.from_bytes(pkt[i : i + 4], "big")
@@ -178,14 +184,14 @@ def wids(indexes, generation=1):
 )
 def test_program_agrees_with_model(live, active):
     prog = build_program(live, active)
-    assert len(prog) <= steering.BPF_MAXINSNS
+    assert len(prog) <= BPF_MAXINSNS
     rng = random.Random(len(live) * 1000 + len(active))
     for pkt in sample_packets(live, rng):
         assert run_cbpf(prog, pkt) == model(pkt, set(live), active), pkt.hex()
 
 
 def test_program_too_large_is_refused():
-    with pytest.raises(steering.SteeringError, match="too large"):
+    with pytest.raises(SteeringError, match="too large"):
         build_program(wids(range(2000)) + wids(range(2000, 2200), 2), wids(range(0, 2000, 2)))
 
 
@@ -506,7 +512,7 @@ def test_workers_share_http3_through_steering(tmp_path):
 def _serve(opts: dict) -> int:
     """The mini master: bind, fork ``workers`` fpy3 workers, reload on "reload"."""
     from fpy3 import config, worker
-    from fpy3.cli import prepare
+    from fpy3.bootstrap import prepare
 
     support_dir = os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support"

@@ -130,7 +130,7 @@ def fpy3_command(name: str = "fpy3") -> list[str]:
     script = Path(sys.executable).with_name(name)
     if script.exists():
         return [str(script)]
-    module = {"fpy3": "fpy3.cli", "fpy3-master": "fpy3.supervisor.master"}[name]
+    module = {"fpy3": "fpy3.cli", "fpy3-master": "fpy3.supervisor.arbiter"}[name]
     return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
 
 

@@ -12,47 +12,53 @@ loop in ``Arbiter.run`` does all the work (as gunicorn's arbiter does).
 - TTIN / TTOU: one worker more / less (never below 1); TTOU drains the highest number.
 - USR1: reopen log files, here and in every worker.
 
-Each worker writes lines on its pipe: ``ready``, ``beat`` (every ``workers.timeout/4``
-s) and ``requests N``. A worker silent for ``workers.timeout`` is killed (SIGKILL)
-and replaced. A worker past ``workers.max_requests`` (plus jitter) or
-``workers.max_rss_mb`` is recycled: its replacement starts first, and it drains
+Each worker writes lines on its pipe (workers.py): ``ready``, ``beat`` (every
+``workers.timeout/4`` s) and ``requests N``. A worker silent for ``workers.timeout``
+is killed (SIGKILL) and replaced. A worker past ``workers.max_requests`` (plus jitter)
+or ``workers.max_rss_mb`` is recycled: its replacement starts first, and it drains
 once that one is ready.
 
+HTTP/3 packets are steered to the worker owning their connection (steering/). A
+steering failure (no fd left, a worker or socket gone, a program the kernel refuses)
+costs at most HTTP/3 packets their best route: it is logged and retried, and never
+ends the loop, which would leave the workers without their master.
+
 With ``NOTIFY_SOCKET`` set (systemd ``Type=notify``) the master reports READY=1,
-RELOADING=1, STOPPING=1 and STATUS=. ``server.pidfile`` is written once the sockets
-are bound. As root, workers switch to ``server.user`` / ``server.group`` after the
-fork, so sockets below 1024 are bound with privileges the app never has.
+RELOADING=1, STOPPING=1 and STATUS= (systemd.py). ``server.pidfile`` is written once
+the sockets are bound (pidfile.py). As root, workers switch to ``server.user`` /
+``server.group`` after the fork (privileges.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import errno
-import fnmatch
-import grp
+import functools
 import logging
 import os
-import pwd
 import random
 import select
 import signal
-import socket
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 
 from setproctitle import setproctitle
 
 from fpy3 import __version__, config
-from fpy3.cli import EXIT_CONFIG, load_settings, prepare
+from fpy3.bootstrap import EXIT_CONFIG, EXIT_STARTUP, load_settings, prepare
 from fpy3.h3.engine import msquic_engine
 from fpy3.logs import configure_error_log
-from fpy3.worker import EXIT_STARTUP, reopen_error_log
+from fpy3.sockets import Listeners
+from fpy3.worker import reopen_error_log
 
-from . import steering
+from .pidfile import Pidfile
+from .privileges import UserIds, raise_open_files_limit, resolve_ids
+from .reloader import FileWatcher
+from .steering.msquic_group import MsQuicGroup
+from .steering.reuseport import MAX_SOCKETS, QuicSockets, SteeringUnavailable
+from .systemd import sd_notify
+from .workers import Launch, Message, WorkerProcess, spawn
 
 logger = logging.getLogger("fpy3.error")
 
@@ -71,31 +77,8 @@ RSS_INTERVAL = 5.0  # seconds between RSS samples when workers.max_rss_mb is set
 RECYCLE_RETRY = 30.0  # after a replacement failed to start, wait this long to try again
 
 
-@dataclass
-class WorkerProcess:
-    pid: int
-    number: int
-    generation: int
-    pipe: int  # read end of the worker's message pipe
-    timeout: float  # workers.timeout of its generation
-    request_limit: int = 0  # recycle after this many requests; 0 = never
-    ready: bool = False
-    started: float = field(default_factory=time.monotonic)
-    last_seen: float = field(default_factory=time.monotonic)  # last message of any kind
-    requests: int = 0
-    buf: bytes = b""  # a partial line
-    eof: bool = False  # the worker closed its end of the pipe
-    retiring: bool = False  # told to drain on purpose: its exit is no crash
-    quic_id: int | None = None  # its QUIC worker id (and socket) when packets are steered
-    quic_ack: int | None = None  # MsQuic: write end of the pipe answering its join
-    timed_out: bool = False  # killed for missing heartbeats
-    replaces: int | None = None  # pid of the worker this one is replacing (a recycle)
-    replacement: int | None = None  # pid of the worker starting in place of this one
-    next_recycle: float = 0.0
-
-
 class Arbiter:
-    def __init__(self, args: argparse.Namespace, settings: config.Settings, listeners):
+    def __init__(self, args: argparse.Namespace, settings: config.Settings, listeners: Listeners):
         self.args = args
         self.settings = settings
         self.listeners = listeners
@@ -113,15 +96,16 @@ class Arbiter:
         self.quic_secret = os.urandom(32)  # stateless-reset key shared by every worker
         self.watcher: FileWatcher | None = None
         self.worker_count = worker_count(settings)  # TTIN/TTOU change it; a reload resets it
-        self.ids: tuple[int, int, str] | None = None  # (uid, gid, user) to switch workers to
-        self.pidfile = ""
+        self.ids: UserIds | None = None  # what workers switch to
+        self.pidfile: Pidfile | None = None
         self.reloading = False  # between RELOADING=1 and the READY=1 that ends it
         self.announced = False  # READY=1 sent once
         self.last_round = time.monotonic()
         self.next_rss_check = 0.0
-        self.quic: steering.QuicSockets | None = None  # the steered UDP socket group
-        self.msquic: steering.MsQuicGroup | None = None  # MsQuic: the workers' sockets, steered
+        self.quic: QuicSockets | None = None  # the steered UDP socket group
+        self.msquic: MsQuicGroup | None = None  # MsQuic: the workers' sockets, steered
         self.serving = 1  # the generation that takes new QUIC connections
+        self.steering_stale = False  # the last steer() failed: retried every round
 
     # -- signals: queue and wake ------------------------------------------------------------
 
@@ -142,11 +126,15 @@ class Arbiter:
         setproctitle(f"fpy3: master [{self.settings.config_file or self.settings.server.app}]")
         try:
             self.ids = resolve_ids(self.settings)
-            self._write_pidfile()
+            if self.settings.server.pidfile:
+                self.pidfile = Pidfile(self.settings.server.pidfile)
+                self.pidfile.create()
             self._steer_udp()
         except (OSError, ValueError) as exc:
             print(f"{self.settings.config_file or 'command line'}: {exc}", file=sys.stderr)
             self.listeners.close()
+            if self.pidfile is not None:
+                self.pidfile.remove()
             return EXIT_CONFIG
         self._install_signals()
         logger.info(
@@ -166,6 +154,8 @@ class Arbiter:
                     self._handle_signal(self.signals.pop(0))
                 self._reap()
                 self._check_heartbeats()
+                if self.steering_stale:
+                    self._steer()
                 if self.stopping:
                     if not self.workers:
                         break
@@ -181,11 +171,14 @@ class Arbiter:
                 self.quic.close()  # only now: closing one reorders the group
             if self.msquic is not None:
                 self.msquic.close()
-            self._remove_pidfile()
+            if self.pidfile is not None:
+                self.pidfile.remove()
         logger.info("master %d exiting", os.getpid())
         return self.exit_code
 
     def _wait(self, timeout: float) -> None:
+        """Sleep until a signal or a worker's message, at most ``timeout`` s; handle the
+        messages."""
         poller = select.poll()
         poller.register(self.wake_r, select.POLLIN)
         pipes = {}
@@ -201,46 +194,19 @@ class Arbiter:
                 except BlockingIOError:
                     pass
             else:
-                self._read_worker_pipe(pipes[fd])
+                worker = pipes[fd]
+                for message in worker.read():
+                    self._on_message(worker, message)
 
-    def _read_worker_pipe(self, worker: WorkerProcess) -> None:
-        try:
-            data = os.read(worker.pipe, 4096)
-        except BlockingIOError:
-            return
-        if not data:
-            worker.eof = True  # it is exiting; reaping follows
-            return
-        worker.last_seen = time.monotonic()
-        *lines, rest = (worker.buf + data).split(b"\n")
-        worker.buf = rest[-256:]  # messages are short: never let junk grow
-        for line in lines:
-            if line == b"ready":
-                worker.ready = True
-                self.ever_ready = True
-                self._on_worker_ready(worker)
-            elif line == b"beat":
-                pass
-            elif line.startswith(b"quic ") and line[5:].isdigit():
-                self._adopt(worker, int(line[5:]))
-            elif line.startswith(b"requests ") and line[9:].isdigit():
-                worker.requests = int(line[9:])
-            else:
-                logger.warning("worker %d sent an unknown message %r", worker.pid, line[:40])
-
-    def _adopt(self, worker: WorkerProcess, quic_id: int) -> None:
-        """A worker's MsQuic has bound its sockets: keep them in the group, steer to them."""
-        ok = False
-        if self.msquic is not None and worker.quic_ack is not None:
-            try:
-                self.msquic.adopt(worker.pid, quic_id)
-                worker.quic_id = quic_id
-                ok = True
-            except OSError as exc:
-                logger.error("worker %d: its QUIC sockets cannot be steered: %s", worker.pid, exc)
-            with contextlib.suppress(OSError):
-                os.write(worker.quic_ack, b"1" if ok else b"0")
-            self._steer()
+    def _on_message(self, worker: WorkerProcess, message: Message) -> None:
+        if message.kind == "ready":
+            worker.ready = True
+            self.ever_ready = True
+            self._on_worker_ready(worker)
+        elif message.kind == "requests":
+            worker.requests = message.value
+        elif message.kind == "quic":
+            self._on_join(worker, message.value)
 
     def _handle_signal(self, sig: int) -> None:
         if sig == signal.SIGCHLD:
@@ -274,9 +240,12 @@ class Arbiter:
 
     def _spawn_generation(self) -> None:
         for number in range(1, self.worker_count + 1):
-            self._spawn(number)
+            if self._spawn(number) is None:
+                return  # the rest follow in _maintain, after the backoff
 
-    def _spawn(self, number: int) -> WorkerProcess:
+    def _spawn(self, number: int) -> WorkerProcess | None:
+        """Start worker ``number`` of the current generation; None when the system
+        refused (logged, and counted as a crash so that retries back off)."""
         workers = self.settings.workers
         limit = 0
         if workers.max_requests:
@@ -287,145 +256,48 @@ class Arbiter:
                 quic_id = self.quic.acquire(self.generation)
             except OSError as exc:
                 logger.error("worker %d without HTTP/3: %s", number, exc)
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        ack = os.pipe2(os.O_CLOEXEC) if self.msquic is not None else None
+        launch = Launch(
+            number,
+            self.generation,
+            self.settings,
+            self.quic_secret,
+            limit,
+            self.ids,
+            (self.msquic.lock_path, self.msquic.prog_path) if self.msquic is not None else None,
+        )
         try:
-            pid = os.fork()
-        except OSError:
+            worker = spawn(launch, functools.partial(self._detach_child, number, quic_id))
+        except OSError as exc:
             if quic_id is not None:
                 self.quic.release(quic_id)
-            if ack is not None:
-                os.close(ack[0])
-                os.close(ack[1])
-            raise
-        if pid == 0:
-            os.close(read_fd)
-            join = None
-            if ack is not None:
-                os.close(ack[1])
-                join = (self.msquic.lock_path, self.msquic.prog_path, ack[0])
-            self._worker_main(number, write_fd, limit, quic_id, join)  # never returns
-        os.close(write_fd)
-        if ack is not None:
-            os.close(ack[0])
-        os.set_blocking(read_fd, False)
-        worker = WorkerProcess(pid, number, self.generation, read_fd, workers.timeout, limit)
+            logger.error("cannot start worker number %d: %s", number, exc)
+            self.crashes.append(time.monotonic())
+            return None
         worker.quic_id = quic_id
-        worker.quic_ack = ack[1] if ack is not None else None
-        self.workers[pid] = worker
+        self.workers[worker.pid] = worker
         self._steer()
         return worker
 
-    def _steer_udp(self) -> None:
-        """Route QUIC packets by the worker id in their connection id, when the kernel can."""
-        udp = self.listeners.udp
-        if udp is None:
-            return
-        if msquic_engine(self.settings.http3.engine):
-            # MsQuic binds its own per-CPU SO_REUSEPORT sockets in each worker: they
-            # join the group one worker at a time and the master keeps copies, so
-            # their indexes stay put and the program can steer (steering.MsQuicGroup).
-            # Without pidfd_getfd the kernel hashes each 4-tuple to a worker.
-            addr = udp.getsockname()
-            udp.close()
-            self.listeners = dataclasses.replace(self.listeners, udp=None, udp_addr=addr)
-            if hasattr(os, "pidfd_open"):
-                from fpy3.devcert import default_state_dir
-
-                state = self.settings.server.state_dir or default_state_dir()
-                self.msquic = steering.MsQuicGroup(addr[1], state)
-            else:
-                logger.info("HTTP/3 on MsQuic: packets spread over workers by 4-tuple hash")
-            return
-        slots = min(2 * self.worker_count, steering.MAX_SOCKETS)
-        try:
-            self.quic = steering.QuicSockets.take_over(udp, slots)
-        except steering.SteeringUnavailable as exc:
-            logger.warning("%s; HTTP/3 is served by worker 1 only", exc)
-            return
-        self.listeners = dataclasses.replace(self.listeners, udp=None)
-
-    def _steer(self) -> None:
-        """Point new QUIC connections at the serving generation; keep the rest in place."""
+    def _detach_child(self, number: int, quic_id: int | None) -> tuple[Listeners, int]:
+        """In a new worker, right after the fork: drop what is the master's. Returns the
+        sockets the worker serves and its QUIC worker id."""
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+        for other in self.workers.values():
+            other.close()
         if self.msquic is not None:
-            self.msquic.steer(
-                w.quic_id
-                for w in self.workers.values()
-                if w.generation == self.serving and not w.retiring and w.quic_id is not None
-            )
-            return
-        if self.quic is None:
-            return
-        active = [
-            w.quic_id
-            for w in self.workers.values()
-            if w.generation == self.serving and not w.retiring and w.quic_id is not None
-        ]
-        try:
-            self.quic.steer(active)
-        except steering.SteeringError as exc:
-            logger.error("QUIC steering not updated: %s", exc)
-
-    def _worker_main(
-        self,
-        number: int,
-        ready_fd: int,
-        request_limit: int,
-        quic_id: int | None,
-        quic_join: tuple | None = None,
-    ) -> None:
-        code = 1
-        try:
-            for sig in HANDLED_SIGNALS:
-                signal.signal(sig, signal.SIG_DFL)
-            # Signals meant for the master may reach the whole group (a kill to every
-            # process of a service): they must not kill or stop a worker. Its loop
-            # handles USR1 once it runs.
-            for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
-                signal.signal(sig, signal.SIG_IGN)
-            os.close(self.wake_r)
-            os.close(self.wake_w)
-            for other in self.workers.values():
-                os.close(other.pipe)
-                if other.quic_ack is not None:
-                    os.close(other.quic_ack)
-            if self.msquic is not None:
-                self.msquic.forget_in_child()
-            # Only the master talks to systemd; the app must not send READY=1 for it.
-            os.environ.pop("NOTIFY_SOCKET", None)
-            setproctitle(f"fpy3: worker {number} gen {self.generation}")
-            if self.ids is not None:
-                try:
-                    drop_privileges(*self.ids)
-                except OSError as exc:
-                    logger.error("worker %d: cannot switch user: %s", os.getpid(), exc)
-                    code = EXIT_STARTUP
-                    return
-            from fpy3 import worker
-
-            listeners, worker_id = self.listeners, number
-            if self.quic is not None:
-                udp = self.quic.for_worker(quic_id) if quic_id is not None else None
-                listeners, worker_id = dataclasses.replace(listeners, udp=udp), quic_id or 0
-            elif number != 1 and listeners.udp is not None:
-                # Without steering, processes sharing one UDP socket would split QUIC
-                # connections between them: one worker serves HTTP/3.
-                listeners = dataclasses.replace(listeners, udp=None)
-            code = worker.run(
-                self.settings,
-                listeners,
-                ready_fd,
-                worker_id,
-                self.quic_secret,
-                request_limit,
-                quic_join,
-            )
-        except BaseException:
-            logger.exception("worker %d crashed", os.getpid())
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+            self.msquic.forget_in_child()
+        listeners = self.listeners
+        if self.quic is not None:
+            udp = self.quic.for_worker(quic_id) if quic_id is not None else None
+            return dataclasses.replace(listeners, udp=udp), quic_id or 0
+        if number != 1 and listeners.udp is not None:
+            # Without steering, processes sharing one UDP socket would split QUIC
+            # connections between them: one worker serves HTTP/3.
+            return dataclasses.replace(listeners, udp=None), number
+        return listeners, number
 
     def _current(self) -> list[WorkerProcess]:
         """The current generation's workers that are not on their way out."""
@@ -449,15 +321,12 @@ class Arbiter:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
-            os.close(worker.pipe)
-            if worker.quic_ack is not None:
-                os.close(worker.quic_ack)
-            if self.quic is not None and worker.quic_id is not None:
-                self.quic.release(worker.quic_id)
-                self._steer()
-            if self.msquic is not None and worker.quic_id is not None:
-                self.msquic.release(worker.quic_id)
-                self._steer()
+            worker.close()
+            if worker.quic_id is not None:
+                group = self._steering_group()
+                if group is not None:
+                    group.release(worker.quic_id)  # bookkeeping only: cannot fail
+                    self._steer()
             code = os.waitstatus_to_exitcode(status)
             how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
             # Unlink a recycle pair: whichever is left just serves on.
@@ -531,8 +400,8 @@ class Arbiter:
             return  # backoff
         running = {w.number for w in self._current()}
         for number in range(1, self.worker_count + 1):
-            if number not in running:
-                self._spawn(number)
+            if number not in running and self._spawn(number) is None:
+                return
 
     def _check_recycle(self, now: float) -> None:
         """Recycle one worker at a time past max_requests or max_rss_mb."""
@@ -554,6 +423,9 @@ class Arbiter:
             else:
                 continue
             new = self._spawn(w.number)
+            if new is None:
+                w.next_recycle = now + RECYCLE_RETRY
+                return
             new.replaces, w.replacement = w.pid, new.pid
             logger.info(
                 "worker %d (number %d) %s; starting worker %d", w.pid, w.number, reason, new.pid
@@ -593,6 +465,102 @@ class Arbiter:
 
     def _status(self) -> str:
         return f"serving with {self.worker_count} worker(s), generation {self.generation}"
+
+    # -- QUIC steering -------------------------------------------------------------------------
+
+    def _steer_udp(self) -> None:
+        """Route QUIC packets by the worker id in their connection id, when the kernel can."""
+        udp = self.listeners.udp
+        if udp is None:
+            return
+        if msquic_engine(self.settings.http3.engine):
+            # MsQuic binds its own per-CPU SO_REUSEPORT sockets in each worker: they
+            # join the group one worker at a time and the master keeps copies, so
+            # their indexes stay put and the program can steer (MsQuicGroup).
+            # Without pidfd_getfd the kernel hashes each 4-tuple to a worker.
+            addr = udp.getsockname()
+            udp.close()
+            self.listeners = dataclasses.replace(self.listeners, udp=None, udp_addr=addr)
+            if hasattr(os, "pidfd_open"):
+                from fpy3.devcert import default_state_dir
+
+                state = self.settings.server.state_dir or default_state_dir()
+                raise_open_files_limit()
+                try:
+                    self.msquic = MsQuicGroup(addr[1], state)
+                except OSError as exc:
+                    raise ValueError(
+                        f"server.state_dir: cannot keep the QUIC port group's files in "
+                        f"{state}: {exc.strerror or exc}"
+                    ) from None
+            else:
+                logger.info("HTTP/3 on MsQuic: packets spread over workers by 4-tuple hash")
+            return
+        slots = min(2 * self.worker_count, MAX_SOCKETS)
+        try:
+            self.quic = QuicSockets.take_over(udp, slots)
+        except SteeringUnavailable as exc:
+            logger.warning("%s; HTTP/3 is served by worker 1 only", exc)
+            return
+        self.listeners = dataclasses.replace(self.listeners, udp=None)
+
+    def _on_join(self, worker: WorkerProcess, quic_id: int) -> None:
+        """A worker's MsQuic has bound its sockets: keep copies in the group, steer to them.
+
+        If they cannot be adopted (the worker is gone, no fd left, ...) the worker is
+        told no and serves on without HTTP/3 packets: the other workers take them.
+        Its sockets stay in the group until it exits; then the kernel moves the last
+        sockets into their places, and the next reload puts every new worker on an
+        index it owns again.
+        """
+        if self.msquic is None or worker.quic_ack is None:
+            logger.warning("worker %d asked to join a QUIC port group; there is none", worker.pid)
+            return
+        try:
+            self.msquic.adopt(worker.pid, quic_id)
+        except Exception as exc:  # whatever it is, the master must go on
+            _log_steering_error(
+                f"worker {worker.pid} (number {worker.number}): its QUIC sockets on UDP port "
+                f"{self.msquic.port} cannot be adopted, so no HTTP/3 is steered to it "
+                f"(worker id {quic_id:#x})",
+                exc,
+            )
+            worker.answer_join(False)
+            return
+        worker.quic_id = quic_id
+        worker.answer_join(True)
+        self._steer()
+
+    def _steering_group(self) -> QuicSockets | MsQuicGroup | None:
+        return self.quic if self.quic is not None else self.msquic
+
+    def _steer(self) -> None:
+        """Point new QUIC connections at the serving generation; keep the rest in place.
+
+        A failure is logged once and tried again every round until it succeeds.
+        """
+        group = self._steering_group()
+        if group is None:
+            return
+        active = [
+            w.quic_id
+            for w in self.workers.values()
+            if w.generation == self.serving and not w.retiring and w.quic_id is not None
+        ]
+        try:
+            group.steer(active)
+        except Exception as exc:  # whatever it is, the master must go on
+            if not self.steering_stale:  # once, not every round
+                _log_steering_error(
+                    f"QUIC steering not updated for {len(active)} active worker(s); "
+                    "retrying every round",
+                    exc,
+                )
+            self.steering_stale = True
+            return
+        if self.steering_stale:
+            logger.info("QUIC steering updated again (%d active worker(s))", len(active))
+            self.steering_stale = False
 
     # -- reload and stop ---------------------------------------------------------------------
 
@@ -693,76 +661,14 @@ class Arbiter:
             if exc.errno != errno.ESRCH:
                 raise
 
-    # -- pidfile ----------------------------------------------------------------------------
 
-    def _write_pidfile(self) -> None:
-        path = self.settings.server.pidfile
-        if not path:
-            return
-        tmp = f"{path}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "w") as f:
-                f.write(f"{os.getpid()}\n")
-            os.replace(tmp, path)  # readers never see a partial file
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise OSError(f"server.pidfile: cannot write {path}: {exc.strerror}") from None
-        self.pidfile = path
-
-    def _remove_pidfile(self) -> None:
-        if not self.pidfile:
-            return
-        try:
-            with open(self.pidfile) as f:
-                mine = f.read().strip() == str(os.getpid())
-            if mine:  # a newer master may have taken the path over
-                os.unlink(self.pidfile)
-        except OSError:
-            pass
-
-
-def sd_notify(state: str) -> None:
-    """Send a datagram to systemd's NOTIFY_SOCKET, when it is set ('@' = abstract)."""
-    address = os.environ.get("NOTIFY_SOCKET", "")
-    if not address:
-        return
-    if address[0] == "@":
-        address = "\0" + address[1:]
-    elif address[0] != "/":
-        return  # vsock addresses are for VMs; not supported
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(state.encode(), address)
-    except OSError as exc:
-        logger.warning("sd_notify to %s failed: %s", os.environ["NOTIFY_SOCKET"], exc)
-
-
-def resolve_ids(settings: config.Settings) -> tuple[int, int, str] | None:
-    """(uid, gid, user) for server.user / server.group, or None to stay as we are."""
-    server = settings.server
-    if not server.user and not server.group:
-        return None
-    try:
-        entry = pwd.getpwnam(server.user) if server.user else pwd.getpwuid(os.getuid())
-    except KeyError:
-        raise ValueError(f"server.user: no such user: {server.user!r}") from None
-    try:
-        gid = grp.getgrnam(server.group).gr_gid if server.group else entry.pw_gid
-    except KeyError:
-        raise ValueError(f"server.group: no such group: {server.group!r}") from None
-    if os.geteuid() != 0:
-        if (entry.pw_uid, gid) != (os.getuid(), os.getgid()):
-            logger.warning("server.user/group ignored: the master is not running as root")
-        return None
-    return entry.pw_uid, gid, entry.pw_name
-
-
-def drop_privileges(uid: int, gid: int, user: str) -> None:
-    """In a worker, after the sockets are bound: groups first, the uid last."""
-    os.initgroups(user, gid)
-    os.setgid(gid)
-    os.setuid(uid)
+def _log_steering_error(what: str, exc: Exception) -> None:
+    # An OSError is the system's answer (EMFILE, a process or socket gone): its message
+    # says it all. Anything else is a bug: keep the traceback.
+    if isinstance(exc, OSError):
+        logger.error("%s: %s", what, exc)
+    else:
+        logger.error("%s: %r", what, exc, exc_info=exc)
 
 
 def worker_rss_mb(pids: list[int]) -> dict[int, float]:
@@ -775,46 +681,6 @@ def worker_rss_mb(pids: list[int]) -> dict[int, float]:
         except psutil.Error:
             pass
     return rss
-
-
-class FileWatcher:
-    """Dev hot reload: a thread waits on watchfiles and queues a HUP for the loop."""
-
-    def __init__(self, settings: config.Settings, notify):
-        self.stop_event = threading.Event()
-        reload = settings.reload
-        paths = list(reload.dirs) or [settings.server.app_dir or os.getcwd()]
-        if settings.config_file:
-            paths.append(settings.config_file)
-        self.paths = [p for p in paths if os.path.exists(p)]
-        self.include = reload.include
-        self.exclude = reload.exclude
-        self.notify = notify
-        self.thread = threading.Thread(target=self._run, name="fpy3-reload", daemon=True)
-        self.thread.start()
-        logger.info("watching %s for changes", ", ".join(self.paths))
-
-    def _wanted(self, change, path: str) -> bool:
-        parts = path.split(os.sep)
-        if any(fnmatch.fnmatch(p, pat) for p in parts for pat in self.exclude):
-            return False
-        return any(fnmatch.fnmatch(parts[-1], pat) for pat in self.include)
-
-    def _run(self) -> None:
-        import watchfiles
-
-        for changes in watchfiles.watch(
-            *self.paths,
-            watch_filter=self._wanted,
-            stop_event=self.stop_event,
-            raise_interrupt=False,
-        ):
-            names = sorted({os.path.relpath(p) for _, p in changes})
-            logger.info("changed: %s; reloading", ", ".join(names[:5]))
-            self.notify(signal.SIGHUP, None)
-
-    def stop(self) -> None:
-        self.stop_event.set()
 
 
 def worker_count(settings: config.Settings) -> int:

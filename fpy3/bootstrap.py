@@ -1,0 +1,43 @@
+"""What ``fpy3 run`` and ``fpy3-master`` both do before serving: settings, the
+certificate, the sockets; and the exit codes they share with the workers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import config
+from .sockets import BindError, Listeners, bind_listeners
+from .tls import server_context, with_certificate
+
+EXIT_CONFIG = 2  # bad config, or a socket that cannot be bound
+EXIT_STARTUP = 3  # the app could not be imported or its lifespan startup failed
+
+
+def load_settings(args: argparse.Namespace) -> config.Settings:
+    """Settings from --config, env and flags; prints the error and exits 2 on failure."""
+    try:
+        settings = config.load(args.config, overrides=config.overrides_from_args(args))
+    except config.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    if args.check_config:
+        sys.stdout.write(config.dump(settings))
+        sys.exit(0)
+    return settings
+
+
+def prepare(settings: config.Settings) -> tuple[config.Settings, Listeners]:
+    """Certificate and sockets, bound once before any worker starts. Exits 2 on failure."""
+    try:
+        settings = with_certificate(settings)
+        server_context(settings)  # fail here, once, rather than in every worker
+    except (OSError, ValueError) as exc:
+        print(f"{settings.config_file or 'command line'}: tls.cert: {exc}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    try:
+        listeners = bind_listeners(settings)
+    except BindError as exc:
+        print(f"{settings.config_file or 'command line'}: {exc}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    return settings, listeners
