@@ -254,7 +254,7 @@ def _host(value: str) -> None:
 def _engine(value: str) -> None:
     _one_of("auto", "msquic", "ngtcp2")(value)
     if value == "msquic":
-        from .h3.engine import INSTALL_HINT, probe_msquic
+        from .msquic import INSTALL_HINT, probe_msquic
 
         reason = probe_msquic()
         if reason is not None:

@@ -47,8 +47,8 @@ from setproctitle import setproctitle
 
 from fpy3 import __version__, config
 from fpy3.bootstrap import EXIT_CONFIG, EXIT_STARTUP, load_settings, prepare
-from fpy3.h3.engine import msquic_engine
 from fpy3.logs import configure_error_log
+from fpy3.msquic import msquic_engine
 from fpy3.sockets import Listeners
 from fpy3.worker import reopen_error_log
 
@@ -268,7 +268,7 @@ class Arbiter:
         try:
             worker = spawn(launch, functools.partial(self._detach_child, number, quic_id))
         except OSError as exc:
-            if quic_id is not None:
+            if quic_id is not None and self.quic is not None:
                 self.quic.release(quic_id)
             logger.error("cannot start worker number %d: %s", number, exc)
             self.crashes.append(time.monotonic())
@@ -447,16 +447,16 @@ class Arbiter:
         if numbers.issuperset(range(1, self.worker_count + 1)) and all(w.ready for w in current):
             self.serving = self.generation
             self._steer()
-            old = [
+            older = [
                 w
                 for w in self.workers.values()
                 if w.generation != self.generation and not w.retiring
             ]
-            if old:
+            if older:
                 logger.info(
-                    "generation %d ready; draining %d old worker(s)", self.generation, len(old)
+                    "generation %d ready; draining %d old worker(s)", self.generation, len(older)
                 )
-            for w in old:
+            for w in older:
                 self._retire(w)
             if self.reloading or not self.announced:
                 self.reloading = False

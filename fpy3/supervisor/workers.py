@@ -153,9 +153,10 @@ def spawn(launch: Launch, detach: Callable[[], tuple[Listeners, int]]) -> Worker
     if pid == 0:
         os.close(read_fd)
         join = None
-        if ack is not None:
+        if ack is not None and launch.msquic_join is not None:
             os.close(ack[1])
-            join = (*launch.msquic_join, ack[0])
+            lock_path, prog_path = launch.msquic_join
+            join = (lock_path, prog_path, ack[0])
         _worker_main(launch, detach, mask, write_fd, join)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.close(write_fd)
@@ -176,7 +177,7 @@ def spawn(launch: Launch, detach: Callable[[], tuple[Listeners, int]]) -> Worker
 def _worker_main(
     launch: Launch,
     detach: Callable[[], tuple[Listeners, int]],
-    mask: set[signal.Signals],
+    mask: set[signal.Signals | int],
     ready_fd: int,
     quic_join: tuple | None,
 ) -> NoReturn:

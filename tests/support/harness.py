@@ -680,7 +680,7 @@ class ServerFactory:
 
 def msquic_unavailable() -> str | None:
     """Why the msquic cases cannot run here (None: they can)."""
-    from fpy3.h3.engine import probe_msquic
+    from fpy3.msquic import probe_msquic
 
     reason = probe_msquic()
     return f"libmsquic cannot be loaded ({reason}); set FPY3_MSQUIC_LIB" if reason else None

@@ -23,7 +23,7 @@ def _pidfd_getfd(pid: int, fds: list[int]) -> list[socket.socket]:
     """Copies of another process's fds (Linux >= 5.6; ptrace rights over it)."""
     libc = ctypes.CDLL(None, use_errno=True)
     pidfd = os.pidfd_open(pid)
-    got = []
+    got: list[socket.socket] = []
     try:
         for fd in fds:
             new = libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
