@@ -133,3 +133,16 @@ class AccessLog:
             ref = referer.replace('"', '\\"')
             line = f'{host} - - [{stamp}] "{request}" {status} {size} "{ref}" "{ua}"'
         self.stream.write(line + "\n")
+
+
+def reopen_error_log() -> None:
+    """Reopen the error log file after rotation (USR1); stderr needs nothing."""
+    for handler in logging.getLogger("fpy3").handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                if handler.stream is not None:
+                    handler.stream.close()
+                handler.stream = handler._open()
+            finally:
+                handler.release()

@@ -25,7 +25,7 @@ from .bootstrap import EXIT_STARTUP
 from .config import Settings
 from .core.lifespan import Lifespan, LifespanError
 from .importer import AppImportError, import_app
-from .logs import AccessLog
+from .logs import AccessLog, reopen_error_log
 from .service import HTTPService
 from .sockets import Listeners
 from .tls import server_context
@@ -210,19 +210,6 @@ class Worker:
         )
         if self.ready_fd is not None:
             self._send(b"ready\n")
-
-
-def reopen_error_log() -> None:
-    """Reopen the error log file after rotation (USR1); stderr needs nothing."""
-    for handler in logging.getLogger("fpy3").handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.acquire()
-            try:
-                if handler.stream is not None:
-                    handler.stream.close()
-                handler.stream = handler._open()
-            finally:
-                handler.release()
 
 
 def run(

@@ -47,10 +47,9 @@ from setproctitle import setproctitle
 
 from fpy3 import __version__, config
 from fpy3.bootstrap import EXIT_CONFIG, EXIT_STARTUP, load_settings, prepare
-from fpy3.logs import configure_error_log
+from fpy3.logs import configure_error_log, reopen_error_log
 from fpy3.msquic import msquic_engine
 from fpy3.sockets import Listeners
-from fpy3.worker import reopen_error_log
 
 from .pidfile import Pidfile
 from .privileges import UserIds, raise_open_files_limit, resolve_ids
