@@ -81,10 +81,12 @@ class HTTPService:
         self.server_header = settings.server.server_header.encode("latin-1")
         self.alt_svc = b'h3=":%d"; ma=86400' % settings.udp_port if settings.http3.enabled else b""
         self.clock = Clock()
+        self.clock.set(int(time.time()))
         self.websockets = 0  # open websockets (all protocols), for websocket.max_connections
         self.connections: set[H1Connection] = set()
         self.tasks: set[asyncio.Task] = set()  # app cycles still running
         self.servers: list[asyncio.AbstractServer] = []
+        self.listeners: list[H1Listener] = []
         self.h3_servers: list[H3Server] = []
         self.draining = False
         self.requests_served = 0
@@ -105,8 +107,10 @@ class HTTPService:
 
     async def listen(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
         scheme = "https" if ssl_context is not None else "http"
+        listener = H1Listener(self, scheme)
+        self.listeners.append(listener)
         server = await self.loop.create_server(
-            H1Listener(self, scheme),
+            listener,
             sock=sock,
             ssl=ssl_context,
             backlog=self.settings.http1.backlog,
@@ -231,6 +235,10 @@ class HTTPService:
         second = int(time.time())
         if second != self.clock.second:
             self.clock.set(second)
+            for listener in self.listeners:
+                listener.refresh(self.clock)
+            for h3 in self.h3_servers:
+                h3.refresh(self.clock)
         if self.access_log is not None:
             self.access_log.flush()
         mono = self.loop.time()

@@ -45,9 +45,7 @@ _EMPTY_REQUEST = {"type": "http.request", "body": b"", "more_body": False}
 _HOP_BY_HOP = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
-_SPECIAL = _HOP_BY_HOP | {b"content-length", b"server", b"date"}
-# Names lowercased and joined with ":", which is not a token character (RFC 9110 5.6.2).
-_TOKENS = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+(?::[!#$%&'*+\-.^_`|~0-9a-z]+)*\Z")
+_TOKENS = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")  # RFC 9110 5.6.2, lowercased
 _BAD_VALUE = re.compile(rb"[\r\n\x00]")
 
 
@@ -88,46 +86,85 @@ def check_status(status) -> int:
     return status
 
 
-def response_headers(headers) -> tuple[list[tuple[bytes, bytes]], int, int]:
+# Header names seen before: raw name -> (lowercase name, kind). Apps send the same few
+# names over and over; checking each once keeps the per-response cost to a lookup.
+_NAMES: dict[bytes, tuple[bytes, int]] = {}
+_NAMES_MAX = 4096
+# Header values seen before and found free of CR, LF and NUL (short ones only).
+_VALUES: set[bytes] = set()
+_VALUES_MAX = 4096
+_PLAIN, _LENGTH, _SERVER, _DATE, _CONNECTION, _DROP = range(6)
+_KINDS = {
+    b"content-length": _LENGTH,
+    b"server": _SERVER,
+    b"date": _DATE,
+    b"connection": _CONNECTION,
+    **{name: _DROP for name in _HOP_BY_HOP - {b"connection"}},
+}
+
+
+def _name(name) -> tuple[bytes, int]:
+    """A header name's lowercase form and kind, or AppError; remembered."""
+    if name.__class__ is not bytes:
+        raise AppError(f"header names must be bytes, not {type(name).__name__}: {name!r}")
+    lname = name.lower()
+    if not _TOKENS.match(lname):
+        raise AppError(f"invalid response header name {name!r}")
+    if lname == name:
+        lname = name  # the same object: the app's (name, value) pair can be kept as is
+    entry = (lname, _KINDS.get(lname, _PLAIN))
+    if len(_NAMES) < _NAMES_MAX:
+        _NAMES[name] = entry
+    return entry
+
+
+def response_headers(headers) -> tuple[list, int, int]:
     """Check the app's headers: (the headers to send, flags, declared Content-Length
     or -1). Names come out lowercase; connection-specific fields are dropped."""
     out = []
-    names = []
-    values = []
     flags = 0
     declared = -1
+    names = _NAMES
+    good = _VALUES
     try:
-        for name, value in headers:
-            lname = name.lower()
-            names.append(lname)
-            values.append(value)
-            if lname in _SPECIAL:
-                if lname == b"content-length":
+        for pair in headers:
+            name, value = pair
+            try:
+                lname, kind = names[name]
+            except KeyError:
+                lname, kind = _name(name)
+            if value not in good:
+                _value(value)
+            if kind:
+                if kind == _LENGTH:
                     if declared >= 0:
                         raise AppError("response has more than one Content-Length")
-                    declared = _content_length(value)
-                elif lname == b"server":
+                    if value.isdigit() and len(value) < 19:
+                        declared = int(value)
+                    else:
+                        declared = _content_length(value)
+                elif kind == _SERVER:
                     flags |= APP_SERVER
-                elif lname == b"date":
+                elif kind == _DATE:
                     flags |= APP_DATE
                 else:
-                    if lname == b"connection" and b"close" in value.lower():
+                    if kind == _CONNECTION and b"close" in value.lower():
                         flags |= CLOSE
                     continue
-            out.append((lname, value))
-        joined = b":".join(names)
-        # A ":" inside a name would pass for a separator: count them too.
-        ok = not names or (
-            _TOKENS.match(joined) is not None and joined.count(b":") == len(names) - 1
-        )
-        bad_value = _BAD_VALUE.search(b"".join(values)) is not None
+            out.append(pair if lname is name else (lname, value))
     except (TypeError, ValueError, AttributeError):
         raise AppError(f"response headers must be pairs of bytes: {headers!r}") from None
-    if not ok or bad_value:
-        for name, value in headers:
-            if not _TOKENS.match(name.lower()) or b":" in name or _BAD_VALUE.search(value):
-                raise AppError(f"invalid response header {name!r}: {value!r}")
     return out, flags, declared
+
+
+def _value(value: bytes) -> None:
+    """A header value carries no CR, LF or NUL (they would split or end the field)."""
+    if value.__class__ is not bytes:
+        raise AppError(f"header values must be bytes, not {type(value).__name__}: {value!r}")
+    if _BAD_VALUE.search(value):
+        raise AppError(f"invalid response header value {value!r}")
+    if len(value) <= 128 and len(_VALUES) < _VALUES_MAX:
+        _VALUES.add(value)
 
 
 def _content_length(value: bytes) -> int:
@@ -191,8 +228,8 @@ class HTTPCycle:
         self.flags = BODYLESS if scope["method"] == "HEAD" else 0
         self.left = -1  # declared Content-Length still to send; -1 = none
         self.sent = 0  # body bytes handed to the adapter
-        self.waiter = Waiter(host.loop)
-        self.started_at = host.loop.time()
+        self.waiter: Waiter | None = None  # made when the app first has to wait
+        self.started_at = host.loop.time() if host.access_log is not None else 0.0
 
     # -- adapter -> core ------------------------------------------------------------
 
@@ -201,11 +238,19 @@ class HTTPCycle:
             self.chunks.append(data)
             self.queued += len(data)
         self.more_body = more
-        self.waiter.wake()
+        if self.waiter is not None:
+            self.waiter.wake()
 
     def feed_disconnect(self) -> None:
         self.disconnected = True
-        self.waiter.wake()
+        if self.waiter is not None:
+            self.waiter.wake()
+
+    def _wait(self):
+        waiter = self.waiter
+        if waiter is None:
+            waiter = self.waiter = Waiter(self.host.loop)
+        return waiter.wait()
 
     # -- the app's receive and send -------------------------------------------------
 
@@ -213,7 +258,7 @@ class HTTPCycle:
         if not self.body_done and not self.complete:
             while not self.chunks and self.more_body and not self.disconnected:
                 self.adapter.want_body()
-                await self.waiter.wait()
+                await self._wait()
                 if self.complete:
                     return _DISCONNECT.copy()
             if self.chunks:
@@ -233,7 +278,7 @@ class HTTPCycle:
         # After the body, the next event is the end of the exchange: the client going
         # away, or the response completing (as uvicorn and the ASGI spec have it).
         if not self.disconnected and not self.complete:
-            await self.waiter.wait()
+            await self._wait()
         return _DISCONNECT.copy()
 
     async def send(self, message: dict) -> None:
@@ -245,7 +290,9 @@ class HTTPCycle:
         if not self.started:
             if kind != "http.response.start":
                 raise RuntimeError(f"expected ASGI message 'http.response.start', got {kind!r}")
-            status = check_status(message["status"])
+            status = message["status"]
+            if status.__class__ is not int or not 200 <= status <= 599:
+                status = check_status(status)
             headers, flags, declared = response_headers(message.get("headers") or ())
             if status == 204 or status == 304:
                 flags |= BODYLESS
@@ -295,7 +342,10 @@ class HTTPCycle:
                 else:
                     head.append((b"content-length", b"%d" % n))
             if not more:
-                self._done()
+                self.complete = True
+                if self.waiter is not None:
+                    self.waiter.wake()
+                self.host.response_done(self.scope, self.status, self.sent, self.started_at)
             pending = self.adapter.write_head(self.status, head, flags, body, not more)
         else:
             if not more:
@@ -318,14 +368,16 @@ class HTTPCycle:
     def _done(self) -> None:
         """The whole response is handed to the adapter (which ends the exchange)."""
         self.complete = True
-        self.waiter.wake()
+        if self.waiter is not None:
+            self.waiter.wake()
         self.host.response_done(self.scope, self.status, self.sent, self.started_at)
 
     def _abort(self) -> None:
         """Reset the stream or close the connection; reported when part of the response
         went out."""
         self.complete = True
-        self.waiter.wake()
+        if self.waiter is not None:
+            self.waiter.wake()
         self.adapter.abort()
         if self.started and self.head is None:
             self.host.response_done(self.scope, self.status, self.sent, self.started_at)

@@ -17,7 +17,15 @@ from ..core.flow import RECV_HIGH_WATER, Waiter
 from ..core.http import APP_DATE, APP_SERVER, CLOSE, STREAM, HTTPCycle
 from ..core.scope import build_scope
 from . import websocket
-from .parser import CHUNKED, EXPECT_CONTINUE, KEEP_ALIVE, ChunkedDecoder, ParseError, parse_head
+from .parser import (
+    CHUNKED,
+    EXPECT_CONTINUE,
+    KEEP_ALIVE,
+    ChunkedDecoder,
+    ParseError,
+    RequestHead,
+    parse_head,
+)
 
 logger = logging.getLogger("fpy3.error")
 
@@ -39,32 +47,30 @@ _LAST_CHUNK = b"0\r\n\r\n"
 
 class H1Listener:
     """What the connections of one listening socket share: the service, the scheme,
-    and the default header lines (Date, Server, Alt-Svc), rebuilt once a second."""
+    and the default header lines (Date, Server, Alt-Svc), which the service's clock
+    refreshes once a second (``refresh``)."""
 
     def __init__(self, service, scheme: str):
         self.svc = service
         self.scheme = scheme
-        self._second = -1
-        self._prefixes: list[bytes] = [b""] * 16
+        # Indexed by a response's flags & (APP_SERVER | APP_DATE).
+        self.prefixes: list[bytes] = [b""] * 16
+        self.refresh(service.clock)
 
     def __call__(self) -> H1Connection:
         return H1Connection(self)
 
     def prefix(self, flags: int) -> bytes:
         """The default header lines, without those the app set (APP_SERVER, APP_DATE)."""
-        clock = self.svc.clock
-        if clock.second != self._second:
-            self._refresh(clock)
-        return self._prefixes[flags & (APP_SERVER | APP_DATE)]
+        return self.prefixes[flags & (APP_SERVER | APP_DATE)]
 
-    def _refresh(self, clock) -> None:
-        self._second = clock.second
+    def refresh(self, clock) -> None:
         svc = self.svc
         date = b"date: " + clock.date + b"\r\n"
         server = b"server: " + svc.server_header + b"\r\n" if svc.server_header else b""
         alt_svc = b"alt-svc: " + svc.alt_svc + b"\r\n" if svc.alt_svc else b""
         for flags in (0, APP_SERVER, APP_DATE, APP_SERVER | APP_DATE):
-            self._prefixes[flags] = (
+            self.prefixes[flags] = (
                 (b"" if flags & APP_DATE else date)
                 + (b"" if flags & APP_SERVER else server)
                 + alt_svc
@@ -272,26 +278,25 @@ class H1Connection(asyncio.Protocol):
                         self.deadline = self.loop.time() + svc.header_timeout
                     break
                 self.header_phase = False
-                end = head.end
+                end = head[0]
                 self.buf = buf[end:] if end < len(buf) else b""
                 self._start_request(head)
         finally:
             self.in_process = False
 
-    def _start_request(self, head) -> None:
+    def _start_request(self, head: RequestHead) -> None:
         svc = self.svc
-        flags = head.flags
+        # Unpacked rather than read by name: this runs for every request.
+        _, method, raw_path, query, path, minor, headers, clen, flags, upgrade = head
         self.requests += 1
         self.deadline = 0.0
-        self.minor = head.minor
+        self.minor = minor
         self.keep_alive = bool(flags & KEEP_ALIVE) and not svc.draining
         self.expect_continue = bool(flags & EXPECT_CONTINUE)
         self.body_size = 0
         self.resp_chunked = False
         self.responding = True
         self.head_sent = False
-        method = head.method
-        upgrade = head.upgrade
         if (
             upgrade is not None
             and method == b"GET"
@@ -304,24 +309,24 @@ class H1Connection(asyncio.Protocol):
             self.chunked = ChunkedDecoder()
             self.body_left = 0
             more = True
-        elif head.content_length > 0:
-            if svc.max_body_size and head.content_length > svc.max_body_size:
+        elif clen > 0:
+            if svc.max_body_size and clen > svc.max_body_size:
                 self.reject(413, "request body larger than limits.max_body_size")
                 return
-            self.body_left = head.content_length
+            self.body_left = clen
             more = True
         else:
             more = False
         scope = build_scope(
             svc,
             "http",
-            "1.1" if head.minor else "1.0",
+            "1.1" if minor else "1.0",
             self.scheme,
             _METHODS.get(method) or method.decode("ascii"),
-            head.path,
-            head.raw_path,
-            head.query_string,
-            head.headers,
+            path,
+            raw_path,
+            query,
+            headers,
             self.client,
             self.server,
         )
@@ -392,7 +397,7 @@ class H1Connection(asyncio.Protocol):
         line = _STATUS_LINES.get(status) if minor else None
         if line is None:
             line = status_line(status, minor)
-        parts = [line, self.listener.prefix(flags)]
+        parts = [line, self.listener.prefixes[flags & (APP_SERVER | APP_DATE)]]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
         if flags & CLOSE:
@@ -475,7 +480,8 @@ class H1Connection(asyncio.Protocol):
             return
         self.deadline = self.loop.time() + self.svc.keepalive_timeout
         self.header_phase = False
-        self.resume_reading()
+        if self.reading_paused:
+            self.resume_reading()
         if self.buf:
             self._schedule_process()
 

@@ -52,6 +52,8 @@ class ParseError(Exception):
         return f"{self.status} {self.reason}"
 
 
+# tuple.__new__ skips RequestHead's Python-level __new__ (a third of the cost here).
+_new_head = tuple.__new__
 _head = _ffi.new("fpy3_h1_head *")
 # The first six int64 fields of fpy3_h1_head, read with one unpack.
 _ints = _ffi.cast("int64_t *", _head)
@@ -76,11 +78,6 @@ def _error(status: int, reason) -> ParseError:
     return ParseError(status, _ffi.string(reason).decode("ascii", "replace"))
 
 
-def _pairs(parts: list) -> list:
-    it = iter(parts[3:-1])
-    return [*zip(it, it)]  # noqa: B905 (one iterator, pairs by construction)
-
-
 def parse_head(buf, start: int, max_size: int, max_count: int) -> RequestHead | None:
     """Parse the request head at ``buf[start:]``; None while incomplete; raises
     ParseError."""
@@ -95,23 +92,27 @@ def parse_head(buf, start: int, max_size: int, max_count: int) -> RequestHead | 
         end, minor, nh, cl, flags, up = _unpack(_ints, 6)
         # The decoded path is last: maxsplit keeps a NUL from %00 inside it.
         parts = _unpack(_fields, r).split(b"\0", 3 + 2 * nh)
-        headers = _pairs(parts)
+        it = iter(parts[3:-1])
+        headers = [*zip(it, it)]  # noqa: B905 (one iterator, pairs by construction)
         path = parts[-1]
         try:
             path = path.decode()  # no-argument decode is ~3x cheaper than passing "replace"
         except UnicodeDecodeError:
             path = path.decode("utf-8", "replace")
-        return RequestHead(
-            end,
-            parts[0],
-            parts[1],
-            parts[2],
-            path,
-            minor,
-            headers,
-            cl,
-            flags,
-            headers[up][1] if up >= 0 else None,
+        return _new_head(
+            RequestHead,
+            (
+                end,
+                parts[0],
+                parts[1],
+                parts[2],
+                path,
+                minor,
+                headers,
+                cl,
+                flags,
+                headers[up][1] if up >= 0 else None,
+            ),
         )
     if r == 0:
         return None

@@ -100,8 +100,8 @@ class H3Server:
         self._writer = False
         self._closed = False
         self._drained: asyncio.Future | None = None
-        self._second = -1
         self._fields: list[bytes] = [b""] * 16
+        self.refresh(service.clock)
         self.fd = lib.fpy3_h3_fd(self.srv)  # the UDP socket, or MsQuic's eventfd
         self.loop.add_reader(self.fd, self._on_readable)
 
@@ -240,16 +240,13 @@ class H3Server:
     def header_block(self, headers, flags: int) -> bytes:
         """Response fields as "name\\0value\\0...", the defaults first (Date and Server,
         unless the app set them). The core has checked the names and values."""
-        clock = self.svc.clock
-        if clock.second != self._second:
-            self._refresh(clock)
         parts = [self._fields[flags & (APP_SERVER | APP_DATE)]]
         for name, value in headers:
             parts += (name, b"\0", value, b"\0")
         return b"".join(parts)
 
-    def _refresh(self, clock) -> None:
-        self._second = clock.second
+    def refresh(self, clock) -> None:
+        """The default fields (Date, Server), from the service's clock each second."""
         date = b"date\0" + clock.date + b"\0"
         server_header = self.svc.server_header
         server = b"server\0" + server_header + b"\0" if server_header else b""
