@@ -28,7 +28,11 @@ class Stream:
         self.stream = stream
         self.closed = False  # CLOSED seen: the stream is gone in C
         self.credit = 0  # received bytes not yet given back as flow-control credit
-        self.writable = Waiter(server.loop)
+        self.writable: Waiter | None = None  # made when send() first has to wait
+
+    def wake_writer(self) -> None:
+        if self.writable is not None:
+            self.writable.wake()
 
     def handle(self, kind: int, ev) -> None:
         """One event of a batch for this stream."""
@@ -53,6 +57,8 @@ class Stream:
         server.schedule_flush()
         if pending <= SEND_HIGH_WATER:
             return None
+        if self.writable is None:
+            self.writable = Waiter(server.loop)
         return self.writable.wait()
 
     def reset(self, code: int) -> None:
@@ -67,7 +73,13 @@ class HTTPStream(Stream):
     __slots__ = ("cycle", "finished")
 
     def __init__(self, server: H3Server, conn: int, stream: int):
-        super().__init__(server, conn, stream)
+        # Stream.__init__, inline: one of these per request.
+        self.server = server
+        self.conn = conn
+        self.stream = stream
+        self.closed = False
+        self.credit = 0
+        self.writable = None
         self.cycle: HTTPCycle | None = None  # until the response is complete
         self.finished = False  # the whole response was handed to C
 
@@ -84,13 +96,14 @@ class HTTPStream(Stream):
             if cycle is not None:
                 cycle.feed_body(b"", False)
         elif kind == WRITABLE:
-            self.writable.wake()
+            self.wake_writer()
         elif kind == RESET or kind == CLOSED:
             if kind == CLOSED:
                 self.closed = True
             if cycle is not None:
                 cycle.feed_disconnect()
-            self.writable.wake()
+            if self.writable is not None:
+                self.writable.wake()
 
     # -- the HTTP adapter -----------------------------------------------------------------
 
@@ -108,7 +121,8 @@ class HTTPStream(Stream):
             server.srv, self.conn, self.stream, status, block, len(block), only_head
         )
         if end:
-            self._finished()
+            self.finished = True
+            self.cycle = None  # the stream goes on (acks, CLOSED) while the app's task may not
         if rv < 0:
             server.schedule_flush()
             return None

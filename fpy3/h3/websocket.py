@@ -69,15 +69,15 @@ class WebSocketStream(Stream):
             # The client ended its side: no more frames can come.
             self._lost()
         elif kind == WRITABLE:
-            self.writable.wake()
-            self.http_stream.writable.wake()
+            self.wake_writer()
+            self.http_stream.wake_writer()
         else:  # RESET or CLOSED
             if kind == CLOSED:
                 self.closed = True
                 self.http_stream.closed = True
             self._lost()
-            self.writable.wake()
-            self.http_stream.writable.wake()
+            self.wake_writer()
+            self.http_stream.wake_writer()
 
     def _lost(self) -> None:
         if self.counted:
