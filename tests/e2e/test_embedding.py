@@ -298,7 +298,8 @@ async def main():
                 kit.aioquic_request, "127.0.0.1", port, "GET", "/wait-flag?flag=embed-drain",
                 cafile=cafile, timeout=30,
             )))
-        while len((shared / "embed-drain-started").read_text().splitlines() if (shared / "embed-drain-started").exists() else []) < len(pending):
+        started = shared / "embed-drain-started"  # a line per request the app holds
+        while not started.exists() or len(started.read_text().splitlines()) < len(pending):
             await asyncio.sleep(0.01)
         stopping = asyncio.ensure_future(server.stop())
         done, _ = await asyncio.wait({stopping}, timeout=1.0)
