@@ -64,7 +64,7 @@ class AccessLog:
     def flush(self) -> None:
         try:
             self.stream.flush()
-        except OSError:
+        except (OSError, ValueError):  # ValueError: already closed
             pass
 
     def close(self) -> None:

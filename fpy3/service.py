@@ -5,7 +5,8 @@ tick refreshes the Date header, flushes the access log and fires connection
 timeouts: no timer per request); the registry of open connections and of running app
 tasks; the end of every response (access log and counters, ``response_done``); and
 the drain, whose deadline cancels what is left. The worker and the embedding API
-(``fpy3.embed``) both serve through it.
+(``fpy3.embed``) both serve through it, with ``serve(listeners)``: one path from bound
+sockets to every protocol.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from .core.flow import Waiter
 from .h1.connection import H1Connection, H1Listener
 from .h3.server import H3Server
 from .logs import AccessLog
+from .sockets import Listeners
+from .tls import server_context, tls_protocols
 
 logger = logging.getLogger("fpy3.error")
 
@@ -88,6 +91,7 @@ class HTTPService:
         self.servers: list[asyncio.AbstractServer] = []
         self.listeners: list[H1Listener] = []
         self.h3_servers: list[H3Server] = []
+        self.endpoints: list[str] = []  # what is served where, for the logs
         self.draining = False
         self.requests_served = 0
         # Every request's task starts from this context, not from whatever task or
@@ -105,6 +109,37 @@ class HTTPService:
         self.clock.set(int(time.time()))
         self._ticker = self.loop.call_later(self._tick_interval, self._tick)
 
+    async def serve(
+        self,
+        listeners: Listeners,
+        *,
+        worker_id: int = 0,
+        quic_secret: bytes | None = None,
+        steer_prog: bytes | None = None,
+    ) -> None:
+        """Serve every protocol on ``listeners`` (starting the clock): TLS, with the
+        settings' certificate, on ``listeners.tls``; cleartext HTTP/1.1 on
+        ``listeners.http``; HTTP/3 on ``listeners.udp`` (or, MsQuic under fpy3-master,
+        on the address ``listeners.udp_addr``). ``worker_id``, ``quic_secret`` and
+        ``steer_prog`` go into HTTP/3 (see ``serve_h3``). Raises OSError when a listener
+        cannot be served; the caller then closes the service."""
+        self.start()
+        settings = self.settings
+        if listeners.tls is not None:
+            await self.listen(listeners.tls, server_context(settings))
+        if listeners.http is not None:
+            await self.listen(listeners.http, None)
+        if listeners.udp is not None or listeners.udp_addr is not None:
+            self.serve_h3(
+                listeners.udp,
+                settings.tls.cert,
+                settings.tls.key,
+                worker_id,
+                quic_secret,
+                listeners.udp_addr,
+                steer_prog,
+            )
+
     async def listen(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
         scheme = "https" if ssl_context is not None else "http"
         listener = H1Listener(self, scheme)
@@ -118,6 +153,12 @@ class HTTPService:
             ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT if ssl_context is not None else None,
         )
         self.servers.append(server)
+        where = _where(sock.getsockname())
+        if ssl_context is None:
+            self.endpoints.append(f"http://{where} (HTTP/1.1)")
+        else:
+            alt_svc = f", Alt-Svc {self.alt_svc.decode()}" if self.alt_svc else ""
+            self.endpoints.append(f"https://{where} ({tls_protocols()}{alt_svc})")
 
     def serve_h3(
         self,
@@ -130,7 +171,9 @@ class HTTPService:
         steer_prog: bytes | None = None,
     ) -> None:
         """HTTP/3 on ``sock``, or (MsQuic under fpy3-master) on ``addr`` MsQuic binds."""
-        self.h3_servers.append(H3Server(self, sock, cert, key, worker_id, secret, addr, steer_prog))
+        h3 = H3Server(self, sock, cert, key, worker_id, secret, addr, steer_prog)
+        self.h3_servers.append(h3)
+        self.endpoints.append(f"HTTP/3 on UDP {_where(h3.server_addr)} ({h3.engine_name})")
 
     # -- what the protocols and the core call ------------------------------------------------
 
@@ -245,3 +288,11 @@ class HTTPService:
         for conn in [c for c in self.connections if c.deadline and c.deadline <= mono]:
             conn.on_timeout()
         self._ticker = self.loop.call_later(self._tick_interval, self._tick)
+
+
+def _where(addr) -> str:
+    """host:port of a socket address, [host]:port for IPv6."""
+    if not addr:
+        return "?"
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

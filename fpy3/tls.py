@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import ssl
 
 from .config import Settings
+
+logger = logging.getLogger("fpy3.error")
+
+# What TLS connections may negotiate (ALPN), most preferred first. HTTP/3 is not here:
+# it is announced with Alt-Svc.
+ALPN_PROTOCOLS = ("http/1.1",)
+# How logs name them.
+PROTOCOL_NAMES = {"http/1.1": "HTTP/1.1", "h2": "HTTP/2"}
+
+
+def tls_protocols() -> str:
+    """The protocols served over TLS, for logs: "HTTP/1.1"."""
+    return ", ".join(PROTOCOL_NAMES.get(p, p) for p in ALPN_PROTOCOLS)
 
 
 def with_certificate(settings: Settings) -> Settings:
@@ -17,6 +31,15 @@ def with_certificate(settings: Settings) -> Settings:
 
     state_dir = settings.server.state_dir or devcert.default_state_dir()
     cert, key = devcert.ensure_dev_cert(state_dir)
+    logger.info(
+        "TLS: no tls.cert given: using the development certificate %s (self-signed for "
+        "localhost, 127.0.0.1 and ::1). To trust it, give clients that file as their CA "
+        "(curl --cacert %s, or curl -k to skip checks; Chromium: "
+        "--ignore-certificate-errors-spki-list=%s)",
+        cert,
+        cert,
+        devcert.spki_sha256_b64(cert),
+    )
     return dataclasses.replace(settings, tls=dataclasses.replace(tls, cert=cert, key=key))
 
 
@@ -30,6 +53,5 @@ def server_context(settings: Settings) -> ssl.SSLContext:
         ctx.set_ciphers(tls.ciphers)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.load_cert_chain(tls.cert, tls.key)
-    # Only HTTP/1.1 over TCP; HTTP/3 is announced with Alt-Svc.
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(list(ALPN_PROTOCOLS))
     return ctx

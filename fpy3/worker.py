@@ -28,7 +28,6 @@ from .importer import AppImportError, import_app
 from .logs import AccessLog, reopen_error_log
 from .service import HTTPService
 from .sockets import Listeners
-from .tls import server_context
 
 logger = logging.getLogger("fpy3.error")
 
@@ -102,37 +101,28 @@ class Worker:
         return EXIT_OK
 
     async def _serve(self, service: HTTPService) -> int:
-        settings = self.settings
-        service.start()
-        await service.listen(self.listeners.tls, server_context(settings))
-        if self.listeners.http is not None:
-            await service.listen(self.listeners.http, None)
-        if self.listeners.udp is not None or self.listeners.udp_addr is not None:
-            join = None
-            try:
-                if self.quic_join is not None and self.listeners.udp_addr is not None:
-                    from .h3.engine import GroupJoin
+        join = None
+        try:
+            if self.quic_join is not None and self.listeners.udp_addr is not None:
+                from .h3.engine import GroupJoin
 
-                    join = GroupJoin(*self.quic_join, self.listeners.udp_addr[1])
-                service.serve_h3(
-                    self.listeners.udp,
-                    settings.tls.cert,
-                    settings.tls.key,
-                    join.worker_id if join else self.worker_id,
-                    self.quic_secret,
-                    self.listeners.udp_addr,
-                    join.program if join else None,
-                )
-                if join is not None and not join.done(self._send):
-                    logger.error("HTTP/3: the master did not adopt this worker's QUIC sockets")
-            except OSError as exc:
-                logger.error("%s", exc)
-                return EXIT_STARTUP
-            finally:
-                if join is not None:
-                    join.close()
+                join = GroupJoin(*self.quic_join, self.listeners.udp_addr[1])
+            await service.serve(
+                self.listeners,
+                worker_id=join.worker_id if join else self.worker_id,
+                quic_secret=self.quic_secret,
+                steer_prog=join.program if join else None,
+            )
+            if join is not None and not join.done(self._send):
+                logger.error("HTTP/3: the master did not adopt this worker's QUIC sockets")
+        except OSError as exc:
+            logger.error("%s", exc)
+            return EXIT_STARTUP
+        finally:
+            if join is not None:
+                join.close()
         self._install_signals()
-        self._report_ready()
+        self._report_ready(service)
         return EXIT_OK
 
     def _install_signals(self) -> None:
@@ -198,15 +188,12 @@ class Worker:
             logger.info("worker %d: %s", os.getpid(), "stopping" if fast else "draining")
             self.stopping.set_result(fast)
 
-    def _report_ready(self) -> None:
-        server = self.settings.server
+    def _report_ready(self, service: HTTPService) -> None:
         logger.info(
-            "worker %d serving %s on https://%s:%d%s",
+            "worker %d serving %s on %s",
             os.getpid(),
-            server.app,
-            server.host,
-            server.port,
-            f" and http://{server.host}:{server.http_port}" if server.http_port else "",
+            self.settings.server.app,
+            ", ".join(service.endpoints),
         )
         if self.ready_fd is not None:
             self._send(b"ready\n")

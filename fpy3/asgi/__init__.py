@@ -1,5 +1,6 @@
-"""The public embedding API: ``fpy3.asgi.ASGIServer`` (see ``fpy3.embed``)."""
+"""The public embedding API: ``fpy3.asgi.ASGIServer`` and ``fpy3.asgi.serve`` (see
+``fpy3.embed``)."""
 
-from ..embed import ASGIServer
+from ..embed import ASGIServer, serve
 
-__all__ = ["ASGIServer"]
+__all__ = ["ASGIServer", "serve"]

@@ -72,6 +72,7 @@ class H3Server:
             raise ValueError("HTTP/3 needs a socket or an address")
         self.server_addr = _addr(addr)
         cfg.engine = engine.choose(h3.engine)
+        self.engine_name = "msquic" if cfg.engine == lib.FPY3_ENGINE_MSQUIC else "ngtcp2"
         fd = sock.fileno() if sock is not None else -1
         if cfg.engine == lib.FPY3_ENGINE_MSQUIC:
             # MsQuic binds its own sockets: hand it the address and free the port.
