@@ -98,6 +98,7 @@ class HTTPService:
         # callback happened to start it.
         self._context = contextvars.copy_context()
         self._idle = Waiter(loop)  # woken when the last connection or task is gone
+        self._hurried: asyncio.Future | None = None  # set to end a drain at once
         self._tick_interval = max(
             0.1, min(1.0, self.header_timeout / 4, self.keepalive_timeout / 4)
         )
@@ -224,13 +225,26 @@ class HTTPService:
         waits = [asyncio.ensure_future(h3.drain(grace)) for h3 in self.h3_servers]
         waits += accepted
         waits.append(asyncio.ensure_future(self._idle_wait()))
-        _, late = await asyncio.wait(waits, timeout=max(0.0, deadline - self.loop.time()))
+        everything = asyncio.ensure_future(asyncio.wait(waits))
+        self._hurried = self.loop.create_future()
+        await asyncio.wait(
+            (everything, self._hurried),
+            timeout=max(0.0, deadline - self.loop.time()),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        everything.cancel()
+        late = [waiter for waiter in waits if not waiter.done()]
         for waiter in late:
             waiter.cancel()
         if late:
             self._log_left()
         await self._cancel_tasks()
         self.close()
+
+    def hurry(self) -> None:
+        """End a drain in progress now, as if its deadline had come (a second Ctrl-C)."""
+        if self._hurried is not None and not self._hurried.done():
+            self._hurried.set_result(None)
 
     async def _idle_wait(self) -> None:
         while self.connections or self.tasks:

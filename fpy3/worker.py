@@ -187,6 +187,9 @@ class Worker:
         if not self.stopping.done():
             logger.info("worker %d: %s", os.getpid(), "stopping" if fast else "draining")
             self.stopping.set_result(fast)
+        elif fast and self.service is not None:
+            logger.info("worker %d: stopping now", os.getpid())
+            self.service.hurry()
 
     def _report_ready(self, service: HTTPService) -> None:
         logger.info(

@@ -103,3 +103,19 @@ def test_drain_waits_for_background_work(start_server, quic_engine):
     assert srv.record("bg-log") == ["background-started", "background-finished"]
     assert srv.record("lifespan")[-1] == "shutdown"
     assert "drain timeout" not in srv.stderr_since(offset)
+
+
+def test_second_interrupt_ends_the_drain_at_once(start_server):
+    srv = start_server(
+        app="apps:lifespan_state_app", http=True, config={"workers": {"drain_timeout": 60}}
+    )
+    conn = srv.connect(tls=False)
+    conn.send(b"GET /cancellable?name=lifespan HTTP/1.1\r\nHost: x\r\n\r\n")
+    srv.wait_record("lifespan", "started")
+    srv.proc.send_signal(signal.SIGINT)  # the first Ctrl-C drains
+    srv.wait_stderr("draining")
+    assert srv.alive()
+    srv.proc.send_signal(signal.SIGINT)  # the second stops now, not in a minute
+    assert srv.wait_exit(timeout=10) == 0
+    assert srv.record("lifespan")[-2:] == ["cancelled", "shutdown"]
+    conn.close()
