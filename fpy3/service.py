@@ -17,9 +17,11 @@ import logging
 import socket
 import ssl
 import time
+from bisect import bisect_left
 from collections.abc import Coroutine
 from typing import Any
 
+from . import metrics as m
 from .config import Settings
 from .core.flow import Waiter
 from .h1.connection import H1Connection, H1Listener
@@ -62,6 +64,8 @@ class HTTPService:
         state: dict | None = None,
         access_log: AccessLog | None = None,
         debug: bool | None = None,
+        metrics: m.Block | None = None,
+        quic_port: int | None = None,
     ):
         self.app = app
         self.loop = loop
@@ -79,7 +83,14 @@ class HTTPService:
         self.keepalive_timeout = settings.http1.keepalive_timeout
         self.ws = settings.websocket
         self.server_header = settings.server.server_header.encode("latin-1")
-        self.alt_svc = b'h3=":%d"; ma=86400' % settings.udp_port if settings.http3.enabled else b""
+        # The port HTTP/3 is served on, which inherited sockets may decide.
+        port = settings.udp_port if quic_port is None else quic_port
+        self.alt_svc = b'h3=":%d"; ma=86400' % port if settings.http3.enabled and port else b""
+        # The worker's metrics block (fpy3.metrics), or None when metrics are off.
+        self.metrics = metrics
+        self.counts = metrics.counts if metrics is not None else None
+        # Whether response_done needs the request's start time (core/http.py).
+        self.timed = access_log is not None or metrics is not None
         self.clock = Clock()
         self.clock.set(int(time.time()))
         self.websockets = 0  # open websockets (all protocols), for websocket.max_connections
@@ -88,6 +99,7 @@ class HTTPService:
         self.servers: list[asyncio.AbstractServer] = []
         self.listeners: list[H1Listener] = []
         self.h3_servers: list[H3Server] = []
+        self._h3_closed_stats: list[list[int]] = []  # QUIC counters of closed servers
         self.draining = False
         self.requests_served = 0
         # Every request's task starts from this context, not from whatever task or
@@ -149,8 +161,38 @@ class HTTPService:
 
     def response_done(self, scope: dict, status: int, sent: int, started_at: float) -> None:
         self.requests_served += 1
+        if not self.timed:
+            return
+        duration = self.loop.time() - started_at
+        counts = self.counts
+        if counts is not None:
+            base = m.PROTO_BASE.get(scope["http_version"], 0)
+            counts[base + status] += 1
+            counts[base + m.HIST + bisect_left(m.LATENCY_BOUNDS, duration)] += 1
+            counts[base + m.HIST_SUM] += int(duration * 1e6)
+            if scope["type"] == "websocket":
+                counts[base + m.WS_SESSIONS] += 1
         if self.access_log is not None:
-            self.access_log.log_request(scope, status, sent, self.loop.time() - started_at)
+            self.access_log.log_request(scope, status, sent, duration)
+
+    def sample_metrics(self) -> None:
+        """Gauges and QUIC counters into the metrics block (the worker's tick, ~1/s)."""
+        counts = self.counts
+        if counts is None:
+            return
+        h1 = m.PROTOCOL_INDEX["1.1"]
+        h3 = m.PROTOCOL_INDEX["3"]
+        counts[m.CONNECTIONS + h1] = len(self.connections)
+        counts[m.STREAMS + h1] = sum(1 for c in self.connections if c.responding or c.ws)
+        counts[m.CONNECTIONS + h3] = sum(h3s.connection_count() for h3s in self.h3_servers)
+        counts[m.STREAMS + h3] = sum(len(h3s.streams) for h3s in self.h3_servers)
+        counts[m.WEBSOCKETS] = self.websockets
+        quic = [0] * (m.COUNTERS - m.QUIC)
+        for stats in [*self._h3_closed_stats, *(h3s.stats() for h3s in self.h3_servers)]:
+            for i, value in enumerate(stats):
+                quic[i] += value
+        for i, value in enumerate(quic, m.QUIC):
+            counts[i] = value
 
     def forget(self, conn: H1Connection) -> None:
         """A connection closed."""
@@ -223,7 +265,10 @@ class HTTPService:
             server.close()
         for h3 in self.h3_servers:
             h3.close()
+            if self.counts is not None:
+                self._h3_closed_stats.append(h3.stats())
         self.h3_servers.clear()
+        self.sample_metrics()
         for conn in list(self.connections):
             conn.kill()
         if self.access_log is not None:

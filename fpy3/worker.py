@@ -26,6 +26,7 @@ from .config import Settings
 from .core.lifespan import Lifespan, LifespanError
 from .importer import AppImportError, import_app
 from .logs import AccessLog, reopen_error_log
+from .metrics import Block
 from .service import HTTPService
 from .sockets import Listeners
 from .tls import server_context
@@ -45,8 +46,10 @@ class Worker:
         quic_secret: bytes | None = None,
         request_limit: int = 0,
         quic_join: tuple[str, str, int] | None = None,
+        metrics: Block | None = None,
     ):
         self.settings = settings
+        self.metrics = metrics  # the master's shared counters block for this worker
         self.quic_join = quic_join  # (lock path, program path, ack fd): MsQuic, steered
         self.listeners = listeners
         self.ready_fd = ready_fd
@@ -70,7 +73,7 @@ class Worker:
             os.set_blocking(self.ready_fd, False)
             self._tick()  # beats cover app import and lifespan startup too
         try:
-            app = import_app(settings.server.app, settings.server.app_dir)
+            app = import_app(settings.server.app, settings.server.app_dir, settings.server.factory)
         except AppImportError as exc:
             logger.error("%s", exc, exc_info=exc.__cause__)
             return EXIT_STARTUP
@@ -82,7 +85,15 @@ class Worker:
             return EXIT_STARTUP
         log = settings.logging
         access_log = self.access_log = AccessLog(log) if log.access_log else None
-        service = HTTPService(app, self.loop, settings, state=lifespan.state, access_log=access_log)
+        service = HTTPService(
+            app,
+            self.loop,
+            settings,
+            state=lifespan.state,
+            access_log=access_log,
+            metrics=self.metrics,
+            quic_port=self.listeners.quic_port,
+        )
         self.service = service
         try:
             code = await self._serve(service)
@@ -104,23 +115,30 @@ class Worker:
     async def _serve(self, service: HTTPService) -> int:
         settings = self.settings
         service.start()
-        await service.listen(self.listeners.tls, server_context(settings))
-        if self.listeners.http is not None:
-            await service.listen(self.listeners.http, None)
-        if self.listeners.udp is not None or self.listeners.udp_addr is not None:
+        listeners = self.listeners
+        if listeners.tls:
+            context = server_context(settings)
+            for sock in listeners.tls:
+                await service.listen(sock, context)
+        for sock in listeners.http:
+            await service.listen(sock, None)
+        udp: list = list(listeners.udp)
+        if listeners.udp_addr is not None:
+            udp.append(None)  # MsQuic binds the address itself
+        for sock in udp:
             join = None
             try:
-                if self.quic_join is not None and self.listeners.udp_addr is not None:
+                if self.quic_join is not None and listeners.udp_addr is not None:
                     from .h3.engine import GroupJoin
 
-                    join = GroupJoin(*self.quic_join, self.listeners.udp_addr[1])
+                    join = GroupJoin(*self.quic_join, listeners.udp_addr[1])
                 service.serve_h3(
-                    self.listeners.udp,
+                    sock,
                     settings.tls.cert,
                     settings.tls.key,
                     join.worker_id if join else self.worker_id,
                     self.quic_secret,
-                    self.listeners.udp_addr,
+                    listeners.udp_addr,
                     join.program if join else None,
                 )
                 if join is not None and not join.done(self._send):
@@ -168,6 +186,8 @@ class Worker:
             self._next_report = now + 1.0
         if message:
             self._send(message)
+        if self.service is not None:
+            self.service.sample_metrics()
         if os.getppid() != self._master:
             self._master_gone()
         # No per-request hook: with a limit, look at the counter often (it is cheap).
@@ -199,14 +219,11 @@ class Worker:
             self.stopping.set_result(fast)
 
     def _report_ready(self) -> None:
-        server = self.settings.server
         logger.info(
-            "worker %d serving %s on https://%s:%d%s",
+            "worker %d serving %s on %s",
             os.getpid(),
-            server.app,
-            server.host,
-            server.port,
-            f" and http://{server.host}:{server.http_port}" if server.http_port else "",
+            self.settings.server.app,
+            self.listeners.describe(),
         )
         if self.ready_fd is not None:
             self._send(b"ready\n")
@@ -220,6 +237,7 @@ def run(
     quic_secret: bytes | None = None,
     request_limit: int = 0,
     quic_join: tuple[str, str, int] | None = None,
+    metrics: Block | None = None,
 ) -> int:
     """Run a worker to the end; returns the process exit code."""
     loop = uvloop.new_event_loop()
@@ -228,7 +246,7 @@ def run(
 
     async def main() -> int:
         worker = Worker(
-            settings, listeners, ready_fd, worker_id, quic_secret, request_limit, quic_join
+            settings, listeners, ready_fd, worker_id, quic_secret, request_limit, quic_join, metrics
         )
         return await worker.main()
 

@@ -58,6 +58,7 @@ struct fpy3_qconn {
     size_t closelen;
     uint32_t close_rx;
     FILE *qlog;
+    uint64_t lost_packets; /* of the streams closed so far (metrics) */
 };
 
 struct fpy3_engine {
@@ -229,10 +230,10 @@ static int cb_stream_close(ngtcp2_conn *conn, uint32_t flags, int64_t sid, uint6
                            void *ud, void *sud)
 {
     fpy3_qconn *qc = ud;
-    (void)conn;
     (void)sud;
     if (!(flags & NGTCP2_STREAM_CLOSE_FLAG_APP_ERROR_CODE_SET))
         app_error = 0; /* 0: closed without a code */
+    qc->lost_packets += ngtcp2_conn_get_stream_loss_count(conn, sid);
     if (qc->b.ac && qc->b.e->b.cb.stream_close(qc->b.ac, sid, app_error) < 0)
         return app_fail(qc);
     return 0;
@@ -1171,6 +1172,16 @@ static void ng_conn_close(fpy3_qconn *qc, uint64_t app_error)
 
 static int ng_fd(fpy3_engine *e) { return e->udp.fd; }
 
+static void ng_conn_stats(fpy3_qconn *qc, fpy3_conn_stats *out)
+{
+    out->lost_packets = qc->lost_packets;
+    if (!qc->conn)
+        return;
+    ngtcp2_conn_info info;
+    ngtcp2_conn_get_conn_info(qc->conn, &info);
+    out->smoothed_rtt_ns = info.smoothed_rtt;
+}
+
 const fpy3_engine_ops fpy3_engine_ngtcp2 = {
     .new = ng_new,
     .free = ng_free,
@@ -1197,4 +1208,5 @@ const fpy3_engine_ops fpy3_engine_ngtcp2 = {
     .shutdown_stream = ng_shutdown_stream,
     .conn_error = ng_conn_error,
     .conn_close = ng_conn_close,
+    .conn_stats = ng_conn_stats,
 };
