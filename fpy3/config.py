@@ -709,11 +709,6 @@ def _check_together(draft: _Draft) -> None:
         reason := _check_file(draft.get("logging.config_file"))
     ):
         raise ConfigError(f"{draft.blame('logging.config_file')}: logging.config_file: {reason}")
-    if draft.get("server.hosts") and draft.rank("server.host") > _DEFAULT:
-        name = max(("server.host", "server.hosts"), key=draft.rank)
-        raise ConfigError(
-            f"{draft.blame(name)}: {name}: set either server.host or server.hosts, not both"
-        )
     port, http_port = draft.get("server.port"), draft.get("server.http_port")
     if http_port and http_port == port:
         # Name whichever of the two was set last: that is the one to fix.
