@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
         # Several workers, hot reload or the metrics endpoint need a master: become one.
         from .supervisor.arbiter import Arbiter
 
-        sys.exit(Arbiter(args, settings, listeners).run())
+        # workers.count = 0 means one worker for fpy3 run, as without a master.
+        sys.exit(Arbiter(args, settings, listeners, default_workers=1).run())
     from . import worker
 
     code = worker.run(settings, listeners)

@@ -58,7 +58,7 @@ struct fpy3_qconn {
     size_t closelen;
     uint32_t close_rx;
     FILE *qlog;
-    uint64_t lost_packets; /* of the streams closed so far (metrics) */
+    uint64_t lost_packets; /* packets with stream data declared lost (metrics) */
 };
 
 struct fpy3_engine {
@@ -218,9 +218,14 @@ static int cb_acked(ngtcp2_conn *conn, int64_t sid, uint64_t offset, uint64_t le
                     void *sud)
 {
     fpy3_qconn *qc = ud;
-    (void)conn;
     (void)offset;
-    (void)sud;
+    /* Lost packets (metrics): the stream's count, which ngtcp2 forgets with the stream,
+     * taken as data gets acked; the stream's user data is the part counted already. */
+    size_t lost = ngtcp2_conn_get_stream_loss_count(conn, sid), seen = (size_t)(uintptr_t)sud;
+    if (lost > seen) {
+        qc->lost_packets += lost - seen;
+        ngtcp2_conn_set_stream_user_data(conn, sid, (void *)(uintptr_t)lost);
+    }
     if (qc->b.ac && qc->b.e->b.cb.acked(qc->b.ac, sid, len) < 0)
         return app_fail(qc);
     return 0;
@@ -230,10 +235,11 @@ static int cb_stream_close(ngtcp2_conn *conn, uint32_t flags, int64_t sid, uint6
                            void *ud, void *sud)
 {
     fpy3_qconn *qc = ud;
+    (void)conn;
     (void)sud;
     if (!(flags & NGTCP2_STREAM_CLOSE_FLAG_APP_ERROR_CODE_SET))
         app_error = 0; /* 0: closed without a code */
-    qc->lost_packets += ngtcp2_conn_get_stream_loss_count(conn, sid);
+
     if (qc->b.ac && qc->b.e->b.cb.stream_close(qc->b.ac, sid, app_error) < 0)
         return app_fail(qc);
     return 0;

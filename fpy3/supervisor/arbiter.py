@@ -79,8 +79,15 @@ RECYCLE_RETRY = 30.0  # after a replacement failed to start, wait this long to t
 
 
 class Arbiter:
-    def __init__(self, args: argparse.Namespace, settings: config.Settings, listeners: Listeners):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        settings: config.Settings,
+        listeners: Listeners,
+        default_workers: int = 0,
+    ):
         self.args = args
+        self.default_workers = default_workers  # workers.count = 0: 0 = one per CPU
         self.settings = settings
         self.listeners = listeners
         self.workers: dict[int, WorkerProcess] = {}
@@ -96,7 +103,8 @@ class Arbiter:
         self.previous_count = 0
         self.quic_secret = os.urandom(32)  # stateless-reset key shared by every worker
         self.watcher: FileWatcher | None = None
-        self.worker_count = worker_count(settings)  # TTIN/TTOU change it; a reload resets it
+        # TTIN/TTOU change it; a reload resets it.
+        self.worker_count = worker_count(settings, default_workers)
         self.ids: UserIds | None = None  # what workers switch to
         self.pidfile: Pidfile | None = None
         self.reloading = False  # between RELOADING=1 and the READY=1 that ends it
@@ -676,7 +684,7 @@ class Arbiter:
         self.previous, self.previous_count = self.settings, self.worker_count
         self.settings = settings
         self.ids = ids
-        self.worker_count = worker_count(settings)
+        self.worker_count = worker_count(settings, self.default_workers)
         self.generation += 1
         logger.info("reloading: starting generation %d", self.generation)
         self._spawn_generation()
@@ -756,9 +764,9 @@ def worker_rss_mb(pids: list[int]) -> dict[int, float]:
     return rss
 
 
-def worker_count(settings: config.Settings) -> int:
-    """workers.count, where 0 means one worker per CPU."""
-    return settings.workers.count or os.cpu_count() or 1
+def worker_count(settings: config.Settings, default: int = 0) -> int:
+    """workers.count; 0 means ``default``, and a default of 0 one worker per CPU."""
+    return settings.workers.count or default or os.cpu_count() or 1
 
 
 def main(argv: list[str] | None = None) -> None:
