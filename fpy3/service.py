@@ -17,6 +17,7 @@ import logging
 import socket
 import ssl
 import time
+from array import array
 from bisect import bisect_left
 from collections.abc import Coroutine
 from typing import Any
@@ -38,6 +39,11 @@ DRAIN_GRACE = 1.0
 TLS_SHUTDOWN_TIMEOUT = 3.0
 # Seconds cancelled app tasks get to unwind at the drain deadline.
 CANCEL_GRACE = 2.0
+
+# The metrics layout, as module globals for response_done.
+_PROTO_BASE = m.PROTO_BASE
+_HIST, _HIST_SUM, _WS_SESSIONS = m.HIST, m.HIST_SUM, m.WS_SESSIONS
+_LATENCY_BOUNDS = m.LATENCY_BOUNDS
 
 
 class Clock:
@@ -86,9 +92,11 @@ class HTTPService:
         # The port HTTP/3 is served on, which inherited sockets may decide.
         port = settings.udp_port if quic_port is None else quic_port
         self.alt_svc = b'h3=":%d"; ma=86400' % port if settings.http3.enabled and port else b""
-        # The worker's metrics block (fpy3.metrics), or None when metrics are off.
+        # The worker's metrics block (fpy3.metrics), or None when metrics are off. The
+        # per-response counters live in a list (the cheapest to add to) that the tick
+        # copies into the block; latency sums are float seconds until then.
         self.metrics = metrics
-        self.counts = metrics.counts if metrics is not None else None
+        self.counts: list | None = [0] * m.QUIC if metrics is not None else None
         # Whether response_done needs the request's start time (core/http.py).
         self.timed = access_log is not None or metrics is not None
         self.clock = Clock()
@@ -166,20 +174,24 @@ class HTTPService:
         duration = self.loop.time() - started_at
         counts = self.counts
         if counts is not None:
-            base = m.PROTO_BASE.get(scope["http_version"], 0)
+            base = _PROTO_BASE[scope["http_version"]]
             counts[base + status] += 1
-            counts[base + m.HIST + bisect_left(m.LATENCY_BOUNDS, duration)] += 1
-            counts[base + m.HIST_SUM] += int(duration * 1e6)
-            if scope["type"] == "websocket":
-                counts[base + m.WS_SESSIONS] += 1
+            counts[base + _HIST + bisect_left(_LATENCY_BOUNDS, duration)] += 1
+            counts[base + _HIST_SUM] += duration
+            if scope["type"] != "http":
+                counts[base + _WS_SESSIONS] += 1
         if self.access_log is not None:
             self.access_log.log_request(scope, status, sent, duration)
 
     def sample_metrics(self) -> None:
         """Gauges and QUIC counters into the metrics block (the worker's tick, ~1/s)."""
-        counts = self.counts
-        if counts is None:
+        if self.counts is None or self.metrics is None:
             return
+        values = self.counts.copy()
+        for base in range(0, m.QUIC, m.PROTO_SIZE):
+            values[base + m.HIST_SUM] = int(values[base + m.HIST_SUM] * 1e6)
+        counts = self.metrics.counts
+        counts[: m.QUIC] = array("q", values)
         h1 = m.PROTOCOL_INDEX["1.1"]
         h3 = m.PROTOCOL_INDEX["3"]
         counts[m.CONNECTIONS + h1] = len(self.connections)
