@@ -50,7 +50,8 @@ def image():
 def test_image_serves_https_h3_metrics_and_drains(image, tmp_path):
     certs = tmp_path / "certs"
     cert, key = devcert.ensure_dev_cert(str(certs))
-    os.chmod(key, 0o644)  # the workers run as the fpy3 user
+    os.chmod(key, 0o644)  # the workers run as the fpy3 user, and the mount keeps modes
+    os.chmod(certs, 0o755)
     port, metrics = free_port(udp=True), free_port()
     ctr = subprocess.check_output(["buildah", "from", image], text=True).strip()
     log = tmp_path / "run.log"

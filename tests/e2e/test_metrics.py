@@ -77,8 +77,15 @@ def test_metrics_cover_every_worker_protocol_and_reload(start_server):
     ws.send(frame(0x1, b"hi", mask=True))
     assert ws.recv_frame()[2] == b"hi"
 
-    # Gauges are sampled once a second: the open websocket shows up.
-    wait_until(lambda: value(scrape(port), "fpy3_open_websockets") == 1, timeout=10)
+    # Gauges are sampled once a second: the open websocket shows up, on its connection.
+    def gauges():
+        f = scrape(port)
+        return value(f, "fpy3_open_websockets") == 1 and f
+
+    open_now = wait_until(gauges, timeout=10)
+    assert value(open_now, "fpy3_open_connections", protocol="http/1.1") >= 1
+    assert value(open_now, "fpy3_open_streams", protocol="http/1.1") >= 1
+    assert open_now["fpy3_open_connections"]["type"] == "gauge"
     ws.close()
 
     def counted():
