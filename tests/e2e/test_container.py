@@ -25,7 +25,8 @@ from harness import call, free_port, wait_until
 
 from fpy3 import devcert
 
-pytestmark = pytest.mark.container
+# Building takes minutes: past the suite's per-test timeout.
+pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[2]
 TAG = "localhost/fpy3:test"
