@@ -6,6 +6,7 @@
 #   ./dev.sh test    run the whole test suite
 #   ./dev.sh bench   run the benchmarks in bench/
 #   ./dev.sh sanitize  the native, HTTP/3 and websocket suites on an ASan+UBSan build
+#   ./dev.sh container build the container image and serve from it (minutes)
 #   ./dev.sh setup   only set up
 set -euo pipefail
 shopt -s nullglob
@@ -26,10 +27,13 @@ APT_PACKAGES=(build-essential pkg-config ca-certificates libgnutls28-dev
     libngtcp2-dev libngtcp2-crypto-gnutls-dev libnghttp3-dev)
 # For the test suite and benchmarks: load generators and independent HTTP/3 peers.
 APT_TEST_PACKAGES=(wrk curl libcurl4-gnutls-dev libcurl3-gnutls ngtcp2-client ngtcp2-server chromium)
+# For ./dev.sh container: building the image without a registry.
+APT_CONTAINER_PACKAGES=(buildah debootstrap)
 
 setup_system() {
     local want=("${APT_PACKAGES[@]}")
     if [ "${1:-}" = test ]; then want+=("${APT_TEST_PACKAGES[@]}"); fi
+    if [ "${1:-}" = container ]; then want+=("${APT_TEST_PACKAGES[@]}" "${APT_CONTAINER_PACKAGES[@]}"); fi
     if ! command -v apt-get >/dev/null; then
         log "not a Debian system: install the equivalents of ${want[*]} yourself"
         return
@@ -141,13 +145,19 @@ sanitize)
         UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
         exec "$copy/.venv/bin/pytest" -p no:cacheprovider "${suites[@]}"
     ;;
+container)
+    # Builds the image (deploy/container/build.sh) and serves from it: minutes.
+    setup_system container
+    setup_venv test
+    FPY3_TEST_ALL_CLIENTS=1 exec "$VENV/bin/pytest" -m container tests/e2e/test_container.py "$@"
+    ;;
 bench)
     setup_system test
     setup_venv "test,bench"
     exec "$VENV/bin/python" bench/run.py "$@"
     ;;
 *)
-    echo "usage: $0 {setup|run|test|bench} [args...]" >&2
+    echo "usage: $0 {setup|run|test|sanitize|container|bench} [args...]" >&2
     exit 2
     ;;
 esac

@@ -4,9 +4,11 @@ certificate, the sockets; and the exit codes they share with the workers."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import config
+from .logs import configure_error_log
 from .sockets import BindError, Listeners, bind_listeners
 from .tls import server_context, with_certificate
 
@@ -14,8 +16,28 @@ EXIT_CONFIG = 2  # bad config, or a socket that cannot be bound
 EXIT_STARTUP = 3  # the app could not be imported or its lifespan startup failed
 
 
+def load_env_file(path: str) -> None:
+    """uvicorn's --env-file: variables from a .env file into the environment (before the
+    config is read, so FPY3_* ones count); variables already set win."""
+    from dotenv import dotenv_values
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = dotenv_values(stream=f)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        print(f"command line: --env-file: cannot read {path}: {reason}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
+    for name, value in values.items():
+        if value is not None:
+            os.environ.setdefault(name, value)
+
+
 def load_settings(args: argparse.Namespace) -> config.Settings:
-    """Settings from --config, env and flags; prints the error and exits 2 on failure."""
+    """Settings from --env-file, --config, env and flags; prints the error and exits 2 on
+    failure."""
+    if getattr(args, "env_file", None):
+        load_env_file(args.env_file)
     try:
         settings = config.load(args.config, overrides=config.overrides_from_args(args))
     except config.ConfigError as exc:
@@ -25,6 +47,15 @@ def load_settings(args: argparse.Namespace) -> config.Settings:
         sys.stdout.write(config.dump(settings))
         sys.exit(0)
     return settings
+
+
+def configure_logging(settings: config.Settings) -> None:
+    """The error log and ``logging.config_file``; exits 2 when that file is bad."""
+    try:
+        configure_error_log(settings.logging, settings.server.debug)
+    except config.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
 
 
 def prepare(settings: config.Settings) -> tuple[config.Settings, Listeners]:

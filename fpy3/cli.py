@@ -6,15 +6,19 @@ import argparse
 import sys
 
 from . import __version__, config
-from .bootstrap import load_settings, prepare
-from .logs import configure_error_log
+from .bootstrap import configure_logging, load_settings, prepare
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fpy3", description="fpy3 ASGI server")
     parser.add_argument("--version", action="version", version=f"fpy3 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="serve an ASGI app with one worker in the foreground")
+    run = sub.add_parser(
+        "run",
+        help="serve an ASGI app with one worker in the foreground",
+        description="Serve an ASGI app. Every config key without a flag of its own is "
+        "--set section.key=value (see config/production.toml).",
+    )
     run.add_argument("app_spec", nargs="?", metavar="MODULE:ATTR", help="the ASGI app")
     config.add_arguments(run)
     args = parser.parse_args(argv)
@@ -23,13 +27,14 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("give the app either as MODULE:ATTR or with --app, not both")
         args.app = args.app_spec
     settings = load_settings(args)
-    configure_error_log(settings.logging, settings.server.debug)
+    configure_logging(settings)
     settings, listeners = prepare(settings)
-    if settings.workers.count > 1 or settings.reload.enabled:
-        # Several workers or hot reload need a master: become one.
+    if settings.workers.count > 1 or settings.reload.enabled or settings.metrics.port:
+        # Several workers, hot reload or the metrics endpoint need a master: become one.
         from .supervisor.arbiter import Arbiter
 
-        sys.exit(Arbiter(args, settings, listeners).run())
+        # workers.count = 0 means one worker for fpy3 run, as without a master.
+        sys.exit(Arbiter(args, settings, listeners, default_workers=1).run())
     from . import worker
 
     code = worker.run(settings, listeners)

@@ -36,9 +36,16 @@ class ConfigError(Exception):
 class ServerSettings:
     app: str = "fpy3.examples.hello:app"  # "module:attr"
     app_dir: str = ""  # prepended to sys.path; "" = the current directory
-    host: str = "127.0.0.1"
-    port: int = 8443  # TCP for HTTP/1.1 over TLS; UDP for HTTP/3 unless http3.port is set
+    factory: bool = False  # server.app is a callable returning the ASGI app
+    host: str = "127.0.0.1"  # "::" serves IPv4 too where the host allows it
+    hosts: tuple[str, ...] = ()  # several addresses, each with every port; () = [host]
+    port: int = 8443  # TCP for HTTP/1.1 over TLS; UDP for HTTP/3 unless http3.port is set; 0 = off
     http_port: int = 0  # optional cleartext HTTP/1.1 port; 0 = off
+    uds: str = ""  # a Unix socket serving cleartext HTTP/1.1; "" = none
+    uds_mode: int = 0o660  # its permissions
+    fds: tuple[str, ...] = ()  # inherited listening sockets: "N" or "N:https|http|quic"
+    proxy_headers: bool = True  # trust X-Forwarded-*/Forwarded from forwarded_allow_ips
+    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1",)  # addresses, networks, "*"
     server_header: str = "fpy3"  # "" = no Server header
     root_path: str = ""
     debug: bool = False  # debug logs and tracebacks in 500 bodies
@@ -113,10 +120,23 @@ class WebSocketSettings:
 @dataclass(frozen=True, slots=True)
 class LoggingSettings:
     level: str = "info"  # critical | error | warning | info | debug
+    config_file: str = ""  # logging dictConfig (.json, .yaml/.yml) or fileConfig (.ini)
     access_log: bool = True
-    access_format: str = "common"  # common | json
+    access_format: str = "common"  # common | json | a template with {named} fields
     access_log_file: str = ""  # "" = stdout
     error_log_file: str = ""  # "" = stderr
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    port: int = 0  # the master's Prometheus endpoint (GET /metrics); 0 = off
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    readiness_path: str = ""  # answered by the server: 200, 503 once draining; "" = off
+    liveness_path: str = ""  # answered by the server: 200 while it serves; "" = off
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,12 +157,20 @@ class Settings:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
     reload: ReloadSettings = field(default_factory=ReloadSettings)
     config_file: str = ""  # absolute path of the file loaded, "" when none
 
     @property
     def udp_port(self) -> int:
+        """The UDP port HTTP/3 binds (0: none, unless an inherited socket serves it)."""
         return self.http3.port or self.server.port
+
+    @property
+    def bind_hosts(self) -> tuple[str, ...]:
+        """The addresses every configured port is bound on."""
+        return self.server.hosts or (self.server.host,)
 
 
 # ---------------------------------------------------------------------------
@@ -177,6 +205,8 @@ _PATHS = frozenset(
         "server.app_dir",
         "server.state_dir",
         "server.pidfile",
+        "server.uds",
+        "logging.config_file",
         "tls.cert",
         "tls.key",
         "logging.access_log_file",
@@ -261,11 +291,138 @@ def _engine(value: str) -> None:
             raise _Invalid(f"libmsquic cannot be loaded ({reason}); {INSTALL_HINT}")
 
 
+def _hosts(value: tuple[str, ...]) -> None:
+    for host in value:
+        _host(host)
+    if len(set(value)) != len(value):
+        raise _Invalid(f"lists an address twice: {list(value)}")
+
+
+# sun_path is 108 bytes with its NUL.
+_UDS_MAX = 107
+
+
+def _uds(value: str) -> None:
+    if len(os.fsencode(value)) > _UDS_MAX:
+        raise _Invalid(f"a Unix socket path is at most {_UDS_MAX} bytes, got {value!r}")
+
+
+FD_KINDS = ("https", "http", "quic")
+
+
+def parse_fd(text: str) -> tuple[int, str]:
+    """``"N"`` or ``"N:KIND"`` (server.fds) -> (fd, kind); kind "" = by socket type."""
+    number, _, kind = text.partition(":")
+    if not number.isdigit() or (kind and kind not in FD_KINDS):
+        raise _Invalid(f"expected 'N' or 'N:{'|'.join(FD_KINDS)}', got {text!r}")
+    return int(number), kind
+
+
+def _fds(value: tuple[str, ...]) -> None:
+    numbers = [parse_fd(text)[0] for text in value]
+    if len(set(numbers)) != len(numbers):
+        raise _Invalid(f"lists a file descriptor twice: {list(value)}")
+
+
+def _allow_ips(value: tuple[str, ...]) -> None:
+    for item in value:
+        if item == "*":
+            continue
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise _Invalid(f"expected IP addresses, networks (CIDR) or '*', got {item!r}") from None
+
+
+def _url_path(value: str) -> None:
+    if value and (not value.startswith("/") or any(c in value for c in " ?#")):
+        raise _Invalid(f"expected a path starting with '/' (no query), or '', got {value!r}")
+
+
+_LOG_CONFIG_TYPES = (".json", ".yaml", ".yml", ".ini", ".conf", ".cfg")
+
+
+def _log_config(value: str) -> None:
+    if value and not value.lower().endswith(_LOG_CONFIG_TYPES):
+        raise _Invalid(
+            f"expected a .json, .yaml/.yml (dictConfig) or .ini (fileConfig) file, got {value!r}"
+        )
+
+
+# The named fields of logging.access_format templates (rendered in logs.AccessLog);
+# request headers are "header_<name>" with "-" written "_" (header_x_request_id).
+ACCESS_FIELDS = {
+    "client": "the client's address",
+    "client_addr": "address:port",
+    "method": "GET, POST, ...",
+    "path": "the request path",
+    "query": "the query string, without '?'",
+    "target": "path?query as sent",
+    "request_line": 'for example "GET /x HTTP/1.1"',
+    "protocol": "HTTP/1.1, HTTP/3, ...",
+    "http_version": "1.1, 3, ...",
+    "scheme": "http, https, ws, wss",
+    "status": "the response status",
+    "bytes": "response body bytes sent",
+    "duration": "seconds from the request to the end of the response",
+    "duration_ms": "the same in milliseconds",
+    "time": "Common Log Format time",
+    "time_iso": "ISO 8601 time, UTC",
+    "user_agent": "the User-Agent header or -",
+    "referer": "the Referer header or -",
+    "host": "the Host header (or :authority) or -",
+    "pid": "the worker's process id",
+}
+ACCESS_PRESETS = ("common", "json")
+
+
+def access_template_fields(template: str) -> list[str]:
+    """The field names of an access log template; raises ValueError when bad."""
+    import string
+
+    names = []
+    for _, name, spec, _ in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if name not in ACCESS_FIELDS and not (
+            name.startswith("header_") and re.fullmatch(r"header_[a-z0-9_]+", name)
+        ):
+            known = ", ".join(ACCESS_FIELDS)
+            raise ValueError(f"unknown field {{{name}}}; known: {known}, header_<name>")
+        if spec and "{" in spec:
+            raise ValueError(f"nested fields are not supported in {{{name}:{spec}}}")
+        names.append(name)
+    return names
+
+
+def _access_format(value: str) -> None:
+    if value in ACCESS_PRESETS:
+        return
+    try:
+        names = access_template_fields(value)
+        if not names:
+            raise ValueError("names no {field}")
+        sample: dict[str, object] = {
+            name: 0 if name in ("status", "bytes", "pid") else "x" for name in names
+        }
+        sample.update(duration=0.0, duration_ms=0.0)
+        value.format_map(sample)
+    except (ValueError, KeyError, IndexError) as exc:
+        raise _Invalid(
+            f"expected 'common', 'json' or a template with {{named}} fields: {exc}"
+        ) from None
+
+
 _CHECKS: dict[str, Callable[[typing.Any], None]] = {
     "server.app": _app_ref,
     "server.host": _host,
-    "server.port": _between(1, 65535),
+    "server.hosts": _hosts,
+    "server.port": _between(0, 65535),
     "server.http_port": _between(0, 65535),
+    "server.uds": _uds,
+    "server.uds_mode": _between(0, 0o777),
+    "server.fds": _fds,
+    "server.forwarded_allow_ips": _allow_ips,
     "tls.min_version": _one_of("1.2", "1.3"),
     "workers.count": _between(0, 1024),
     "workers.drain_timeout": _positive,
@@ -296,7 +453,12 @@ _CHECKS: dict[str, Callable[[typing.Any], None]] = {
     "websocket.deflate_window_bits": _between(9, 15),
     "websocket.deflate_level": _between(1, 9),
     "logging.level": _one_of("critical", "error", "warning", "info", "debug"),
-    "logging.access_format": _one_of("common", "json"),
+    "logging.access_format": _access_format,
+    "logging.config_file": _log_config,
+    "metrics.port": _between(0, 65535),
+    "metrics.host": _host,
+    "health.readiness_path": _url_path,
+    "health.liveness_path": _url_path,
 }
 
 # ---------------------------------------------------------------------------
@@ -355,6 +517,8 @@ def _from_text(text: str, kind: type) -> object:
         return False
     if kind is int and _INT_TEXT.fullmatch(stripped):
         return int(stripped)
+    if kind is int and re.fullmatch(r"0o[0-7]+", stripped):
+        return int(stripped, 8)  # permissions (server.uds_mode)
     if kind is float:
         try:
             return _finite(float(stripped))
@@ -516,7 +680,7 @@ def _apply_overrides(draft: _Draft, overrides: Mapping[str, object]) -> None:
         section, dot, key = name.partition(".")
         if not dot:
             raise ConfigError(f"{_CLI_SOURCE}: {name}: expected 'section.key'")
-        draft.put(_CLI_SOURCE, _CLI, section, key, value, text=False, base=cwd)
+        draft.put(_CLI_SOURCE, _CLI, section, key, value, text=isinstance(value, Text), base=cwd)
 
 
 def _check_file(path: str) -> str | None:
@@ -541,13 +705,23 @@ def _check_together(draft: _Draft) -> None:
     for name in ("tls.cert", "tls.key"):
         if draft.get(name) and (reason := _check_file(draft.get(name))):
             raise ConfigError(f"{draft.blame(name)}: {name}: {reason}")
+    if draft.get("logging.config_file") and (
+        reason := _check_file(draft.get("logging.config_file"))
+    ):
+        raise ConfigError(f"{draft.blame('logging.config_file')}: logging.config_file: {reason}")
     port, http_port = draft.get("server.port"), draft.get("server.http_port")
-    if http_port == port:
+    if http_port and http_port == port:
         # Name whichever of the two was set last: that is the one to fix.
         name, other = "server.http_port", "server.port"
         if draft.rank(other) > draft.rank(name):
             name, other = other, name
         raise ConfigError(f"{draft.blame(name)}: {name}: must differ from {other} ({port})")
+    metrics = draft.get("metrics.port")
+    for other in ("server.port", "server.http_port"):
+        if metrics and metrics == draft.get(other):
+            raise ConfigError(
+                f"{draft.blame('metrics.port')}: metrics.port: must differ from {other} ({metrics})"
+            )
 
 
 def load(
@@ -577,51 +751,215 @@ def load(
 # ---------------------------------------------------------------------------
 # Command line.
 
-# argparse dest -> "section.key", for flags that carry a value.
-_ARG_KEYS = {
-    "app": "server.app",
-    "host": "server.host",
-    "port": "server.port",
-    "http_port": "server.http_port",
-    "workers": "workers.count",
-    "certfile": "tls.cert",
-    "keyfile": "tls.key",
-    "log_level": "logging.level",
+
+class Text(str):
+    """A value given as text on the command line (``--set``): converted by the key's type,
+    as environment variables are."""
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+# argparse dest -> ("section.key", conversion of the parsed value), for flags with a value.
+_ARG_KEYS: dict[str, tuple[str, Callable[[typing.Any], object]]] = {
+    "app": ("server.app", str),
+    "app_dir": ("server.app_dir", str),
+    "port": ("server.port", int),
+    "http_port": ("server.http_port", int),
+    "uds": ("server.uds", str),
+    "fd": ("server.fds", tuple),
+    "root_path": ("server.root_path", str),
+    "forwarded_allow_ips": ("server.forwarded_allow_ips", _csv),
+    "proxy_headers": ("server.proxy_headers", bool),
+    "server_header": ("server.server_header", str),
+    "workers": ("workers.count", int),
+    "timeout_graceful_shutdown": ("workers.drain_timeout", float),
+    "limit_max_requests": ("workers.max_requests", int),
+    "certfile": ("tls.cert", str),
+    "keyfile": ("tls.key", str),
+    "ssl_ciphers": ("tls.ciphers", str),
+    "limit_concurrency": ("limits.max_connections", int),
+    "backlog": ("http1.backlog", int),
+    "timeout_keep_alive": ("http1.keepalive_timeout", float),
+    "http3": ("http3.enabled", bool),
+    "ws_max_size": ("websocket.max_message_size", int),
+    "ws_ping_interval": ("websocket.ping_interval", float),
+    "ws_ping_timeout": ("websocket.ping_timeout", float),
+    "ws_per_message_deflate": ("websocket.per_message_deflate", bool),
+    "log_level": ("logging.level", str),
+    "log_config": ("logging.config_file", str),
+    "access_log": ("logging.access_log", bool),
+    "access_log_format": ("logging.access_format", str),
+    "reload_dir": ("reload.dirs", tuple),
+    "reload_include": ("reload.include", tuple),
+    "reload_exclude": ("reload.exclude", tuple),
+    "metrics_port": ("metrics.port", int),
 }
 # argparse dest -> ("section.key", value set when the switch is given).
 _ARG_SWITCHES = {
     "reload": ("reload.enabled", True),
-    "no_access_log": ("logging.access_log", False),
+    "factory": ("server.factory", True),
 }
 
 
+def _flag_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the config flags; turn the parsed result into overrides with overrides_from_args."""
+    """Add the config flags, grouped as uvicorn's settings are; turn the parsed result
+    into overrides with overrides_from_args. Every key without a flag of its own is
+    ``--set section.key=value``."""
+    group = parser.add_argument_group("application")
+    add = group.add_argument
+    add("--app", metavar="MODULE:ATTR", help="ASGI application (server.app)")
+    add("--factory", action="store_true", help="the app is a factory: call it to get the app")
+    add("--app-dir", metavar="DIR", help="put DIR first on sys.path (server.app_dir)")
+    add("--env-file", metavar="FILE", help="load environment variables from a .env file first")
+
+    group = parser.add_argument_group("socket binding")
+    add = group.add_argument
+    add(
+        "--host",
+        metavar="H",
+        action="append",
+        help="address to bind; '::' serves IPv4 too; repeat for several (server.host/hosts)",
+    )
+    add("--port", metavar="P", type=int, help="HTTPS and HTTP/3 port, 0 = none (server.port)")
+    add("--http-port", metavar="P", type=int, help="cleartext HTTP/1.1 port, 0 = off")
+    add("--uds", metavar="PATH", help="serve cleartext HTTP/1.1 on this Unix socket (server.uds)")
+    add(
+        "--fd",
+        metavar="N[:KIND]",
+        action="append",
+        help="serve on inherited socket N (KIND https, http or quic); repeatable (server.fds)",
+    )
+
+    group = parser.add_argument_group("development")
+    add = group.add_argument
+    add("--reload", action="store_true", help="restart workers when files change")
+    add("--reload-dir", metavar="DIR", action="append", help="watch DIR (repeatable)")
+    add("--reload-include", metavar="GLOB", action="append", help="reload on these files")
+    add("--reload-exclude", metavar="GLOB", action="append", help="never watch these")
+
+    group = parser.add_argument_group("production")
+    add = group.add_argument
+    add("--workers", metavar="N", type=int, help="worker processes (workers.count)")
+    add("--metrics-port", metavar="P", type=int, help="Prometheus endpoint of the master")
+
+    group = parser.add_argument_group("logging")
+    add = group.add_argument
+    add("--log-config", metavar="FILE", help="logging config: .json/.yaml dictConfig or .ini")
+    add("--log-level", metavar="L", help="critical|error|warning|info|debug")
+    add(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="log one line per request (logging.access_log)",
+    )
+    add(
+        "--access-log-format",
+        metavar="FMT",
+        help="common, json, or a template such as '{client} \"{request_line}\" {status}'",
+    )
+
+    group = parser.add_argument_group("HTTP")
+    add = group.add_argument
+    add("--root-path", metavar="PATH", help="ASGI root_path, for an app mounted under a prefix")
+    add(
+        "--proxy-headers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="trust X-Forwarded-* and Forwarded from --forwarded-allow-ips",
+    )
+    add(
+        "--forwarded-allow-ips",
+        metavar="IPS",
+        help="comma-separated addresses or networks to trust proxy headers from, or '*'",
+    )
+    add("--server-header", metavar="TEXT", help="the Server header; '' sends none")
+    add("--http3", action=argparse.BooleanOptionalAction, default=None, help="serve HTTP/3")
+
+    group = parser.add_argument_group("HTTPS")
+    add = group.add_argument
+    add("--certfile", "--ssl-certfile", metavar="F", help="PEM certificate chain (tls.cert)")
+    add("--keyfile", "--ssl-keyfile", metavar="F", help="PEM private key (tls.key)")
+    add("--ssl-ciphers", metavar="C", help="TLS 1.2 cipher list (tls.ciphers)")
+
+    group = parser.add_argument_group("WebSocket")
+    add = group.add_argument
+    add("--ws-max-size", metavar="BYTES", type=int, help="largest message received")
+    add("--ws-ping-interval", metavar="S", type=float, help="seconds of silence before a ping")
+    add("--ws-ping-timeout", metavar="S", type=float, help="seconds to wait for the pong")
+    add("--ws-per-message-deflate", metavar="BOOL", type=_flag_bool, help="permessage-deflate")
+
+    group = parser.add_argument_group("resource limits")
+    add = group.add_argument
+    add("--limit-concurrency", metavar="N", type=int, help="connections per worker, then 503")
+    add("--limit-max-requests", metavar="N", type=int, help="recycle a worker after N requests")
+    add("--backlog", metavar="N", type=int, help="listen backlog (http1.backlog)")
+
+    group = parser.add_argument_group("timeouts")
+    add = group.add_argument
+    add("--timeout-keep-alive", metavar="S", type=float, help="idle keep-alive seconds")
+    add(
+        "--timeout-graceful-shutdown",
+        metavar="S",
+        type=float,
+        help="seconds a draining worker may finish requests (workers.drain_timeout)",
+    )
+
     group = parser.add_argument_group("configuration")
     add = group.add_argument
     add("--config", metavar="FILE", help="TOML config file")
-    add("--app", metavar="MODULE:ATTR", help="ASGI application (server.app)")
-    add("--host", metavar="H", help="address to bind (server.host)")
-    add("--port", metavar="P", type=int, help="HTTPS and HTTP/3 port (server.port)")
-    add("--http-port", metavar="P", type=int, help="cleartext HTTP/1.1 port, 0 = off")
-    add("--workers", metavar="N", type=int, help="worker processes (workers.count)")
-    add("--certfile", metavar="F", help="PEM certificate chain (tls.cert)")
-    add("--keyfile", metavar="F", help="PEM private key (tls.key)")
-    add("--log-level", metavar="L", help="critical|error|warning|info|debug")
-    add("--reload", action="store_true", help="restart workers when files change")
-    add("--no-access-log", action="store_true", help="turn the access log off")
+    add(
+        "--set",
+        metavar="SECTION.KEY=VALUE",
+        action="append",
+        dest="set_values",
+        help="any config key, as an environment variable would give it (repeatable)",
+    )
     add("--check-config", action="store_true", help="print the effective config and exit")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
-    """Map the flags that were given to ``{"section.key": value}`` for load()."""
+    """Map the flags that were given to ``{"section.key": value}`` for load().
+
+    ``--set`` values come first, so a dedicated flag for the same key wins. ``--uds``
+    or ``--fd`` without ``--host``/``--port``/``--http-port`` listen there only, as
+    uvicorn does.
+    """
     overrides: dict[str, object] = {}
-    for dest, name in _ARG_KEYS.items():
-        if (value := getattr(args, dest, None)) is not None:
-            overrides[name] = value
+    for item in getattr(args, "set_values", None) or ():
+        name, eq, text = item.partition("=")
+        name = name.strip()
+        if not eq or "." not in name:
+            raise ConfigError(f"{_CLI_SOURCE}: --set {item}: expected section.key=value")
+        overrides[name] = Text(text)
+    hosts = getattr(args, "host", None)
+    if isinstance(hosts, str):
+        hosts = [hosts]
+    if hosts:
+        if len(hosts) == 1:
+            overrides["server.host"] = hosts[0]
+        else:
+            overrides["server.hosts"] = tuple(hosts)
+    for dest, (name, convert) in _ARG_KEYS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            overrides[name] = convert(value)
     for dest, (name, value) in _ARG_SWITCHES.items():
         if getattr(args, dest, False):
             overrides[name] = value
+    only_there = getattr(args, "uds", None) or getattr(args, "fd", None)
+    ports = (getattr(args, "port", None), getattr(args, "http_port", None))
+    if only_there and not hosts and ports == (None, None):
+        overrides.setdefault("server.port", 0)
+        overrides.setdefault("server.http_port", 0)
     return overrides
 
 
@@ -671,5 +1009,9 @@ def dump(settings: Settings) -> str:
     for section, keys in _FIELDS.items():
         values = getattr(settings, section)
         lines += ["", f"[{section}]"]
-        lines += [f"{key} = {_toml_value(getattr(values, key))}" for key in keys]
+        for key in keys:
+            value = getattr(values, key)
+            # Permissions read best in octal, as TOML allows.
+            text = f"0o{value:o}" if key == "uds_mode" else _toml_value(value)
+            lines.append(f"{key} = {text}")
     return "\n".join(lines) + "\n"

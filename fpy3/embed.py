@@ -22,7 +22,7 @@ from .config import Settings
 from .core.lifespan import Lifespan, LifespanError
 from .logs import AccessLog, configure_error_log
 from .service import HTTPService
-from .sockets import Listeners, bind_listeners, bind_tcp
+from .sockets import Listeners, bind_listeners, bind_picked, bind_tcp
 from .tls import server_context, with_certificate
 
 logger = logging.getLogger("fpy3.error")
@@ -158,7 +158,7 @@ class ASGIServer:
                 settings, http3=dataclasses.replace(settings.http3, enabled=False)
             )
             sock = bind_tcp(host, port, settings.http1.backlog, "server.port")
-            listeners = Listeners(tls=None, http=sock)
+            listeners = Listeners(http=[sock])
         else:
             if certfile:
                 tls_settings = dataclasses.replace(
@@ -180,9 +180,8 @@ class ASGIServer:
                         f"http3.engine = msquic: libmsquic cannot be loaded ({reason}); "
                         + INSTALL_HINT
                     )
-            listeners = bind_listeners(settings)
-        bound = listeners.tls if listeners.tls is not None else listeners.http
-        assert bound is not None
+            listeners = bind_picked(settings) if port == 0 else bind_listeners(settings, env={})
+        bound = (listeners.tls or listeners.http)[0]
         # Port 0 asked the system for one: Alt-Svc and the logs need the real one.
         server = dataclasses.replace(settings.server, port=bound.getsockname()[1])
         return dataclasses.replace(settings, server=server), listeners

@@ -10,7 +10,7 @@ class AppImportError(Exception):
     pass
 
 
-def import_app(spec: str, app_dir: str = ""):
+def import_app(spec: str, app_dir: str = "", factory: bool = False):
     module_name, _, attrs = spec.partition(":")
     path = app_dir or "."
     if path not in sys.path:
@@ -32,4 +32,14 @@ def import_app(spec: str, app_dir: str = ""):
             ) from None
     if not callable(obj):
         raise AppImportError(f"app {spec!r} is not callable")
+    if factory:
+        # server.factory: the attribute makes the app (uvicorn's --factory).
+        try:
+            obj = obj()
+        except Exception as exc:
+            raise AppImportError(
+                f"app factory {spec!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not callable(obj):
+            raise AppImportError(f"app factory {spec!r} returned {type(obj).__name__}, not an app")
     return obj

@@ -18,9 +18,13 @@ import logging
 import socket
 import ssl
 import time
+from array import array
+from bisect import bisect_left
 from collections.abc import Coroutine
 from typing import Any
 
+from . import metrics as m
+from . import sockets
 from .config import Settings
 from .core.flow import Waiter
 from .h1.connection import H1Connection, H1Listener
@@ -39,6 +43,11 @@ DRAIN_GRACE = 1.0
 TLS_SHUTDOWN_TIMEOUT = 3.0
 # Seconds cancelled app tasks get to unwind at the drain deadline.
 CANCEL_GRACE = 2.0
+
+# The metrics layout, as module globals for response_done.
+_PROTO_BASE = m.PROTO_BASE
+_HIST, _HIST_SUM, _WS_SESSIONS = m.HIST, m.HIST_SUM, m.WS_SESSIONS
+_LATENCY_BOUNDS = m.LATENCY_BOUNDS
 
 
 class Clock:
@@ -65,6 +74,8 @@ class HTTPService:
         state: dict | None = None,
         access_log: AccessLog | None = None,
         debug: bool | None = None,
+        metrics: m.Block | None = None,
+        quic_port: int | None = None,
     ):
         self.app = app
         self.loop = loop
@@ -82,7 +93,16 @@ class HTTPService:
         self.keepalive_timeout = settings.http1.keepalive_timeout
         self.ws = settings.websocket
         self.server_header = settings.server.server_header.encode("latin-1")
-        self.alt_svc = b'h3=":%d"; ma=86400' % settings.udp_port if settings.http3.enabled else b""
+        # The port HTTP/3 is served on, which inherited sockets may decide.
+        port = settings.udp_port if quic_port is None else quic_port
+        self.alt_svc = b'h3=":%d"; ma=86400' % port if settings.http3.enabled and port else b""
+        # The worker's metrics block (fpy3.metrics), or None when metrics are off. The
+        # per-response counters live in a list (the cheapest to add to) that the tick
+        # copies into the block; latency sums are float seconds until then.
+        self.metrics = metrics
+        self.counts: list | None = [0] * m.QUIC if metrics is not None else None
+        # Whether response_done needs the request's start time (core/http.py).
+        self.timed = access_log is not None or metrics is not None
         self.clock = Clock()
         self.clock.set(int(time.time()))
         self.websockets = 0  # open websockets (all protocols), for websocket.max_connections
@@ -92,6 +112,7 @@ class HTTPService:
         self.listeners: list[H1Listener] = []
         self.h3_servers: list[H3Server] = []
         self.endpoints: list[str] = []  # what is served where, for the logs
+        self._h3_closed_stats: list[list[int]] = []  # QUIC counters of closed servers
         self.draining = False
         self.requests_served = 0
         # Every request's task starts from this context, not from whatever task or
@@ -126,13 +147,18 @@ class HTTPService:
         cannot be served; the caller then closes the service."""
         self.start()
         settings = self.settings
-        if listeners.tls is not None:
-            await self.listen(listeners.tls, server_context(settings))
-        if listeners.http is not None:
-            await self.listen(listeners.http, None)
-        if listeners.udp is not None or listeners.udp_addr is not None:
+        if listeners.tls:
+            context = server_context(settings)
+            for sock in listeners.tls:
+                await self.listen(sock, context)
+        for sock in listeners.http:
+            await self.listen(sock, None)
+        udp: list[socket.socket | None] = list(listeners.udp)
+        if listeners.udp_addr is not None:
+            udp.append(None)  # MsQuic binds the address itself
+        for quic_sock in udp:
             self.serve_h3(
-                listeners.udp,
+                quic_sock,
                 settings.tls.cert,
                 settings.tls.key,
                 worker_id,
@@ -154,7 +180,7 @@ class HTTPService:
             ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT if ssl_context is not None else None,
         )
         self.servers.append(server)
-        where = _where(sock.getsockname())
+        where = sockets.where(sock)
         if ssl_context is None:
             self.endpoints.append(f"http://{where} (HTTP/1.1)")
         else:
@@ -193,8 +219,42 @@ class HTTPService:
 
     def response_done(self, scope: dict, status: int, sent: int, started_at: float) -> None:
         self.requests_served += 1
+        if not self.timed:
+            return
+        duration = self.loop.time() - started_at
+        counts = self.counts
+        if counts is not None:
+            base = _PROTO_BASE[scope["http_version"]]
+            counts[base + status] += 1
+            counts[base + _HIST + bisect_left(_LATENCY_BOUNDS, duration)] += 1
+            counts[base + _HIST_SUM] += duration
+            if scope["type"] != "http":
+                counts[base + _WS_SESSIONS] += 1
         if self.access_log is not None:
-            self.access_log.log_request(scope, status, sent, self.loop.time() - started_at)
+            self.access_log.log_request(scope, status, sent, duration)
+
+    def sample_metrics(self) -> None:
+        """Gauges and QUIC counters into the metrics block (the worker's tick, ~1/s)."""
+        if self.counts is None or self.metrics is None:
+            return
+        values = self.counts.copy()
+        for base in range(0, m.QUIC, m.PROTO_SIZE):
+            values[base + m.HIST_SUM] = int(values[base + m.HIST_SUM] * 1e6)
+        counts = self.metrics.counts
+        counts[: m.QUIC] = array("q", values)
+        h1 = m.PROTOCOL_INDEX["1.1"]
+        h3 = m.PROTOCOL_INDEX["3"]
+        counts[m.CONNECTIONS + h1] = len(self.connections)
+        counts[m.STREAMS + h1] = sum(1 for c in self.connections if c.responding or c.ws)
+        counts[m.CONNECTIONS + h3] = sum(h3s.connection_count() for h3s in self.h3_servers)
+        counts[m.STREAMS + h3] = sum(len(h3s.streams) for h3s in self.h3_servers)
+        counts[m.WEBSOCKETS] = self.websockets
+        quic = [0] * (m.COUNTERS - m.QUIC)
+        for stats in [*self._h3_closed_stats, *(h3s.stats() for h3s in self.h3_servers)]:
+            for i, value in enumerate(stats):
+                quic[i] += value
+        for i, value in enumerate(quic, m.QUIC):
+            counts[i] = value
 
     def forget(self, conn: H1Connection) -> None:
         """A connection closed."""
@@ -280,7 +340,10 @@ class HTTPService:
             server.close()
         for h3 in self.h3_servers:
             h3.close()
+            if self.counts is not None:
+                self._h3_closed_stats.append(h3.stats())
         self.h3_servers.clear()
+        self.sample_metrics()
         for conn in list(self.connections):
             conn.kill()
         if self.access_log is not None:

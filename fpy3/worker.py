@@ -26,6 +26,7 @@ from .config import Settings
 from .core.lifespan import Lifespan, LifespanError
 from .importer import AppImportError, import_app
 from .logs import AccessLog, reopen_error_log
+from .metrics import Block
 from .service import HTTPService
 from .sockets import Listeners
 
@@ -44,8 +45,10 @@ class Worker:
         quic_secret: bytes | None = None,
         request_limit: int = 0,
         quic_join: tuple[str, str, int] | None = None,
+        metrics: Block | None = None,
     ):
         self.settings = settings
+        self.metrics = metrics  # the master's shared counters block for this worker
         self.quic_join = quic_join  # (lock path, program path, ack fd): MsQuic, steered
         self.listeners = listeners
         self.ready_fd = ready_fd
@@ -69,7 +72,7 @@ class Worker:
             os.set_blocking(self.ready_fd, False)
             self._tick()  # beats cover app import and lifespan startup too
         try:
-            app = import_app(settings.server.app, settings.server.app_dir)
+            app = import_app(settings.server.app, settings.server.app_dir, settings.server.factory)
         except AppImportError as exc:
             logger.error("%s", exc, exc_info=exc.__cause__)
             return EXIT_STARTUP
@@ -81,7 +84,15 @@ class Worker:
             return EXIT_STARTUP
         log = settings.logging
         access_log = self.access_log = AccessLog(log) if log.access_log else None
-        service = HTTPService(app, self.loop, settings, state=lifespan.state, access_log=access_log)
+        service = HTTPService(
+            app,
+            self.loop,
+            settings,
+            state=lifespan.state,
+            access_log=access_log,
+            metrics=self.metrics,
+            quic_port=self.listeners.quic_port,
+        )
         self.service = service
         try:
             code = await self._serve(service)
@@ -158,6 +169,8 @@ class Worker:
             self._next_report = now + 1.0
         if message:
             self._send(message)
+        if self.service is not None:
+            self.service.sample_metrics()
         if os.getppid() != self._master:
             self._master_gone()
         # No per-request hook: with a limit, look at the counter often (it is cheap).
@@ -210,6 +223,7 @@ def run(
     quic_secret: bytes | None = None,
     request_limit: int = 0,
     quic_join: tuple[str, str, int] | None = None,
+    metrics: Block | None = None,
 ) -> int:
     """Run a worker to the end; returns the process exit code."""
     loop = uvloop.new_event_loop()
@@ -218,7 +232,7 @@ def run(
 
     async def main() -> int:
         worker = Worker(
-            settings, listeners, ready_fd, worker_id, quic_secret, request_limit, quic_join
+            settings, listeners, ready_fd, worker_id, quic_secret, request_limit, quic_join, metrics
         )
         return await worker.main()
 

@@ -2,6 +2,7 @@
 #include "engine.h"
 
 #include <stdio.h>
+#include <string.h>
 
 #define OPS(e) (*(const fpy3_engine_ops *const *)(e))
 #define QOPS(qc) OPS(*(fpy3_engine *const *)(qc))
@@ -71,3 +72,10 @@ int fpy3_engine_shutdown_stream(fpy3_qconn *qc, int64_t sid, uint64_t app_error,
 
 void fpy3_engine_conn_error(fpy3_qconn *qc, uint64_t e) { QOPS(qc)->conn_error(qc, e); }
 void fpy3_engine_conn_close(fpy3_qconn *qc, uint64_t e) { QOPS(qc)->conn_close(qc, e); }
+
+void fpy3_engine_conn_stats(fpy3_qconn *qc, fpy3_conn_stats *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (QOPS(qc)->conn_stats)
+        QOPS(qc)->conn_stats(qc, out);
+}

@@ -138,6 +138,13 @@ void fpy3_engine_conn_error(fpy3_qconn *qc, uint64_t app_error);
 /* Outside callbacks: close now with an application error (conn_close is called). */
 void fpy3_engine_conn_close(fpy3_qconn *qc, uint64_t app_error);
 
+/* What the metrics take from a connection; 0 where the engine does not know. */
+typedef struct {
+    uint64_t smoothed_rtt_ns;
+    uint64_t lost_packets; /* packets carrying stream data declared lost (sent again) */
+} fpy3_conn_stats;
+void fpy3_engine_conn_stats(fpy3_qconn *qc, fpy3_conn_stats *out);
+
 
 /* The engine behind the functions above. Each engine's struct fpy3_engine starts
  * with its ops pointer, and each struct fpy3_qconn with its fpy3_engine pointer
@@ -169,6 +176,7 @@ typedef struct {
     int (*shutdown_stream)(fpy3_qconn *qc, int64_t sid, uint64_t app_error, int how);
     void (*conn_error)(fpy3_qconn *qc, uint64_t app_error);
     void (*conn_close)(fpy3_qconn *qc, uint64_t app_error);
+    void (*conn_stats)(fpy3_qconn *qc, fpy3_conn_stats *out); /* NULL: nothing known */
 } fpy3_engine_ops;
 
 extern const fpy3_engine_ops fpy3_engine_ngtcp2;

@@ -58,6 +58,7 @@ struct fpy3_qconn {
     size_t closelen;
     uint32_t close_rx;
     FILE *qlog;
+    uint64_t lost_packets; /* packets with stream data declared lost (metrics) */
 };
 
 struct fpy3_engine {
@@ -217,9 +218,14 @@ static int cb_acked(ngtcp2_conn *conn, int64_t sid, uint64_t offset, uint64_t le
                     void *sud)
 {
     fpy3_qconn *qc = ud;
-    (void)conn;
     (void)offset;
-    (void)sud;
+    /* Lost packets (metrics): the stream's count, which ngtcp2 forgets with the stream,
+     * taken as data gets acked; the stream's user data is the part counted already. */
+    size_t lost = ngtcp2_conn_get_stream_loss_count(conn, sid), seen = (size_t)(uintptr_t)sud;
+    if (lost > seen) {
+        qc->lost_packets += lost - seen;
+        ngtcp2_conn_set_stream_user_data(conn, sid, (void *)(uintptr_t)lost);
+    }
     if (qc->b.ac && qc->b.e->b.cb.acked(qc->b.ac, sid, len) < 0)
         return app_fail(qc);
     return 0;
@@ -233,6 +239,7 @@ static int cb_stream_close(ngtcp2_conn *conn, uint32_t flags, int64_t sid, uint6
     (void)sud;
     if (!(flags & NGTCP2_STREAM_CLOSE_FLAG_APP_ERROR_CODE_SET))
         app_error = 0; /* 0: closed without a code */
+
     if (qc->b.ac && qc->b.e->b.cb.stream_close(qc->b.ac, sid, app_error) < 0)
         return app_fail(qc);
     return 0;
@@ -1171,6 +1178,16 @@ static void ng_conn_close(fpy3_qconn *qc, uint64_t app_error)
 
 static int ng_fd(fpy3_engine *e) { return e->udp.fd; }
 
+static void ng_conn_stats(fpy3_qconn *qc, fpy3_conn_stats *out)
+{
+    out->lost_packets = qc->lost_packets;
+    if (!qc->conn)
+        return;
+    ngtcp2_conn_info info;
+    ngtcp2_conn_get_conn_info(qc->conn, &info);
+    out->smoothed_rtt_ns = info.smoothed_rtt;
+}
+
 const fpy3_engine_ops fpy3_engine_ngtcp2 = {
     .new = ng_new,
     .free = ng_free,
@@ -1197,4 +1214,5 @@ const fpy3_engine_ops fpy3_engine_ngtcp2 = {
     .shutdown_stream = ng_shutdown_stream,
     .conn_error = ng_conn_error,
     .conn_close = ng_conn_close,
+    .conn_stats = ng_conn_stats,
 };

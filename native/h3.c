@@ -124,7 +124,11 @@ struct fpy3_h3_server {
     h3conn *pending_close;
     nghttp3_nv *nv; /* scratch for respond() with many fields; owned here */
     size_t nvcap;
+    fpy3_h3_stats stats;
 };
+
+const uint32_t fpy3_h3_rtt_bounds_us[10] = {1000,   5000,   10000,  25000,   50000,
+                                            100000, 250000, 500000, 1000000, 2500000};
 
 /* --- pools ------------------------------------------------------------------------- */
 
@@ -875,6 +879,7 @@ static void *e_conn_open(void *app, fpy3_qconn *qc)
     }
     if (s->shutting_down)
         send_goaway(c, s->shutting_down);
+    s->stats.handshakes++;
     return c;
 }
 
@@ -884,6 +889,18 @@ static void e_conn_close(void *ac)
     fpy3_h3_server *s = c->s;
     while (c->live)
         stream_release(c, c->live, FPY3_H3_REQUEST_CANCELLED);
+    fpy3_conn_stats cs;
+    fpy3_engine_conn_stats(c->qc, &cs);
+    s->stats.lost_packets += cs.lost_packets;
+    if (cs.smoothed_rtt_ns) {
+        uint64_t us = cs.smoothed_rtt_ns / 1000;
+        size_t i = 0;
+        while (i < 10 && us > fpy3_h3_rtt_bounds_us[i])
+            i++;
+        s->stats.rtt_buckets[i]++;
+        s->stats.rtt_count++;
+        s->stats.rtt_sum_us += us;
+    }
     c->qc = NULL;
     nghttp3_conn_del(c->h3);
     c->h3 = NULL;
@@ -1295,6 +1312,8 @@ void fpy3_h3_shutdown(fpy3_h3_server *s, int phase)
 }
 
 size_t fpy3_h3_connection_count(fpy3_h3_server *s) { return fpy3_engine_conn_count(s->e); }
+
+void fpy3_h3_get_stats(fpy3_h3_server *s, fpy3_h3_stats *out) { *out = s->stats; }
 
 void fpy3_h3_close_all(fpy3_h3_server *s, uint64_t h3_error)
 {

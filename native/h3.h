@@ -104,4 +104,17 @@ size_t fpy3_h3_connection_count(fpy3_h3_server *s);
  * until then), as after a flush. fpy3_h3_server_free does this first (H3_NO_ERROR). */
 void fpy3_h3_close_all(fpy3_h3_server *s, uint64_t h3_error);
 
+/* Counters for the metrics, kept since the server was made. RTT: the smoothed RTT of
+ * each connection at its end, in buckets with upper bounds fpy3_h3_rtt_bounds_us
+ * (the last bucket is +Inf), not cumulative. */
+typedef struct {
+    uint64_t handshakes; /* connections that completed their handshake */
+    uint64_t lost_packets;
+    uint64_t rtt_count;
+    uint64_t rtt_sum_us;
+    uint64_t rtt_buckets[11];
+} fpy3_h3_stats;
+extern const uint32_t fpy3_h3_rtt_bounds_us[10];
+void fpy3_h3_get_stats(fpy3_h3_server *s, fpy3_h3_stats *out);
+
 #endif

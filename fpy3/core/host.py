@@ -19,7 +19,7 @@ class Host(Protocol):
     debug: bool  # tracebacks in 500 bodies
     root_path: str
     state: dict  # the lifespan state; every scope gets a shallow copy
-    access_log: object | None  # when None, response_done needs no start time
+    timed: bool  # response_done needs the start time (access log, metrics)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task:
         """Run an app cycle as a task the service tracks (drain waits for it, then

@@ -229,7 +229,7 @@ class HTTPCycle:
         self.left = -1  # declared Content-Length still to send; -1 = none
         self.sent = 0  # body bytes handed to the adapter
         self.waiter: Waiter | None = None  # made when the app first has to wait
-        self.started_at = host.loop.time() if host.access_log is not None else 0.0
+        self.started_at = host.loop.time() if host.timed else 0.0
 
     # -- adapter -> core ------------------------------------------------------------
 

@@ -495,7 +495,12 @@ class H1Connection(asyncio.Protocol):
 
 def _addr(addr):
     if isinstance(addr, tuple):
-        return [addr[0], addr[1]]
+        host = addr[0]
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]  # IPv4 on a dual-stack socket: shown as IPv4
+        return [host, addr[1]]
+    if isinstance(addr, str) and addr:
+        return [addr, None]  # a Unix socket's path (ASGI: [path, None])
     return None
 
 

@@ -94,6 +94,8 @@ class H3Server:
         # Freed by close() (which first closes every connection), or with this object.
         self.srv = ffi.gc(srv, lib.fpy3_h3_server_free)
         self._count = ffi.new("size_t *")
+        self._stats = ffi.new("fpy3_h3_stats *")
+        self._final_stats: list[int] = []  # stats() once the native server is freed
         self.streams: dict[tuple[int, int], Stream] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = -1.0
@@ -258,6 +260,15 @@ class H3Server:
 
     # -- drain and close ----------------------------------------------------------------------
 
+    def stats(self) -> list[int]:
+        """The engine's counters, in fpy3.metrics order: handshakes, lost packets, RTT
+        count, RTT sum (us), RTT buckets."""
+        if self.srv is None:
+            return self._final_stats
+        st = self._stats
+        lib.fpy3_h3_get_stats(self.srv, st)
+        return [st.handshakes, st.lost_packets, st.rtt_count, st.rtt_sum_us, *st.rtt_buckets]
+
     def connection_count(self) -> int:
         return 0 if self._closed else lib.fpy3_h3_connection_count(self.srv)
 
@@ -299,6 +310,7 @@ class H3Server:
             stream.closed = True
             stream.handle(lib.FPY3_H3_CLOSED, None)
         self.streams.clear()
+        self._final_stats = self.stats()  # the connections just closed included
         srv, self.srv = self.srv, None
         ffi.release(srv)  # fpy3_h3_server_free, now rather than at garbage collection
         if self._drained is not None and not self._drained.done():

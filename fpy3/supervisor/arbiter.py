@@ -46,16 +46,18 @@ import time
 from setproctitle import setproctitle
 
 from fpy3 import __version__, config
-from fpy3.bootstrap import EXIT_CONFIG, EXIT_STARTUP, load_settings, prepare
+from fpy3.bootstrap import EXIT_CONFIG, EXIT_STARTUP, configure_logging, load_settings, prepare
 from fpy3.logs import configure_error_log, reopen_error_log
+from fpy3.metrics import Block, Totals, render
 from fpy3.msquic import msquic_engine
-from fpy3.sockets import Listeners
+from fpy3.sockets import BindError, Listeners, bind_tcp
 
+from .exporter import MetricsEndpoint
 from .pidfile import Pidfile
 from .privileges import UserIds, raise_open_files_limit, resolve_ids
 from .reloader import FileWatcher
 from .steering.msquic_group import MsQuicGroup
-from .steering.reuseport import MAX_SOCKETS, QuicSockets, SteeringUnavailable
+from .steering.reuseport import MAX_SOCKETS, QuicGroups, SteeringUnavailable
 from .systemd import sd_notify
 from .workers import Launch, Message, WorkerProcess, spawn
 
@@ -77,8 +79,15 @@ RECYCLE_RETRY = 30.0  # after a replacement failed to start, wait this long to t
 
 
 class Arbiter:
-    def __init__(self, args: argparse.Namespace, settings: config.Settings, listeners: Listeners):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        settings: config.Settings,
+        listeners: Listeners,
+        default_workers: int = 0,
+    ):
         self.args = args
+        self.default_workers = default_workers  # workers.count = 0: 0 = one per CPU
         self.settings = settings
         self.listeners = listeners
         self.workers: dict[int, WorkerProcess] = {}
@@ -94,17 +103,20 @@ class Arbiter:
         self.previous_count = 0
         self.quic_secret = os.urandom(32)  # stateless-reset key shared by every worker
         self.watcher: FileWatcher | None = None
-        self.worker_count = worker_count(settings)  # TTIN/TTOU change it; a reload resets it
+        # TTIN/TTOU change it; a reload resets it.
+        self.worker_count = worker_count(settings, default_workers)
         self.ids: UserIds | None = None  # what workers switch to
         self.pidfile: Pidfile | None = None
         self.reloading = False  # between RELOADING=1 and the READY=1 that ends it
         self.announced = False  # READY=1 sent once
         self.last_round = time.monotonic()
         self.next_rss_check = 0.0
-        self.quic: QuicSockets | None = None  # the steered UDP socket group
+        self.quic: QuicGroups | None = None  # the steered UDP socket groups, one per address
         self.msquic: MsQuicGroup | None = None  # MsQuic: the workers' sockets, steered
         self.serving = 1  # the generation that takes new QUIC connections
         self.steering_stale = False  # the last steer() failed: retried every round
+        self.totals = Totals()  # metrics of the workers that exited, and master events
+        self.exporter: MetricsEndpoint | None = None  # metrics.port
 
     # -- signals: queue and wake ------------------------------------------------------------
 
@@ -129,19 +141,32 @@ class Arbiter:
                 self.pidfile = Pidfile(self.settings.server.pidfile)
                 self.pidfile.create()
             self._steer_udp()
-        except (OSError, ValueError) as exc:
+            metrics = self.settings.metrics
+            if metrics.port:
+                sock = bind_tcp(metrics.host, metrics.port, 64, "metrics.port")
+                self.exporter = MetricsEndpoint(sock, self._render_metrics)
+        except (OSError, ValueError, BindError) as exc:
             print(f"{self.settings.config_file or 'command line'}: {exc}", file=sys.stderr)
             self.listeners.close()
+            if self.quic is not None:
+                self.quic.close()
             if self.pidfile is not None:
                 self.pidfile.remove()
             return EXIT_CONFIG
         self._install_signals()
         logger.info(
-            "fpy3 %s master %d starting %d worker(s)",
+            "fpy3 %s master %d starting %d worker(s); listening on %s%s",
             __version__,
             os.getpid(),
             self.worker_count,
+            self.listeners.describe(),
+            " (sockets from systemd)" if self.listeners.systemd else "",
         )
+        if self.quic is not None:
+            logger.info("HTTP/3 steered on %d UDP address(es)", len(self.quic.groups))
+        if self.exporter is not None:
+            host, port = self.exporter.sock.getsockname()[:2]
+            logger.info("metrics on http://%s:%d/metrics", host, port)
         sd_notify(f"MAINPID={os.getpid()}\nSTATUS=starting {self.worker_count} worker(s)")
         try:
             self._spawn_generation()
@@ -170,6 +195,8 @@ class Arbiter:
                 self.quic.close()  # only now: closing one reorders the group
             if self.msquic is not None:
                 self.msquic.close()
+            if self.exporter is not None:
+                self.exporter.close()
             if self.pidfile is not None:
                 self.pidfile.remove()
         logger.info("master %d exiting", os.getpid())
@@ -185,8 +212,11 @@ class Arbiter:
             if not w.eof:
                 poller.register(w.pipe, select.POLLIN)
                 pipes[w.pipe] = w
+        handlers = self.exporter.register(poller) if self.exporter is not None else {}
         for fd, _ in poller.poll(timeout * 1000):
-            if fd == self.wake_r:
+            if fd in handlers:
+                handlers[fd](fd)
+            elif fd == self.wake_r:
                 try:
                     while os.read(self.wake_r, 4096):
                         pass
@@ -264,14 +294,22 @@ class Arbiter:
             self.ids,
             (self.msquic.lock_path, self.msquic.prog_path) if self.msquic is not None else None,
         )
+        block = None
         try:
-            worker = spawn(launch, functools.partial(self._detach_child, number, quic_id))
+            if self.exporter is not None:
+                block = Block()
+            worker = spawn(
+                launch, functools.partial(self._detach_child, number, quic_id), metrics=block
+            )
         except OSError as exc:
             if quic_id is not None and self.quic is not None:
                 self.quic.release(quic_id)
+            if block is not None:
+                block.close()
             logger.error("cannot start worker number %d: %s", number, exc)
             self.crashes.append(time.monotonic())
             return None
+        self.totals.worker_starts += 1
         worker.quic_id = quic_id
         self.workers[worker.pid] = worker
         self._steer()
@@ -288,14 +326,16 @@ class Arbiter:
             other.close()
         if self.msquic is not None:
             self.msquic.forget_in_child()
+        if self.exporter is not None:
+            self.exporter.forget_in_child()
         listeners = self.listeners
         if self.quic is not None:
-            udp = self.quic.for_worker(quic_id) if quic_id is not None else None
+            udp = self.quic.for_worker(quic_id) if quic_id is not None else []
             return dataclasses.replace(listeners, udp=udp), quic_id or 0
-        if number != 1 and listeners.udp is not None:
+        if number != 1 and listeners.udp:
             # Without steering, processes sharing one UDP socket would split QUIC
             # connections between them: one worker serves HTTP/3.
-            return dataclasses.replace(listeners, udp=None), number
+            return dataclasses.replace(listeners, udp=[]), number
         return listeners, number
 
     def _current(self) -> list[WorkerProcess]:
@@ -320,6 +360,8 @@ class Arbiter:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
+            if worker.metrics is not None:
+                self.totals.retire(worker.metrics)
             worker.close()
             if worker.quic_id is not None:
                 group = self._steering_group()
@@ -328,6 +370,8 @@ class Arbiter:
                     self._steer()
             code = os.waitstatus_to_exitcode(status)
             how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            outcome = "signal" if code < 0 else "ok" if code == 0 else "error"
+            self.totals.worker_exits[outcome] = self.totals.worker_exits.get(outcome, 0) + 1
             # Unlink a recycle pair: whichever is left just serves on.
             old = self.workers.get(worker.replaces) if worker.replaces else None
             new = self.workers.get(worker.replacement) if worker.replacement else None
@@ -455,12 +499,21 @@ class Arbiter:
                 logger.info(
                     "generation %d ready; draining %d old worker(s)", self.generation, len(older)
                 )
+            if self.reloading:
+                self._count_reload("ok")
             for w in older:
                 self._retire(w)
             if self.reloading or not self.announced:
                 self.reloading = False
                 self.announced = True
                 sd_notify(f"READY=1\nSTATUS={self._status()}")
+
+    def _count_reload(self, result: str) -> None:
+        self.totals.reloads[result] = self.totals.reloads.get(result, 0) + 1
+
+    def _render_metrics(self) -> str:
+        blocks = [w.metrics for w in self.workers.values() if w.metrics is not None]
+        return render(self.totals.collect(blocks), self.totals, len(self.workers), self.generation)
 
     def _status(self) -> str:
         return f"serving with {self.worker_count} worker(s), generation {self.generation}"
@@ -469,17 +522,25 @@ class Arbiter:
 
     def _steer_udp(self) -> None:
         """Route QUIC packets by the worker id in their connection id, when the kernel can."""
-        udp = self.listeners.udp
-        if udp is None:
+        udps = self.listeners.udp
+        if not udps:
             return
         if msquic_engine(self.settings.http3.engine):
+            if len(udps) > 1 or self.listeners.systemd or self.settings.server.fds:
+                # Not for inherited sockets: their first owner keeps the address bound.
+                raise ValueError(
+                    "http3.engine: MsQuic binds its own UDP socket, so it serves HTTP/3 on "
+                    "one address fpy3 binds itself; with several addresses or inherited "
+                    'UDP sockets set http3.engine = "ngtcp2"'
+                )
+            udp = udps[0]
             # MsQuic binds its own per-CPU SO_REUSEPORT sockets in each worker: they
             # join the group one worker at a time and the master keeps copies, so
             # their indexes stay put and the program can steer (MsQuicGroup).
             # Without pidfd_getfd the kernel hashes each 4-tuple to a worker.
             addr = udp.getsockname()
             udp.close()
-            self.listeners = dataclasses.replace(self.listeners, udp=None, udp_addr=addr)
+            self.listeners = dataclasses.replace(self.listeners, udp=[], udp_addr=addr)
             if hasattr(os, "pidfd_open"):
                 from fpy3.devcert import default_state_dir
 
@@ -496,12 +557,15 @@ class Arbiter:
                 logger.info("HTTP/3 on MsQuic: packets spread over workers by 4-tuple hash")
             return
         slots = min(2 * self.worker_count, MAX_SOCKETS)
+        inherited = {s.fileno() for s in udps} if self.listeners.systemd else set()
+        for text in self.settings.server.fds:
+            inherited.add(int(text.partition(":")[0]))
         try:
-            self.quic = QuicSockets.take_over(udp, slots)
+            self.quic = QuicGroups.take_over(udps, slots, inherited)
         except SteeringUnavailable as exc:
             logger.warning("%s; HTTP/3 is served by worker 1 only", exc)
             return
-        self.listeners = dataclasses.replace(self.listeners, udp=None)
+        self.listeners = dataclasses.replace(self.listeners, udp=[])
 
     def _on_join(self, worker: WorkerProcess, quic_id: int) -> None:
         """A worker's MsQuic has bound its sockets: keep copies in the group, steer to them.
@@ -530,7 +594,7 @@ class Arbiter:
         worker.answer_join(True)
         self._steer()
 
-    def _steering_group(self) -> QuicSockets | MsQuicGroup | None:
+    def _steering_group(self) -> QuicGroups | MsQuicGroup | None:
         return self.quic if self.quic is not None else self.msquic
 
     def _steer(self) -> None:
@@ -578,13 +642,24 @@ class Arbiter:
         old = self.settings
 
         def bound(s: config.Settings) -> tuple:
-            return (s.server.host, s.server.port, s.server.http_port, s.http3.enabled, s.udp_port)
+            server = s.server
+            return (
+                s.bind_hosts,
+                server.port,
+                server.http_port,
+                server.uds,
+                server.fds,
+                s.http3.enabled,
+                s.udp_port,
+                s.metrics.port,
+                s.metrics.host,
+            )
 
         if bound(settings) != bound(old):
             # The sockets were bound once, before the first fork.
             self._refuse_reload(
-                "reload refused: server.host/port/http_port and http3.enabled/port changes "
-                "need a restart"
+                "reload refused: server.host/hosts/port/http_port/uds/fds, http3.enabled/port "
+                "and metrics.host/port changes need a restart"
             )
             return
         try:
@@ -600,17 +675,23 @@ class Arbiter:
         except ValueError as exc:
             self._refuse_reload(f"reload refused, keeping the running workers: {exc}")
             return
-        configure_error_log(settings.logging, settings.server.debug)
+        try:
+            configure_error_log(settings.logging, settings.server.debug)
+        except config.ConfigError as exc:
+            configure_error_log(self.settings.logging, self.settings.server.debug)
+            self._refuse_reload(f"reload refused, keeping the running workers: {exc}")
+            return
         self.previous, self.previous_count = self.settings, self.worker_count
         self.settings = settings
         self.ids = ids
-        self.worker_count = worker_count(settings)
+        self.worker_count = worker_count(settings, self.default_workers)
         self.generation += 1
         logger.info("reloading: starting generation %d", self.generation)
         self._spawn_generation()
 
     def _refuse_reload(self, message: str) -> None:
         logger.error("%s", message)
+        self._count_reload("refused")
         self.reloading = False
         sd_notify(f"READY=1\nSTATUS={self._status()}; last reload refused")
 
@@ -627,6 +708,7 @@ class Arbiter:
         logger.error(
             "generation %d failed to start; generation %d keeps serving", failed, self.generation
         )
+        self._count_reload("failed")
         for w in list(self.workers.values()):
             if w.generation == failed:
                 w.retiring = True
@@ -682,9 +764,9 @@ def worker_rss_mb(pids: list[int]) -> dict[int, float]:
     return rss
 
 
-def worker_count(settings: config.Settings) -> int:
-    """workers.count, where 0 means one worker per CPU."""
-    return settings.workers.count or os.cpu_count() or 1
+def worker_count(settings: config.Settings, default: int = 0) -> int:
+    """workers.count; 0 means ``default``, and a default of 0 one worker per CPU."""
+    return settings.workers.count or default or os.cpu_count() or 1
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -693,7 +775,7 @@ def main(argv: list[str] | None = None) -> None:
     config.add_arguments(parser)
     args = parser.parse_args(argv)
     settings = load_settings(args)
-    configure_error_log(settings.logging, settings.server.debug)
+    configure_logging(settings)
     settings, listeners = prepare(settings)
     sys.exit(Arbiter(args, settings, listeners).run())
 

@@ -24,6 +24,7 @@ from setproctitle import setproctitle
 from fpy3 import worker
 from fpy3.bootstrap import EXIT_STARTUP
 from fpy3.config import Settings
+from fpy3.metrics import Block
 from fpy3.sockets import Listeners
 
 from .privileges import UserIds, drop_privileges
@@ -72,6 +73,7 @@ class WorkerProcess:
     replaces: int | None = None  # pid of the worker this one is replacing (a recycle)
     replacement: int | None = None  # pid of the worker starting in place of this one
     next_recycle: float = 0.0
+    metrics: Block | None = None  # its shared counters (metrics.port)
 
     def read(self) -> list[Message]:
         """The messages waiting on the pipe; sets ``eof`` once the worker closed it."""
@@ -105,6 +107,9 @@ class WorkerProcess:
         os.close(self.pipe)
         if self.quic_ack is not None:
             os.close(self.quic_ack)
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
 
 @dataclass(frozen=True)
@@ -120,7 +125,11 @@ class Launch:
     msquic_join: tuple[str, str] | None = None  # (lock path, program path) of the group
 
 
-def spawn(launch: Launch, detach: Callable[[], tuple[Listeners, int]]) -> WorkerProcess:
+def spawn(
+    launch: Launch,
+    detach: Callable[[], tuple[Listeners, int]],
+    metrics: Block | None = None,
+) -> WorkerProcess:
     """Fork a worker and return its record; raises OSError when it cannot be started.
 
     In the child, ``detach()`` undoes what belongs to the master (its signal handlers,
@@ -157,7 +166,7 @@ def spawn(launch: Launch, detach: Callable[[], tuple[Listeners, int]]) -> Worker
             os.close(ack[1])
             lock_path, prog_path = launch.msquic_join
             join = (lock_path, prog_path, ack[0])
-        _worker_main(launch, detach, mask, write_fd, join)
+        _worker_main(launch, detach, mask, write_fd, join, metrics)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.close(write_fd)
     if ack is not None:
@@ -171,6 +180,7 @@ def spawn(launch: Launch, detach: Callable[[], tuple[Listeners, int]]) -> Worker
         launch.settings.workers.timeout,
         launch.request_limit,
         quic_ack=ack[1] if ack is not None else None,
+        metrics=metrics,
     )
 
 
@@ -180,6 +190,7 @@ def _worker_main(
     mask: set[signal.Signals | int],
     ready_fd: int,
     quic_join: tuple | None,
+    metrics: Block | None,
 ) -> NoReturn:
     code = 1
     try:
@@ -201,6 +212,7 @@ def _worker_main(
                 launch.quic_secret,
                 launch.request_limit,
                 quic_join,
+                metrics,
             )
     except BaseException:
         logger.exception("worker %d crashed", os.getpid())

@@ -532,8 +532,8 @@ def _serve(opts: dict) -> int:
         },
     )
     settings, listeners = prepare(settings)
-    group = QuicSockets.take_over(listeners.udp, opts["workers"])
-    listeners = dataclasses.replace(listeners, udp=None)
+    group = QuicSockets.take_over(listeners.udp[0], opts["workers"])
+    listeners = dataclasses.replace(listeners, udp=[])
     secret = os.urandom(32)
     workers: dict[int, int] = {}  # pid -> worker id
     pipes: dict[int, int] = {}  # pid -> its ready/beat pipe, open while it lives
@@ -547,7 +547,7 @@ def _serve(opts: dict) -> int:
             try:
                 os.close(ready_r)
                 os.dup2(2, 1)  # stdout is this master's line protocol: keep access logs off it
-                own = dataclasses.replace(listeners, udp=group.for_worker(wid))
+                own = dataclasses.replace(listeners, udp=[group.for_worker(wid)])
                 code = worker.run(settings, own, ready_w, wid, secret)
             finally:
                 os._exit(code)

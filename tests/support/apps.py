@@ -626,3 +626,9 @@ ROUTES.update(
         "/h3-download": h_h3_download,
     }
 )
+
+
+def create_app():
+    """An app factory (``--factory``): returns the main test app."""
+    record("factory", "called")
+    return app

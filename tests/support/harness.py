@@ -188,7 +188,9 @@ class RawConn:
         rcvbuf: int | None = None,
         sndbuf: int | None = None,
     ):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # A host starting with "/" is a Unix socket's path (the port is unused).
+        unix = host.startswith("/")
+        family = socket.AF_UNIX if unix else socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         if rcvbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -196,7 +198,7 @@ class RawConn:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         sock.settimeout(timeout)
         try:
-            sock.connect((host, port))
+            sock.connect(host if unix else (host, port))
             if ssl_context is not None:
                 sock = ssl_context.wrap_socket(sock, server_hostname=server_hostname or host)
         except BaseException:
@@ -416,7 +418,8 @@ class ServerDied(Exception):
 class Server:
     """One fpy3 process and the files around it."""
 
-    def __init__(self, workdir: Path, app: str, config: dict, args, env, command: str):
+    def __init__(self, workdir: Path, app: str, config: dict, args, env, command: str, launcher=()):
+        self.launcher = list(launcher)  # argv prefix that starts the command (sdlaunch.py)
         self.workdir = workdir
         self.app = app
         self.config = config
@@ -438,10 +441,11 @@ class Server:
 
     def argv(self) -> list[str]:
         if self.command == "master":
-            return [*fpy3_command("fpy3-master"), "--config", str(self.config_path), *self.args]
-        return [*fpy3_command("fpy3"), "run", self.app, "--config", str(self.config_path)] + (
-            self.args
-        )
+            argv = [*fpy3_command("fpy3-master"), "--config", str(self.config_path), *self.args]
+        else:
+            argv = [*fpy3_command("fpy3"), "run", self.app, "--config", str(self.config_path)]
+            argv += self.args
+        return [*self.launcher, *argv]
 
     def spawn(self) -> None:
         self.config_path.write_text(to_toml(self.config))
@@ -637,6 +641,8 @@ class ServerFactory:
         wait: bool = True,
         workdir: Path | None = None,
         cafile: Path | None = None,
+        launcher=(),
+        ready: bool = True,
     ) -> Server:
         """Start a server. ``config`` sections override the defaults (free ports, state
         dir in the tmp dir, HTTP/3 off); ``wait=False`` returns right after spawning."""
@@ -646,12 +652,30 @@ class ServerFactory:
             cfg = merge_config(base_config(workdir, app, http, host), config)
             if self.engine and cfg["http3"].get("enabled", True):
                 cfg["http3"].setdefault("engine", self.engine)
-            server = Server(workdir, cfg["server"]["app"], cfg, args, env, command)
+            server = Server(workdir, cfg["server"]["app"], cfg, args, env, command, launcher)
             if cafile is not None:
                 server.cafile = Path(cafile)
             self.servers.append(server)
             server.spawn()
             if not wait:
+                return server
+            if not ready:  # no TLS port to ask: wait for the worker's line instead
+                try:
+                    wait_until(
+                        lambda s=server: s.proc.poll() is not None or " serving " in s.stderr(),
+                        READY_TIMEOUT,
+                        message=lambda s=server: s.stderr()[-2000:],
+                    )
+                    if server.proc.poll() is not None:
+                        raise ServerDied(
+                            f"exited with {server.proc.returncode}:\n{server.stderr()}"
+                        )
+                except ServerDied:
+                    if fixed_ports or "in use" not in server.stderr().lower() or attempt == 2:
+                        raise
+                    server.stop()
+                    server.stderr_path.rename(workdir / f"stderr.attempt{attempt}.log")
+                    continue
                 return server
             try:
                 server.wait_ready()

@@ -54,7 +54,7 @@ def make_arbiter(tmp_path, engine: str, workers: int = 1) -> Arbiter:
     tls = socket.socket()  # never listened on here
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind((HOST, 0))
-    arbiter = Arbiter(argparse.Namespace(config=None), settings, Listeners(tls=tls, udp=udp))
+    arbiter = Arbiter(argparse.Namespace(config=None), settings, Listeners(tls=[tls], udp=[udp]))
     arbiter._steer_udp()
     return arbiter
 
@@ -263,7 +263,7 @@ def test_a_group_socket_gone_does_not_end_the_loop(tmp_path, arbiters, caplog):
         pytest.skip("no SO_REUSEPORT + SO_ATTACH_REUSEPORT_CBPF here")
     with child_worker(arbiter, 1) as worker:
         worker.record.quic_id = group.acquire(arbiter.generation)
-        group.sockets[0].close()  # the program is attached through this one
+        group.groups[0].sockets[0].close()  # the program is attached through this one
         with caplog.at_level(logging.ERROR, logger="fpy3.error"):
             worker.send(b"ready")
             run_loop_until(arbiter, lambda: arbiter.announced)
@@ -287,4 +287,4 @@ def test_a_worker_that_cannot_be_started_counts_as_a_crash(tmp_path, arbiters, c
     assert "cannot start worker number 1: [Errno 24] Too many open files" in caplog.text
     assert len(arbiter.crashes) == 1 and arbiter.workers == {}
     if arbiter.quic is not None:
-        assert arbiter.quic.live == set()  # the socket it was given is free again
+        assert arbiter.quic.groups[0].live == set()  # the socket it was given is free again

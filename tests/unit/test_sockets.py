@@ -10,7 +10,7 @@ import pytest
 from harness import free_port
 
 from fpy3.config import Settings
-from fpy3.sockets import BindError, bind_listeners
+from fpy3.sockets import BindError, bind_listeners, bind_picked
 
 
 def settings(port: int, http3: bool = True) -> Settings:
@@ -23,13 +23,14 @@ def settings(port: int, http3: bool = True) -> Settings:
 
 
 def test_port_zero_picks_one_port_for_tcp_and_udp():
-    listeners = bind_listeners(settings(0))
+    # The embedding API's port 0 (server.port 0 elsewhere means no TCP port).
+    listeners = bind_picked(settings(0))
     try:
-        assert listeners.tls is not None and listeners.udp is not None
-        port = listeners.tls.getsockname()[1]
-        assert port != 0
-        assert listeners.udp.getsockname()[1] == port
-        assert listeners.udp.type == socket.SOCK_DGRAM
+        [tls], [udp] = listeners.tls, listeners.udp
+        port = tls.getsockname()[1]
+        assert port != 0 and listeners.quic_port == port
+        assert udp.getsockname()[1] == port
+        assert udp.type == socket.SOCK_DGRAM
     finally:
         listeners.close()
 

@@ -20,7 +20,7 @@ class Host:
         self.debug = False
         self.root_path = ""
         self.state: dict = {}
-        self.access_log = None
+        self.timed = False
         self.finished: list = []
 
     def spawn(self, coro):

@@ -59,7 +59,7 @@ def test_a_signal_between_the_fork_and_the_workers_handlers_is_not_lost(monkeypa
         os.write(forked_w, b"1")
         os.read(sent_r, 1)  # the master's TERM has been sent by now
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as the arbiter's detach does
-        return Listeners(tls=tls), 1
+        return Listeners(tls=[tls]), 1
 
     try:
         record = spawn(Launch(1, 1, Settings(), b"\0" * 32), detach)

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 
 from .bpf import INDEX_BITS, INDEX_MASK, SteeringError, attach_program, build_program
 
-__all__ = ["MAX_SOCKETS", "QuicSockets", "SteeringUnavailable"]
+__all__ = ["MAX_SOCKETS", "QuicGroups", "QuicSockets", "SteeringUnavailable"]
 
 MAX_SOCKETS = 2048
 
@@ -34,9 +34,10 @@ class SteeringUnavailable(SteeringError):
 class QuicSockets:
     """The master's SO_REUSEPORT group of UDP sockets for HTTP/3 and its steering."""
 
-    def __init__(self, family: int, address: tuple) -> None:
+    def __init__(self, family: int, address: tuple, v6only: bool = True) -> None:
         self.family = family
         self.address = address  # as bound, with the real port
+        self.v6only = v6only  # IPv6 sockets: off for a dual-stack wildcard
         self.sockets: list[socket.socket] = []
         self.live: set[int] = set()
         self.active: list[int] = []
@@ -57,24 +58,55 @@ class QuicSockets:
         return cls._bind(family, addr, count)
 
     @classmethod
-    def take_over(cls, sock: socket.socket, count: int) -> QuicSockets:
-        """Move the address of an already bound plain UDP socket to a new group.
+    def take_over(cls, sock: socket.socket, count: int, rebind: bool = True) -> QuicSockets:
+        """Move the address of an already bound UDP socket to a new group.
 
-        ``sock`` is closed on success. On SteeringUnavailable it is left as it was, so
-        the caller can keep serving HTTP/3 from it with one worker.
+        A socket already in a SO_REUSEPORT group (inherited from systemd with
+        ``ReusePort=yes``) stays in it as the first member, and the others join it.
+        Any other one is closed and its address bound again by the group, which
+        ``rebind=False`` forbids (an inherited socket: its first owner keeps the
+        address): SteeringUnavailable then. On SteeringUnavailable ``sock`` is left as
+        it was, so the caller can keep serving HTTP/3 from it with one worker.
         """
         family, addr = sock.family, sock.getsockname()
-        cls._bind(family, (addr[0], 0, *addr[2:]), 2).close()  # probe, same address
+        v6only = family != socket.AF_INET6 or bool(
+            sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+        )
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+            return cls._bind(family, addr, count, v6only, first=sock)
+        if not rebind:
+            raise SteeringUnavailable(
+                errno.EOPNOTSUPP,
+                f"QUIC steering unavailable: the inherited UDP socket on {addr[0]} port "
+                f"{addr[1]} is not in a SO_REUSEPORT group (systemd: ReusePort=yes)",
+            )
+        cls.probe(sock)
         sock.close()
-        return cls._bind(family, addr, count)
+        return cls._bind(family, addr, count, v6only)
 
     @classmethod
-    def _bind(cls, family: int, addr: tuple, count: int) -> QuicSockets:
+    def probe(cls, sock: socket.socket) -> None:
+        """Raise SteeringUnavailable when a group cannot be made on ``sock``'s address."""
+        family, addr = sock.family, sock.getsockname()
+        cls._bind(family, (addr[0], 0, *addr[2:]), 2).close()
+
+    @classmethod
+    def _bind(
+        cls,
+        family: int,
+        addr: tuple,
+        count: int,
+        v6only: bool = True,
+        first: socket.socket | None = None,
+    ) -> QuicSockets:
         if not 1 <= count <= MAX_SOCKETS:
             raise ValueError(f"count must be 1..{MAX_SOCKETS}")
-        group = cls(family, addr)
+        group = cls(family, addr, v6only)
+        if first is not None:
+            first.setblocking(False)
+            group.sockets.append(first)
         try:
-            for _ in range(count):
+            while len(group.sockets) < count:
                 group._add()
             attach_program(group.sockets[0], build_program((), ()))
         except OSError as exc:
@@ -89,7 +121,7 @@ class QuicSockets:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if self.family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(self.v6only))
             sock.bind(self.address)
         except OSError:
             sock.close()
@@ -165,6 +197,69 @@ class QuicSockets:
         self.sockets.clear()
         self.live.clear()
         self.active = []
+
+
+class QuicGroups:
+    """One QuicSockets group per UDP address HTTP/3 is served on, in lockstep: a worker
+    holds the socket of the same index in every group, so its one worker id steers its
+    packets on each address (groups hand out the lowest free index, and they acquire
+    and release together)."""
+
+    def __init__(self, groups: list[QuicSockets]) -> None:
+        self.groups = groups
+
+    @classmethod
+    def take_over(
+        cls, socks: list[socket.socket], count: int, keep: Set[int] = frozenset()
+    ) -> QuicGroups:
+        """QuicSockets.take_over for each socket; ``keep`` has the fds that must not be
+        rebound (inherited). All or nothing: on SteeringUnavailable every socket is
+        left as it was."""
+        for sock in socks:  # before any socket is touched
+            if sock.fileno() in keep and not sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_REUSEPORT
+            ):
+                QuicSockets.take_over(sock, count, rebind=False)  # raises
+            QuicSockets.probe(sock)
+        groups: list[QuicSockets] = []
+        try:
+            for sock in socks:
+                groups.append(QuicSockets.take_over(sock, count, sock.fileno() not in keep))
+        except OSError:
+            for group in groups:
+                group.close()
+            raise
+        return cls(groups)
+
+    def acquire(self, generation: int) -> int:
+        wid = self.groups[0].acquire(generation)
+        done = [self.groups[0]]
+        try:
+            for group in self.groups[1:]:
+                if group.acquire(generation) != wid:
+                    raise SteeringError(errno.EINVAL, "QUIC socket groups out of step")
+                done.append(group)
+        except OSError:
+            for group in done:
+                group.release(wid)
+            raise
+        return wid
+
+    def release(self, worker_id: int) -> None:
+        for group in self.groups:
+            group.release(worker_id)
+
+    def for_worker(self, worker_id: int) -> list[socket.socket]:
+        return [group.for_worker(worker_id) for group in self.groups]
+
+    def steer(self, active: Iterable[int]) -> None:
+        active = list(active)
+        for group in self.groups:
+            group.steer(active)
+
+    def close(self) -> None:
+        for group in self.groups:
+            group.close()
 
 
 def _flush(sock: socket.socket, limit: int = 100_000) -> None:
