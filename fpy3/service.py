@@ -77,6 +77,8 @@ class HTTPService:
         self.max_connections = limits.max_connections
         self.header_timeout = settings.http1.header_timeout
         self.keepalive_timeout = settings.http1.keepalive_timeout
+        self.body_timeout = settings.http1.body_timeout
+        self.send_timeout = settings.http1.send_timeout
         self.ws = settings.websocket
         self.server_header = settings.server.server_header.encode("latin-1")
         self.alt_svc = b'h3=":%d"; ma=86400' % settings.udp_port if settings.http3.enabled else b""
@@ -95,7 +97,14 @@ class HTTPService:
         self._context = contextvars.copy_context()
         self._idle = Waiter(loop)  # woken when the last connection or task is gone
         self._tick_interval = max(
-            0.1, min(1.0, self.header_timeout / 4, self.keepalive_timeout / 4)
+            0.1,
+            min(
+                1.0,
+                self.header_timeout / 4,
+                self.keepalive_timeout / 4,
+                self.body_timeout / 4,
+                self.send_timeout / 4,
+            ),
         )
         self._ticker: asyncio.TimerHandle | None = None
 
@@ -114,7 +123,9 @@ class HTTPService:
             sock=sock,
             ssl=ssl_context,
             backlog=self.settings.http1.backlog,
-            ssl_handshake_timeout=self.header_timeout if ssl_context is not None else None,
+            ssl_handshake_timeout=(
+                self.settings.tls.handshake_timeout if ssl_context is not None else None
+            ),
             ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT if ssl_context is not None else None,
         )
         self.servers.append(server)
@@ -242,6 +253,11 @@ class HTTPService:
         if self.access_log is not None:
             self.access_log.flush()
         mono = self.loop.time()
-        for conn in [c for c in self.connections if c.deadline and c.deadline <= mono]:
+        late = [
+            c
+            for c in self.connections
+            if (c.deadline and c.deadline <= mono) or (c.send_deadline and c.send_deadline <= mono)
+        ]
+        for conn in late:
             conn.on_timeout()
         self._ticker = self.loop.call_later(self._tick_interval, self._tick)
