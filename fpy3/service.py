@@ -1,8 +1,8 @@
 """Per-worker HTTP service: what every connection and request of a worker shares.
 
 It holds the app and the options the protocols read on the hot path; the clock (one
-tick refreshes the Date header, flushes the access log and fires connection
-timeouts: no timer per request); the registry of open connections and of running app
+tick refreshes the Date header, flushes the access log, fires connection timeouts (no
+timer per request) and gives memory back to the OS after a flood, ``fpy3.memory``); the registry of open connections and of running app
 tasks; the end of every response (access log and counters, ``response_done``); and
 the drain, whose deadline cancels what is left. The worker and the embedding API
 (``fpy3.embed``) both serve through it.
@@ -25,6 +25,7 @@ from .core.flow import Waiter
 from .h1.connection import H1Connection, H1Listener
 from .h3.server import H3Server
 from .logs import AccessLog
+from .memory import Reclaimer
 
 logger = logging.getLogger("fpy3.error")
 
@@ -107,6 +108,8 @@ class HTTPService:
             ),
         )
         self._ticker: asyncio.TimerHandle | None = None
+        # Gives memory back to the OS once the connections of a flood are gone.
+        self.reclaimer = Reclaimer()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -260,4 +263,8 @@ class HTTPService:
         ]
         for conn in late:
             conn.on_timeout()
+        load = len(self.connections)
+        for h3 in self.h3_servers:
+            load += h3.connection_count()
+        self.reclaimer.tick(load, mono)
         self._ticker = self.loop.call_later(self._tick_interval, self._tick)
