@@ -74,7 +74,7 @@ class WorkersSettings:
 class HTTP1Settings:
     keepalive_timeout: float = 5.0  # idle seconds between requests before closing
     header_timeout: float = 10.0  # seconds to receive a whole request head, else 408
-    body_timeout: float = 30.0  # seconds without request body bytes while one is due, else 408
+    body_timeout: float = 30.0  # seconds without body progress (1 KiB) while one is due, else 408
     send_timeout: float = 30.0  # seconds a client may leave the response unread, else dropped
     backlog: int = 2048
 

@@ -7,7 +7,9 @@ keep-alive, pipelining, timeouts, backpressure.
 Every phase that waits on the client has a deadline, checked by the service's clock
 (no timer per request): the request head (``http1.header_timeout``), the idle time
 between requests (``keepalive_timeout``), a request body that stops arriving
-(``body_timeout`` without progress: 408), and a client that stops reading the response
+(``body_timeout`` without progress, progress being ``BODY_PROGRESS`` bytes, so that a
+trickle of a byte now and then does not hold a connection forever: 408), and a client
+that stops reading the response
 (``send_timeout`` while the transport stays above its high-water mark, or while a
 closing connection still holds unsent bytes: the connection is dropped). A connection goes on to its next
 request as soon as a response is complete, while the finished cycle's task runs on
@@ -53,6 +55,10 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # CONNECT, which asks for a tunnel.
 _ALLOW = b"allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
+# Request body bytes that count as progress and move the body deadline: a client must
+# send this much per http1.body_timeout (or finish). 1 KiB per 30 s by default is far
+# below any real upload and far above a slow-POST trickle (RUDY: a byte every second).
+BODY_PROGRESS = 1024
 
 
 class H1Listener:
@@ -128,6 +134,7 @@ class H1Connection(asyncio.Protocol):
         self.body_left = 0  # Content-Length bytes of the request still to read
         self.chunked: ChunkedDecoder | None = None
         self.body_size = 0
+        self.body_mark = 0  # body_size when the body deadline was last moved
         self.keep_alive = True
         self.expect_continue = False
         self.minor = 1
@@ -198,6 +205,7 @@ class H1Connection(asyncio.Protocol):
             self.reading_paused = False
             self.transport.resume_reading()
             if (self.body_left or self.chunked is not None) and not self.expect_continue:
+                self.body_mark = self.body_size
                 self.deadline = self.loop.time() + self.svc.body_timeout
 
     def take_buffer(self) -> bytes:
@@ -337,6 +345,7 @@ class H1Connection(asyncio.Protocol):
         self.keep_alive = bool(flags & KEEP_ALIVE) and not svc.draining
         self.expect_continue = bool(flags & EXPECT_CONTINUE)
         self.body_size = 0
+        self.body_mark = 0
         self.resp_chunked = False
         self.responding = True
         self.head_sent = False
@@ -401,11 +410,12 @@ class H1Connection(asyncio.Protocol):
                 self.buf = buf[left:]
             self.body_left = left - len(data)
             done = self.body_left == 0
+        self.body_size += len(data)
         if done:
             self.deadline = 0.0
-        elif data and not self.reading_paused:
+        elif self.body_size - self.body_mark >= BODY_PROGRESS and not self.reading_paused:
+            self.body_mark = self.body_size
             self.deadline = self.loop.time() + self.svc.body_timeout
-        self.body_size += len(data)
         if self.svc.max_body_size and self.body_size > self.svc.max_body_size:
             self._body_error(413, "request body larger than limits.max_body_size")
             return False

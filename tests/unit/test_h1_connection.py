@@ -378,15 +378,31 @@ def test_stalled_body_gets_408_and_close(head, part):
 def test_body_progress_moves_the_deadline():
     async def main():
         h = Harness(reader, http1={"body_timeout": 7.0})
-        h.feed(POST + b"0")
+        n = 3000
+        h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % n + b"0")
         await asyncio.sleep(0)
-        first = h.conn.deadline
-        h.conn.deadline = 1.0  # as if time went on
-        h.feed(b"1")
-        assert h.conn.deadline >= first
-        h.feed(b"23456789")
-        await h.until(lambda: b"got 10" in h.transport.out)
+        h.conn.deadline = armed = 1.0  # as if time went on
+        h.feed(b"1" * 100)
+        assert h.conn.deadline == armed  # a trickle is no progress
+        h.feed(b"2" * 1000)
+        assert h.conn.deadline > armed  # BODY_PROGRESS bytes since the last move are
+        h.feed(b"3" * (n - 1101))
+        await h.until(lambda: b"got %d" % n in h.transport.out)
         assert h.conn.deadline and not h.transport.closed  # now the keep-alive timer
+        await h.close()
+
+    run(main())
+
+
+def test_trickled_body_times_out():
+    # One byte at a time (slow POST) never reaches BODY_PROGRESS: 408 at the deadline.
+    async def main():
+        h = Harness(reader, http1={"body_timeout": 7.0})
+        h.feed(POST)
+        for b in b"012345":
+            h.feed(bytes([b]))
+        expire(h)
+        assert h.transport.take().startswith(b"HTTP/1.1 408 ") and h.transport.closed
         await h.close()
 
     run(main())
