@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 from http import HTTPStatus
 
 from ..core.flow import RECV_HIGH_WATER, Waiter
@@ -59,6 +61,10 @@ _LAST_CHUNK = b"0\r\n\r\n"
 # send this much per http1.body_timeout (or finish). 1 KiB per 30 s by default is far
 # below any real upload and far above a slow-POST trickle (RUDY: a byte every second).
 BODY_PROGRESS = 1024
+# SO_LINGER on, 0 s: closing then resets the connection and frees the kernel's buffers
+# for it at once, instead of leaving them to a peer that does not read (as nginx's
+# reset_timedout_connection).
+_LINGER0 = struct.pack("ii", 1, 0)
 
 
 class H1Listener:
@@ -265,6 +271,12 @@ class H1Connection(asyncio.Protocol):
                 _fmt(self.client),
                 self.svc.send_timeout,
             )
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+                except OSError:
+                    pass
             self.kill()
             return
         if self.closed or not self.deadline or self.deadline > now:
