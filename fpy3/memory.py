@@ -14,7 +14,8 @@ workers cannot have.
 
 So the service clock tells a ``Reclaimer`` how many connections are open (all protocols)
 each tick, and it trims once that count has fallen well below its peak since the last
-trim: a flood's end, not the ordinary coming and going of clients. Only glibc has
+trim and stopped falling: a flood's end, not the ordinary coming and going of clients
+(trimming while connections are still closing would leave their memory behind). Only glibc has
 ``malloc_trim``; elsewhere nothing happens.
 """
 
@@ -53,23 +54,28 @@ def malloc_trim() -> bool:
 
 class Reclaimer:
     """Trims after the open connections fell by at least ``min_drop`` and to at most half
-    their peak since the last trim, at most once every ``interval`` seconds."""
+    their peak since the last trim, once they fall no faster than ``min_drop / 8`` a
+    tick; at most once every ``interval`` seconds."""
 
-    __slots__ = ("min_drop", "interval", "peak", "next_at", "trims")
+    __slots__ = ("min_drop", "interval", "peak", "last", "next_at", "trims")
 
     def __init__(self, min_drop: int = 256, interval: float = 5.0):
         self.min_drop = min_drop
         self.interval = interval
         self.peak = 0
+        self.last = 0  # the load at the previous tick
         self.next_at = 0.0
         self.trims = 0
 
     def tick(self, load: int, now: float) -> bool:
         """``load``: connections open now. True when this tick trimmed."""
+        last, self.last = self.last, load
         if load >= self.peak:
             self.peak = load
             return False
-        if self.peak - load < self.min_drop or load > self.peak // 2 or now < self.next_at:
+        if self.peak - load < self.min_drop or load > self.peak // 2:
+            return False
+        if last - load > self.min_drop // 8 or now < self.next_at:
             return False
         self.peak = load
         self.next_at = now + self.interval

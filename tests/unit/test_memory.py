@@ -14,17 +14,25 @@ def trims(monkeypatch):
     return calls
 
 
-def test_trims_after_a_large_drop(trims):
+def test_trims_once_the_flood_is_gone(trims):
     r = memory.Reclaimer(min_drop=100, interval=5.0)
-    for load in (10, 500, 3000):
+    for load in (10, 500, 3000, 3000):
         assert not r.tick(load, 0.0)
     assert not r.tick(2000, 1.0)  # still above half the peak
-    assert r.tick(1200, 2.0)
-    assert trims == [1] and r.peak == 1200
-    assert not r.tick(0, 3.0)  # within the interval
-    assert r.tick(0, 7.5)  # the rest of the flood went away
+    assert not r.tick(1200, 2.0)  # still falling fast: their memory is not free yet
+    assert not r.tick(150, 3.0)
+    assert r.tick(149, 4.0)  # stopped falling: one trim
+    assert trims == [1] and r.peak == 149
+    assert not r.tick(0, 5.0)  # the stragglers leave; still falling
+    assert not r.tick(0, 6.0)  # within the interval, and too few anyway
+    assert len(trims) == 1
+
+
+def test_second_flood_trims_again(trims):
+    r = memory.Reclaimer(min_drop=100, interval=5.0)
+    for t, load in enumerate((3000, 0, 0, 3000, 3000, 0, 0)):
+        r.tick(load, float(t * 3))
     assert len(trims) == 2 and r.trims == 2
-    assert not r.tick(0, 20.0)  # nothing fell since
 
 
 def test_ordinary_churn_never_trims(trims):
