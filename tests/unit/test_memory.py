@@ -15,7 +15,7 @@ def trims(monkeypatch):
 
 
 def test_trims_once_the_flood_is_gone(trims):
-    r = memory.Reclaimer(min_drop=100, interval=5.0)
+    r = memory.Reclaimer(min_drop=100, rise=10**6, interval=5.0)
     for load in (10, 500, 3000, 3000):
         assert not r.tick(load, 0.0)
     assert not r.tick(2000, 1.0)  # still above half the peak
@@ -29,10 +29,20 @@ def test_trims_once_the_flood_is_gone(trims):
 
 
 def test_second_flood_trims_again(trims):
-    r = memory.Reclaimer(min_drop=100, interval=5.0)
+    r = memory.Reclaimer(min_drop=100, rise=10**6, interval=5.0)
     for t, load in enumerate((3000, 0, 0, 3000, 3000, 0, 0)):
         r.tick(load, float(t * 3))
     assert len(trims) == 2 and r.trims == 2
+
+
+def test_trims_while_a_flood_arrives(trims):
+    r = memory.Reclaimer(min_drop=100, rise=1000, interval=1.0)
+    assert not r.tick(900, 0.0)
+    assert r.tick(1100, 1.0)  # 1,000 more than at the last trim (none: 0)
+    assert not r.tick(2000, 2.0)
+    assert r.tick(2200, 3.0)
+    assert not r.tick(3000, 3.5)  # within the interval
+    assert len(trims) == 2
 
 
 def test_ordinary_churn_never_trims(trims):
