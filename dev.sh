@@ -6,6 +6,7 @@
 #   ./dev.sh test    run the whole test suite
 #   ./dev.sh bench   run the benchmarks in bench/
 #   ./dev.sh sanitize  the native, HTTP/3 and websocket suites on an ASan+UBSan build
+#   ./dev.sh fuzz    the libFuzzer targets of native/fuzz, each for FPY3_FUZZ_SECONDS (60)
 #   ./dev.sh container build the container image and serve from it (minutes)
 #   ./dev.sh setup   only set up
 set -euo pipefail
@@ -26,7 +27,9 @@ as_root() {
 APT_PACKAGES=(build-essential pkg-config ca-certificates libgnutls28-dev
     libngtcp2-dev libngtcp2-crypto-gnutls-dev libnghttp3-dev)
 # For the test suite and benchmarks: load generators and independent HTTP/3 peers.
-APT_TEST_PACKAGES=(wrk curl libcurl4-gnutls-dev libcurl3-gnutls ngtcp2-client ngtcp2-server chromium)
+# clang and its runtime (libFuzzer, ASan, UBSan) build the fuzz targets.
+APT_TEST_PACKAGES=(wrk curl libcurl4-gnutls-dev libcurl3-gnutls ngtcp2-client ngtcp2-server
+    chromium clang libclang-rt-14-dev)
 # For ./dev.sh container: building the image without a registry.
 APT_CONTAINER_PACKAGES=(buildah debootstrap)
 
@@ -145,6 +148,37 @@ sanitize)
         UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
         exec "$copy/.venv/bin/pytest" -p no:cacheprovider "${suites[@]}"
     ;;
+fuzz)
+    setup_system test
+    # Each target is built from its C file and the room it tests, with ASan+UBSan; it
+    # starts from the seed corpus in native/fuzz/corpus/<target> (read only) and writes
+    # what it finds to build/fuzz/<target>. A crash, a leak or a failed check stops it,
+    # leaves the input as build/fuzz/crash-* and fails the command.
+    out=$ROOT/build/fuzz
+    mkdir -p "$out"
+    seconds=${FPY3_FUZZ_SECONDS:-60}
+    targets=("$@")
+    [ ${#targets[@]} -eq 0 ] && targets=(h1_head h1_chunked ws)
+    for t in "${targets[@]}"; do
+        case "$t" in
+        h1_*) room=native/h1.c ;;
+        ws) room=native/ws.c ;;
+        *) log "unknown fuzz target $t"; exit 2 ;;
+        esac
+        clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+            -Wall -Wextra -Werror -Wmissing-prototypes \
+            -o "$out/fuzz_$t" "native/fuzz/fuzz_$t.c" "$room"
+        mkdir -p "$out/$t"
+        log "fuzzing $t for ${seconds}s"
+        UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 "$out/fuzz_$t" \
+            -max_total_time="$seconds" -timeout=10 -print_final_stats=1 \
+            -artifact_prefix="$out/" "$out/$t" "native/fuzz/corpus/$t" 2>"$out/$t.log" ||
+            { tail -n 60 "$out/$t.log" >&2; log "fuzz target $t failed; log: $out/$t.log"; exit 1; }
+        grep -E '^stat::(number_of_executed_units|peak_rss_mb|new_units_added)' "$out/$t.log" |
+            tr '\n' ' ' >&2
+        echo >&2
+    done
+    ;;
 container)
     # Builds the image (deploy/container/build.sh) and serves from it: minutes.
     setup_system container
@@ -157,7 +191,7 @@ bench)
     exec "$VENV/bin/python" bench/run.py "$@"
     ;;
 *)
-    echo "usage: $0 {setup|run|test|sanitize|container|bench} [args...]" >&2
+    echo "usage: $0 {setup|run|test|sanitize|fuzz|container|bench} [args...]" >&2
     exit 2
     ;;
 esac

@@ -62,6 +62,9 @@ class TLSSettings:
     dev_cert: bool = True  # without cert/key, make (once) and use a self-signed dev certificate
     min_version: str = "1.2"  # "1.2" | "1.3"
     ciphers: str = ""  # OpenSSL cipher list for TLS 1.2; "" = the library default
+    handshake_timeout: float = (
+        10.0  # seconds for a TLS handshake on TCP, else the connection closes
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,8 @@ class WorkersSettings:
 class HTTP1Settings:
     keepalive_timeout: float = 5.0  # idle seconds between requests before closing
     header_timeout: float = 10.0  # seconds to receive a whole request head, else 408
+    body_timeout: float = 30.0  # seconds without body progress (1 KiB) while one is due, else 408
+    send_timeout: float = 30.0  # seconds a client may leave the response unread, else dropped
     backlog: int = 2048
 
 
@@ -432,6 +437,9 @@ _CHECKS: dict[str, Callable[[typing.Any], None]] = {
     "workers.max_rss_mb": _at_least(0),
     "http1.keepalive_timeout": _positive,
     "http1.header_timeout": _positive,
+    "http1.body_timeout": _positive,
+    "http1.send_timeout": _positive,
+    "tls.handshake_timeout": _positive,
     "http1.backlog": _between(1, 65535),
     "http3.port": _between(0, 65535),
     "http3.max_concurrent_streams": _between(1, 100000),

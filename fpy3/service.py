@@ -1,9 +1,9 @@
 """Per-worker HTTP service: what every connection and request of a worker shares.
 
 It holds the app and the options the protocols read on the hot path; the clock (one
-tick refreshes the Date header, flushes the access log and fires connection
-timeouts: no timer per request); the registry of open connections and of running app
-tasks; the end of every response (access log and counters, ``response_done``); and
+tick refreshes the Date header, flushes the access log, fires connection timeouts (no
+timer per request) and gives memory back to the OS after a flood, ``fpy3.memory``);
+the registry of open connections and of running app tasks; the end of every response (access log and counters, ``response_done``); and
 the drain, whose deadline cancels what is left. The worker and the embedding API
 (``fpy3.embed``) both serve through it, with ``serve(listeners)``: one path from bound
 sockets to every protocol.
@@ -30,6 +30,7 @@ from .core.flow import Waiter
 from .h1.connection import H1Connection, H1Listener
 from .h3.server import H3Server
 from .logs import AccessLog
+from .memory import Reclaimer
 from .sockets import Listeners
 from .tls import server_context, tls_protocols
 
@@ -91,6 +92,8 @@ class HTTPService:
         self.max_connections = limits.max_connections
         self.header_timeout = settings.http1.header_timeout
         self.keepalive_timeout = settings.http1.keepalive_timeout
+        self.body_timeout = settings.http1.body_timeout
+        self.send_timeout = settings.http1.send_timeout
         self.ws = settings.websocket
         self.server_header = settings.server.server_header.encode("latin-1")
         # The port HTTP/3 is served on, which inherited sockets may decide.
@@ -121,9 +124,18 @@ class HTTPService:
         self._idle = Waiter(loop)  # woken when the last connection or task is gone
         self._hurried: asyncio.Future | None = None  # set to end a drain at once
         self._tick_interval = max(
-            0.1, min(1.0, self.header_timeout / 4, self.keepalive_timeout / 4)
+            0.1,
+            min(
+                1.0,
+                self.header_timeout / 4,
+                self.keepalive_timeout / 4,
+                self.body_timeout / 4,
+                self.send_timeout / 4,
+            ),
         )
         self._ticker: asyncio.TimerHandle | None = None
+        # Gives memory back to the OS once the connections of a flood are gone.
+        self.reclaimer = Reclaimer()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -176,7 +188,9 @@ class HTTPService:
             sock=sock,
             ssl=ssl_context,
             backlog=self.settings.http1.backlog,
-            ssl_handshake_timeout=self.header_timeout if ssl_context is not None else None,
+            ssl_handshake_timeout=(
+                self.settings.tls.handshake_timeout if ssl_context is not None else None
+            ),
             ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT if ssl_context is not None else None,
         )
         self.servers.append(server)
@@ -362,8 +376,17 @@ class HTTPService:
         if self.access_log is not None:
             self.access_log.flush()
         mono = self.loop.time()
-        for conn in [c for c in self.connections if c.deadline and c.deadline <= mono]:
+        late = [
+            c
+            for c in self.connections
+            if (c.deadline and c.deadline <= mono) or (c.send_deadline and c.send_deadline <= mono)
+        ]
+        for conn in late:
             conn.on_timeout()
+        load = len(self.connections)
+        for h3 in self.h3_servers:
+            load += h3.connection_count()
+        self.reclaimer.tick(load, mono)
         self._ticker = self.loop.call_later(self._tick_interval, self._tick)
 
 

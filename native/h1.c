@@ -11,19 +11,23 @@
 #define C_VAL 2 /* field-value byte: VCHAR, obs-text, SP, HTAB */
 #define C_TGT 4 /* request-target byte: VCHAR, obs-text */
 #define C_HEX 8
+#define C_HOST 16 /* reg-name byte other than "%": unreserved / sub-delims */
 
 #define VT (C_VAL | C_TGT)
 #define TVT (C_TOK | C_VAL | C_TGT)
 #define HTVT (C_HEX | TVT)
+#define H (C_HOST)
 
 /* Ranges do not overlap: some compilers warn on overridden initialisers. */
 static const uint8_t cls[256] = {
-    ['\t'] = C_VAL,       [' '] = C_VAL,        ['!'] = TVT,          ['"'] = VT,
-    ['#' ... '\''] = TVT, ['(' ... ')'] = VT,   ['*' ... '+'] = TVT,  [','] = VT,
-    ['-' ... '.'] = TVT,  ['/'] = VT,           ['0' ... '9'] = HTVT, [':' ... '@'] = VT,
-    ['A' ... 'F'] = HTVT, ['G' ... 'Z'] = TVT,  ['[' ... ']'] = VT,   ['^' ... '`'] = TVT,
-    ['a' ... 'f'] = HTVT, ['g' ... 'z'] = TVT,  ['{'] = VT,           ['|'] = TVT,
-    ['}'] = VT,           ['~'] = TVT,          [0x80 ... 0xff] = VT,
+    ['\t'] = C_VAL,          [' '] = C_VAL,           ['!'] = TVT | H,        ['"'] = VT,
+    ['#'] = TVT,             ['$'] = TVT | H,         ['%'] = TVT,            ['&' ... '\''] = TVT | H,
+    ['(' ... ')'] = VT | H,  ['*' ... '+'] = TVT | H, [','] = VT | H,         ['-' ... '.'] = TVT | H,
+    ['/'] = VT,              ['0' ... '9'] = HTVT | H, [':'] = VT,            [';'] = VT | H,
+    ['<'] = VT,              ['='] = VT | H,          ['>' ... '@'] = VT,     ['A' ... 'F'] = HTVT | H,
+    ['G' ... 'Z'] = TVT | H, ['[' ... ']'] = VT,      ['^'] = TVT,            ['_'] = TVT | H,
+    ['`'] = TVT,             ['a' ... 'f'] = HTVT | H, ['g' ... 'z'] = TVT | H, ['{'] = VT,
+    ['|'] = TVT,             ['}'] = VT,              ['~'] = TVT | H,        [0x80 ... 0xff] = VT,
 };
 
 static inline unsigned hexval(uint8_t c) { return c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10; }
@@ -133,6 +137,93 @@ static int authority_ok(const uint8_t *s, size_t n)
     return 1;
 }
 
+/* uri-host [ ":" port ] (RFC 9110 7.2, RFC 3986 3.2.2): IP-literal, IPv4address or
+ * reg-name (unreserved / pct-encoded / sub-delims, possibly empty), then an optional
+ * port of digits. Userinfo ("@"), "/", "?", "#", spaces and controls are invalid. */
+static int host_ok(const uint8_t *s, size_t n)
+{
+    const uint8_t *e = s + n, *p = s;
+    if (p < e && *p == '[') {
+        /* IP-literal: IPv6address or IPvFuture; hex digits, ":" and "." cover IPv6 */
+        p++;
+        if (p < e && (*p == 'v' || *p == 'V')) {
+            p++;
+            while (p < e && *p != ']' && ((cls[*p] & C_HOST) || *p == ':'))
+                p++;
+        } else {
+            while (p < e && ((cls[*p] & C_HEX) || *p == ':' || *p == '.'))
+                p++;
+        }
+        if (p == e || *p != ']' || p - s < 3)
+            return 0;
+        p++;
+    } else {
+        while (p < e && *p != ':') {
+            if (*p == '%') {
+                if (e - p < 3 || !(cls[p[1]] & C_HEX) || !(cls[p[2]] & C_HEX))
+                    return 0;
+                p += 3;
+            } else if (cls[*p] & C_HOST) {
+                p++;
+            } else {
+                return 0;
+            }
+        }
+    }
+    if (p == e)
+        return 1;
+    if (*p != ':')
+        return 0;
+    for (p++; p < e; p++)
+        if (*p < '0' || *p > '9')
+            return 0;
+    return 1;
+}
+
+/* Transfer-Encoding = #transfer-coding (RFC 9112 6.1). Returns 0 when chunked is the
+ * final coding and the only one, else -(status) with *why set: chunked missing from the
+ * end, or applied twice, is 400 (the body length cannot be known); other codings before
+ * chunked are valid but not implemented, 501. */
+static int transfer_codings(const uint8_t *s, size_t n, const char **why)
+{
+    const uint8_t *e = s + n, *last = NULL;
+    size_t last_len = 0, count = 0, chunked = 0;
+    while (s < e) {
+        while (s < e && (*s == ',' || ows(*s)))
+            s++;
+        if (s == e)
+            break;
+        const uint8_t *t = s;
+        while (s < e && *s != ',')
+            s++;
+        const uint8_t *te = s;
+        while (te > t && ows(te[-1]))
+            te--;
+        count++;
+        last = t;
+        last_len = te - t;
+        if (last_len == 7 && ieq(t, "chunked", 7))
+            chunked++;
+    }
+    if (count == 0) {
+        *why = "empty Transfer-Encoding";
+        return -400;
+    }
+    if (!(last_len == 7 && ieq(last, "chunked", 7))) {
+        *why = "chunked is not the final transfer coding";
+        return -400;
+    }
+    if (chunked > 1) {
+        *why = "chunked applied more than once";
+        return -400;
+    }
+    if (count > 1) {
+        *why = "unsupported transfer coding";
+        return -501;
+    }
+    return 0;
+}
+
 /* %XX -> byte; invalid sequences are copied unchanged. Never writes more than n bytes. */
 static char *pct_decode(char *w, const uint8_t *s, size_t n)
 {
@@ -170,7 +261,9 @@ int64_t fpy3_h1_parse_head(const char *buf, size_t len, size_t start, size_t max
     char *w = out->fields;
     int in_request_line = 1;
 
-    /* Output is at most head + path + 1 bytes, so no write below needs a bound check. */
+    /* Output is at most head + path + authority + 8 bytes (the authority of an
+     * absolute-form target replaces one Host value, or is added as one), which is at
+     * most 2 * max_size + 8: no write below needs a bound check. */
     if (max_size > (SIZE_MAX - 64) / 2 || out->cap < 2 * max_size + 64)
         ERR(500, "parser output buffer too small");
     if (start > len)
@@ -227,8 +320,9 @@ int64_t fpy3_h1_parse_head(const char *buf, size_t len, size_t start, size_t max
         ERR(400, "bare CR");
     size_t vlen = p - v;
     int minor;
-    if (vlen == 8 && memcmp(v, "HTTP/1.", 7) == 0 && (v[7] == '1' || v[7] == '0'))
-        minor = v[7] - '0';
+    /* RFC 9110 6.2: a 1.x request with a higher minor is served as HTTP/1.1 */
+    if (vlen == 8 && memcmp(v, "HTTP/1.", 7) == 0 && v[7] >= '0' && v[7] <= '9')
+        minor = v[7] != '0';
     else if (vlen == 8 && memcmp(v, "HTTP/", 5) == 0 && v[5] >= '0' && v[5] <= '9' &&
              v[6] == '.' && v[7] >= '0' && v[7] <= '9')
         ERR(505, "HTTP version not supported");
@@ -241,7 +335,10 @@ int64_t fpy3_h1_parse_head(const char *buf, size_t len, size_t start, size_t max
     if (memchr(t, '#', tlen))
         ERR(400, "fragment in request target");
     const uint8_t *rp = t, *q = t + tlen, *te = t + tlen;
-    if (mlen == 7 && memcmp(m, "CONNECT", 7) == 0) {
+    const uint8_t *auth = NULL; /* absolute-form: its authority replaces Host */
+    size_t alen = 0;
+    int connect = mlen == 7 && memcmp(m, "CONNECT", 7) == 0;
+    if (connect) {
         if (!authority_ok(t, tlen))
             ERR(400, "CONNECT needs an authority-form target");
         rp = t;
@@ -264,8 +361,12 @@ int64_t fpy3_h1_parse_head(const char *buf, size_t len, size_t start, size_t max
         rp = a;
         while (rp < te && *rp != '/' && *rp != '?')
             rp++;
-        if (rp == a)
-            ERR(400, "empty authority in absolute-form target");
+        if (rp == a || *a == ':')
+            ERR(400, "empty host in absolute-form target");
+        if (!host_ok(a, rp - a))
+            ERR(400, "invalid authority in absolute-form target");
+        auth = a;
+        alen = rp - a;
         const uint8_t *qm = memchr(rp, '?', te - rp);
         if (qm)
             q = qm;
@@ -287,8 +388,8 @@ int64_t fpy3_h1_parse_head(const char *buf, size_t len, size_t start, size_t max
 
     /* header fields */
     size_t nh = 0, nhost = 0, ncl = 0, nte = 0;
-    const uint8_t *clv = NULL, *tev = NULL;
-    size_t cllen = 0, telen = 0;
+    const uint8_t *clv = NULL, *tev = NULL, *hostv = NULL;
+    size_t cllen = 0, telen = 0, hostlen = 0;
     int conn = 0, expect = 0;
     int64_t upgrade = -1;
     for (;;) {
@@ -347,8 +448,17 @@ int64_t fpy3_h1_parse_head(const char *buf, size_t len, size_t start, size_t max
 
         switch (nlen) {
         case 4:
-            if (memcmp(wn, "host", 4) == 0)
-                nhost++;
+            if (memcmp(wn, "host", 4) == 0 && ++nhost == 1) {
+                hostv = vs;
+                hostlen = vlen2;
+                if (auth) {
+                    /* Only the first: each copy costs alen bytes of the output buffer. */
+                    w = wn + 5;
+                    memcpy(w, auth, alen);
+                    w += alen;
+                    *w++ = 0;
+                }
+            }
             break;
         case 6:
             if (memcmp(wn, "expect", 6) == 0 && vlen2 == 12 && ieq(vs, "100-continue", 12))
@@ -384,6 +494,9 @@ int64_t fpy3_h1_parse_head(const char *buf, size_t len, size_t start, size_t max
         ERR(400, "multiple Host headers");
     if (minor == 1 && nhost == 0)
         ERR(400, "missing Host header");
+    /* RFC 9112 3.2: 400 for an invalid Host, even when the target's authority replaces it */
+    if (nhost && !host_ok(hostv, hostlen))
+        ERR(400, "invalid Host header");
     int64_t cl = -1;
     if (ncl > 1)
         ERR(400, "multiple Content-Length headers");
@@ -408,10 +521,10 @@ int64_t fpy3_h1_parse_head(const char *buf, size_t len, size_t start, size_t max
             ERR(400, "multiple Transfer-Encoding headers");
         if (ncl)
             ERR(400, "both Transfer-Encoding and Content-Length");
-        if (telen == 0)
-            ERR(400, "empty Transfer-Encoding");
-        if (!(telen == 7 && ieq(tev, "chunked", 7)))
-            ERR(501, "unsupported transfer coding");
+        const char *why = NULL;
+        int st = transfer_codings(tev, telen, &why);
+        if (st)
+            ERR(-st, why);
         flags |= FPY3_H1_CHUNKED;
     }
     if (minor == 1 ? !(conn & CONN_CLOSE) : (conn & (CONN_KEEP_ALIVE | CONN_CLOSE)) == CONN_KEEP_ALIVE)
@@ -423,6 +536,21 @@ int64_t fpy3_h1_parse_head(const char *buf, size_t len, size_t start, size_t max
         flags |= FPY3_H1_UPGRADE;
     else
         upgrade = -1;
+
+    /* RFC 9110 9.3.6: CONNECT asks for a tunnel, which is no ASGI http request */
+    if (connect)
+        ERR(405, "CONNECT is not supported");
+    if (auth && !nhost) {
+        /* HTTP/1.0 absolute-form without Host: the app still learns the authority */
+        if (nh + 1 > max_count)
+            ERR(431, "too many header fields");
+        memcpy(w, "host", 5);
+        w += 5;
+        memcpy(w, auth, alen);
+        w += alen;
+        *w++ = 0;
+        nh++;
+    }
 
     /* decoded path goes last: a %00 in it must not shift the other fields */
     if (rplen == 0)

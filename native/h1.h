@@ -16,7 +16,7 @@
  * one ffi.unpack over the first six fields. */
 typedef struct {
     int64_t end;            /* offset just past the blank line ending the head */
-    int64_t http_minor;     /* 0 or 1 */
+    int64_t http_minor;     /* 0 or 1 (HTTP/1.2 and up are read as 1.1) */
     int64_t nheaders;
     int64_t content_length; /* -1 when absent */
     int64_t flags;          /* FPY3_H1_* bits */
@@ -29,7 +29,8 @@ typedef struct {
 /* Parses the request head at buf[start:len].
  * Returns > 0: bytes written to out->fields:
  *   method \0 raw_path \0 query \0 (name \0 value \0)* path
- *   names lowercased, path percent-decoded and last (it may hold a NUL byte).
+ *   names lowercased, path percent-decoded and last (it may hold a NUL byte); for an
+ *   absolute-form target, a host field carrying its authority replaces Host.
  * Returns 0: head incomplete. Returns < 0: -(HTTP status); out->reason says why. */
 int64_t fpy3_h1_parse_head(const char *buf, size_t len, size_t start, size_t max_size,
                            size_t max_count, fpy3_h1_head *out);

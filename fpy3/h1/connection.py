@@ -2,7 +2,16 @@
 
 Parsing is done in C (``fpy3.h1.parser``); the response rules are the core's
 (``fpy3.core.http``). This module frames messages and keeps the connection's state:
-keep-alive, pipelining, timeouts, backpressure. A connection goes on to its next
+keep-alive, pipelining, timeouts, backpressure.
+
+Every phase that waits on the client has a deadline, checked by the service's clock
+(no timer per request): the request head (``http1.header_timeout``), the idle time
+between requests (``keepalive_timeout``), a request body that stops arriving
+(``body_timeout`` without progress, progress being ``BODY_PROGRESS`` bytes, so that a
+trickle of a byte now and then does not hold a connection forever: 408), and a client
+that stops reading the response
+(``send_timeout`` while the transport stays above its high-water mark, or while a
+closing connection still holds unsent bytes: the connection is dropped). A connection goes on to its next
 request as soon as a response is complete, while the finished cycle's task runs on
 (background work after the response does not hold up the connection).
 """
@@ -11,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 from http import HTTPStatus
 
 from ..core.flow import RECV_HIGH_WATER, Waiter
@@ -42,7 +53,18 @@ def status_line(status: int, minor: int = 1) -> bytes:
 
 _STATUS_LINES = {s.value: status_line(s.value) for s in HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# A 405 must list what is allowed (RFC 9110 15.5.6): every method goes to the app but
+# CONNECT, which asks for a tunnel.
+_ALLOW = b"allow: GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
+# Request body bytes that count as progress and move the body deadline: a client must
+# send this much per http1.body_timeout (or finish). 1 KiB per 30 s by default is far
+# below any real upload and far above a slow-POST trickle (RUDY: a byte every second).
+BODY_PROGRESS = 1024
+# SO_LINGER on, 0 s: closing then resets the connection and frees the kernel's buffers
+# for it at once, instead of leaving them to a peer that does not read (as nginx's
+# reset_timedout_connection).
+_LINGER0 = struct.pack("ii", 1, 0)
 
 
 class H1Listener:
@@ -108,7 +130,9 @@ class H1Connection(asyncio.Protocol):
         self.in_process = False
         self.reading_paused = False
         self.closed = False
-        self.deadline = 0.0  # loop time when the idle or header timer fires; 0 = none
+        self.deadline = 0.0  # loop time when the idle, header or body timer fires; 0 = none
+        self.send_deadline = 0.0  # when a client not reading the response is dropped
+        self.flushing = False  # closed, with bytes the client has not taken yet
         self.header_phase = True  # waiting for a request head (its timer is running)
         self.requests = 0
         # The request whose response is in progress (None once the response is complete).
@@ -116,6 +140,7 @@ class H1Connection(asyncio.Protocol):
         self.body_left = 0  # Content-Length bytes of the request still to read
         self.chunked: ChunkedDecoder | None = None
         self.body_size = 0
+        self.body_mark = 0  # body_size when the body deadline was last moved
         self.keep_alive = True
         self.expect_continue = False
         self.minor = 1
@@ -143,13 +168,17 @@ class H1Connection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        self.flushing = False
         self._lost()
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.send_deadline = self.loop.time() + self.svc.send_timeout
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        # Progress: a closing connection gets another period for what is left.
+        self.send_deadline = self.loop.time() + self.svc.send_timeout if self.flushing else 0.0
         self.writable.wake()
 
     def data_received(self, data: bytes) -> None:
@@ -174,11 +203,16 @@ class H1Connection(asyncio.Protocol):
         if not self.reading_paused and not self.closed:
             self.reading_paused = True
             self.transport.pause_reading()
+            # Not reading is our choice (the app is behind): no body timer meanwhile.
+            self.deadline = 0.0
 
     def resume_reading(self) -> None:
         if self.reading_paused and not self.closed:
             self.reading_paused = False
             self.transport.resume_reading()
+            if (self.body_left or self.chunked is not None) and not self.expect_continue:
+                self.body_mark = self.body_size
+                self.deadline = self.loop.time() + self.svc.body_timeout
 
     def take_buffer(self) -> bytes:
         """The bytes received and not yet consumed (after an upgrade: frames)."""
@@ -193,10 +227,17 @@ class H1Connection(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
-        """Close after the bytes already written."""
+        """Close after the bytes already written. While the client has not taken them
+        the connection stays registered, under the send timeout."""
         if not self.closed:
             self.closed = True
-            self.transport.close()
+            self.deadline = 0.0
+            transport = self.transport
+            transport.close()
+            if transport.get_write_buffer_size():
+                self.flushing = True
+                if not self.send_deadline:
+                    self.send_deadline = self.loop.time() + self.svc.send_timeout
             self._lost()
 
     def abort(self) -> None:
@@ -206,13 +247,15 @@ class H1Connection(asyncio.Protocol):
 
     def kill(self) -> None:
         """Drop the connection now, discarding what is not sent yet."""
-        if not self.closed:
+        if not self.closed or self.flushing:
             self.closed = True
+            self.flushing = False
             self.transport.abort()
             self._lost()
 
     def _lost(self) -> None:
-        self.svc.forget(self)
+        if not self.flushing:
+            self.svc.forget(self)
         if self.ws is not None:
             self.ws.lost()
         if self.cycle is not None:
@@ -220,10 +263,30 @@ class H1Connection(asyncio.Protocol):
         self.writable.wake()
 
     def on_timeout(self) -> None:
-        """Called by the service clock when ``deadline`` has passed."""
-        if self.responding or self.closed:
+        """Called by the service clock when ``deadline`` or ``send_deadline`` has passed."""
+        now = self.loop.time()
+        if self.send_deadline and self.send_deadline <= now:
+            logger.info(
+                "dropping connection from %s: the response was not read for %gs",
+                _fmt(self.client),
+                self.svc.send_timeout,
+            )
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+                except OSError:
+                    pass
+            self.kill()
             return
-        if self.buf:
+        if self.closed or not self.deadline or self.deadline > now:
+            return
+        self.deadline = 0.0
+        if self.body_left or self.chunked is not None:
+            self._body_error(408, "request body not received in time")
+        elif self.responding:
+            return
+        elif self.buf:
             self.reject(408, "request head not received in time")
         else:
             self.close()  # idle keep-alive connection
@@ -269,7 +332,7 @@ class H1Connection(asyncio.Protocol):
                 try:
                     head = parse_head(buf, 0, svc.max_header_size, svc.max_header_count)
                 except ParseError as exc:
-                    self.reject(exc.status, exc.reason)
+                    self.reject(exc.status, exc.reason, _ALLOW if exc.status == 405 else b"")
                     break
                 if head is None:
                     if not self.header_phase:
@@ -294,6 +357,7 @@ class H1Connection(asyncio.Protocol):
         self.keep_alive = bool(flags & KEEP_ALIVE) and not svc.draining
         self.expect_continue = bool(flags & EXPECT_CONTINUE)
         self.body_size = 0
+        self.body_mark = 0
         self.resp_chunked = False
         self.responding = True
         self.head_sent = False
@@ -330,6 +394,8 @@ class H1Connection(asyncio.Protocol):
             self.client,
             self.server,
         )
+        if more and not self.expect_continue:
+            self.deadline = self.loop.time() + svc.body_timeout
         cycle = self.cycle = HTTPCycle(scope, self, svc, more)
         svc.spawn(cycle.run())
 
@@ -357,6 +423,11 @@ class H1Connection(asyncio.Protocol):
             self.body_left = left - len(data)
             done = self.body_left == 0
         self.body_size += len(data)
+        if done:
+            self.deadline = 0.0
+        elif self.body_size - self.body_mark >= BODY_PROGRESS and not self.reading_paused:
+            self.body_mark = self.body_size
+            self.deadline = self.loop.time() + self.svc.body_timeout
         if self.svc.max_body_size and self.body_size > self.svc.max_body_size:
             self._body_error(413, "request body larger than limits.max_body_size")
             return False
@@ -386,6 +457,8 @@ class H1Connection(asyncio.Protocol):
             self.expect_continue = False
             if not self.closed and not self.head_sent:
                 self.transport.write(_CONTINUE)
+                if not self.reading_paused and (self.body_left or self.chunked is not None):
+                    self.deadline = self.loop.time() + self.svc.body_timeout
         cycle = self.cycle
         if self.reading_paused and cycle is not None and cycle.queued < RECV_HIGH_WATER:
             self.resume_reading()
@@ -401,6 +474,10 @@ class H1Connection(asyncio.Protocol):
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
         if flags & CLOSE:
+            self.keep_alive = False
+        if self.expect_continue and (self.body_left or self.chunked is not None):
+            # The client never got 100 and may never send the body: this response
+            # ends the connection, and says so (RFC 9110 10.1.1).
             self.keep_alive = False
         if flags & STREAM:
             if minor:
@@ -461,9 +538,6 @@ class H1Connection(asyncio.Protocol):
             return
         self.responding = False
         if self.body_left or self.chunked is not None:
-            if self.expect_continue:
-                self.close()  # the client never got 100 and may never send the body
-                return
             # Read and drop what remains of the body, then the next request.
             self.resume_reading()
             if self.buf:

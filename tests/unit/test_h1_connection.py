@@ -26,6 +26,11 @@ class Transport(asyncio.Transport):
         assert not self.closed, "write after close"
         self.out += data
 
+    unsent = 0  # what a client that stops reading leaves in the send buffer
+
+    def get_write_buffer_size(self):
+        return self.unsent
+
     def writelines(self, parts):
         for p in parts:
             self.write(p)
@@ -317,6 +322,267 @@ def test_header_timeout_answers_408():
         h.feed(b"GET / HTTP/1.1\r\n")
         await h.until(lambda: h.transport.closed)
         assert h.transport.take().startswith(b"HTTP/1.1 408 ")
+        await h.close()
+
+    run(main())
+
+
+# ---- deadlines (driven through the service clock, with deadlines moved into the past) ----
+
+
+def expire(h: Harness, attr: str = "deadline") -> None:
+    """Let the clock find ``attr`` passed, as it would after the timeout."""
+    assert getattr(h.conn, attr), f"{attr} is not armed"
+    setattr(h.conn, attr, h.loop.time() - 0.001)
+    h.svc._tick()
+
+
+async def reader(scope, receive, send):
+    body = b""
+    while True:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            return
+        body += msg["body"]
+        if not msg["more_body"]:
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"got %d" % len(body)})
+
+
+POST = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
+POST_CHUNKED = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("head, part", [(POST, b"01234"), (POST_CHUNKED, b"5\r\n01234\r\n")])
+def test_stalled_body_gets_408_and_close(head, part):
+    async def main():
+        h = Harness(reader, http1={"body_timeout": 7.0})
+        t0 = h.loop.time()
+        h.feed(head + part)
+        await asyncio.sleep(0)
+        # Armed from the last progress; not fired before then.
+        assert h.conn.deadline >= t0 + 7.0
+        h.svc._tick()
+        assert not h.transport.closed
+        expire(h)
+        assert h.transport.closed
+        out = h.transport.take()
+        assert out.startswith(b"HTTP/1.1 408 ") and b"connection: close" in out
+        assert not h.svc.connections
+        await h.close()
+
+    run(main())
+
+
+def test_body_progress_moves_the_deadline():
+    async def main():
+        h = Harness(reader, http1={"body_timeout": 7.0})
+        n = 3000
+        h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % n + b"0")
+        await asyncio.sleep(0)
+        h.conn.deadline = armed = 1.0  # as if time went on
+        h.feed(b"1" * 100)
+        assert h.conn.deadline == armed  # a trickle is no progress
+        h.feed(b"2" * 1000)
+        assert h.conn.deadline > armed  # BODY_PROGRESS bytes since the last move are
+        h.feed(b"3" * (n - 1101))
+        await h.until(lambda: b"got %d" % n in h.transport.out)
+        assert h.conn.deadline and not h.transport.closed  # now the keep-alive timer
+        await h.close()
+
+    run(main())
+
+
+def test_trickled_body_times_out():
+    # One byte at a time (slow POST) never reaches BODY_PROGRESS: 408 at the deadline.
+    async def main():
+        h = Harness(reader, http1={"body_timeout": 7.0})
+        h.feed(POST)
+        for b in b"012345":
+            h.feed(bytes([b]))
+        expire(h)
+        assert h.transport.take().startswith(b"HTTP/1.1 408 ") and h.transport.closed
+        await h.close()
+
+    run(main())
+
+
+def test_no_body_timer_while_the_app_is_behind():
+    release = asyncio.Event()
+
+    async def slow(scope, receive, send):
+        await release.wait()
+        await reader(scope, receive, send)
+
+    async def main():
+        h = Harness(slow, http1={"body_timeout": 7.0})
+        big = 300 * 1024
+        h.feed(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (big + 1))
+        h.feed(b"a" * big)
+        # Reading paused at the high-water mark: the stall is ours, not the client's.
+        assert h.transport.paused and h.conn.deadline == 0.0
+        release.set()
+        await h.until(lambda: not h.transport.paused)
+        assert h.conn.deadline  # reading again: the client owes the last byte
+        h.feed(b"a")
+        await h.until(lambda: b"got %d" % (big + 1) in h.transport.out)
+        await h.close()
+
+    run(main())
+
+
+def test_no_body_timer_before_100_continue_then_one():
+    async def app(scope, receive, send):
+        await asyncio.sleep(0)
+        await reader(scope, receive, send)
+
+    async def main():
+        h = Harness(app, http1={"body_timeout": 7.0})
+        h.feed(POST[:-2] + b"Expect: 100-continue\r\n\r\n")
+        assert h.conn.deadline == 0.0  # the client waits for us
+        await h.until(lambda: b"100 Continue" in h.transport.out)
+        assert h.conn.deadline  # 100 sent: now the client owes the body
+        expire(h)
+        assert b" 408 " in h.transport.take() and h.transport.closed
+        await h.close()
+
+    run(main())
+
+
+def test_stalled_body_after_the_response_just_closes():
+    async def main():
+        h = Harness(hello, http1={"body_timeout": 7.0})
+        h.feed(POST + b"01")
+        await h.until(lambda: b"hello /" in h.transport.out)
+        h.transport.take()
+        expire(h)  # the rest of the body never comes
+        assert h.transport.closed and h.transport.take() == b""
+        await h.close()
+
+    run(main())
+
+
+def test_client_not_reading_is_dropped_after_send_timeout():
+    async def main():
+        h = Harness(hello, http1={"send_timeout": 9.0})
+        t0 = h.loop.time()
+        h.conn.pause_writing()
+        assert h.conn.send_deadline >= t0 + 9.0
+        h.svc._tick()
+        assert not h.transport.closed
+        h.conn.resume_writing()  # progress: the transport drained
+        assert h.conn.send_deadline == 0.0
+        h.conn.pause_writing()
+        expire(h, "send_deadline")
+        assert h.transport.closed and not h.svc.connections
+        await h.close()
+
+    run(main())
+
+
+def test_closing_with_unsent_bytes_stays_under_the_send_timeout():
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        h.transport.unsent = 5000  # the client has not read it
+        await send({"type": "http.response.body", "body": b"x"})
+
+    async def main():
+        nonlocal h
+        h = Harness(app, http1={"send_timeout": 9.0})
+        h.feed(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await h.until(lambda: h.transport.closed)
+        # Closed, but the bytes are not delivered: still counted, and bounded in time.
+        assert h.conn in h.svc.connections and h.conn.send_deadline
+        aborted = []
+        h.transport.abort = lambda: aborted.append(True)
+        expire(h, "send_deadline")
+        assert aborted and not h.svc.connections
+        await h.close()
+
+    h = None
+    run(main())
+
+
+def test_closing_connection_is_forgotten_when_the_transport_is_done():
+    async def main():
+        h = Harness(hello)
+        h.transport.unsent = 10
+        h.feed(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await h.until(lambda: h.transport.closed)
+        assert h.conn in h.svc.connections
+        h.conn.connection_lost(None)
+        assert not h.svc.connections
+        await h.close()
+
+    run(main())
+
+
+# ---- request rules ----
+
+
+def test_expect_continue_unread_body_says_connection_close():
+    async def main():
+        h = Harness(hello)
+        h.feed(POST[:-2] + b"Expect: 100-continue\r\n\r\n")
+        await h.until(lambda: h.transport.closed)
+        out = h.transport.take()
+        assert b"100 Continue" not in out
+        [(status, headers, body)] = responses(out)
+        assert status.startswith(b"HTTP/1.1 200") and headers[b"connection"] == [b"close"]
+        await h.close()
+
+    run(main())
+
+
+def test_expect_continue_without_body_keeps_alive():
+    async def main():
+        h = Harness(hello)
+        h.feed(b"GET / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n")
+        await h.until(lambda: b"hello /" in h.transport.out)
+        assert b"connection: close" not in h.transport.out and not h.transport.closed
+        await h.close()
+
+    run(main())
+
+
+def test_connect_gets_405_without_the_app():
+    called = []
+
+    async def app(scope, receive, send):
+        called.append(scope)
+
+    async def main():
+        h = Harness(app)
+        h.feed(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        assert h.transport.closed
+        out = h.transport.take()
+        assert out.startswith(b"HTTP/1.1 405 ") and b"\r\nallow: GET, HEAD, POST" in out
+        assert b"CONNECT" not in out.split(b"\r\nallow:")[1].split(b"\r\n")[0]
+        await asyncio.sleep(0)
+        assert called == []
+        await h.close()
+
+    run(main())
+
+
+def test_scope_of_absolute_form_and_http12():
+    scopes = []
+
+    async def app(scope, receive, send):
+        scopes.append(scope)
+        await hello(scope, receive, send)
+
+    async def main():
+        h = Harness(app)
+        h.feed(b"GET http://real.example:81/p?q=1 HTTP/1.2\r\nHost: other\r\n\r\n")
+        await h.until(lambda: b"hello /p" in h.transport.out)
+        assert h.transport.take().startswith(b"HTTP/1.1 200 ")
+        [scope] = scopes
+        assert scope["http_version"] == "1.1"
+        assert scope["headers"] == [(b"host", b"real.example:81")]
+        assert (scope["path"], scope["query_string"]) == ("/p", b"q=1")
+        assert not h.transport.closed  # 1.1 semantics: kept alive
         await h.close()
 
     run(main())

@@ -163,11 +163,12 @@ def test_asterisk_form_options():
     assert r[1:5] == (b"OPTIONS", b"*", b"", "*")
 
 
-def test_connect_authority_form():
-    r = parse(req(line="CONNECT example.com:443 HTTP/1.1"))
-    assert r[1:5] == (b"CONNECT", b"example.com:443", b"", "example.com:443")
-    r = parse(req(line="CONNECT [::1]:8080 HTTP/1.1"))
-    assert r[2] == b"[::1]:8080"
+@pytest.mark.parametrize("target", ["example.com:443", "[::1]:8080"])
+def test_connect_is_405(target):
+    # RFC 9110 9.3.6: a tunnel, not an ASGI http request; the target is still checked
+    with pytest.raises(ParseError) as ei:
+        parse(req(line=f"CONNECT {target} HTTP/1.1"))
+    assert ei.value.status == 405 and "CONNECT" in ei.value.reason
 
 
 @pytest.mark.parametrize(
@@ -267,13 +268,20 @@ def test_changing_max_size_between_calls():
         ("GET / HTTP/a.b", 400),
         ("GET /", 400),
         ("GET / HTTP/2.0", 505),
-        ("GET / HTTP/1.2", 505),
         ("GET / HTTP/0.9", 505),
         ("GET / HTTP/3.0", 505),
     ],
 )
 def test_request_line_errors(line, status):
     assert status_of(req(line=line)) == status
+
+
+@pytest.mark.parametrize("minor", "23456789")
+def test_higher_http1_minor_read_as_http11(minor):
+    # RFC 9110 6.2: served as HTTP/1.1 (keep-alive by default, Host required)
+    r = parse(req(line=f"GET / HTTP/1.{minor}"))
+    assert r[5] == 1 and r[8] & KEEP_ALIVE
+    assert status_of(req(host=False, line=f"GET / HTTP/1.{minor}")) == 400
 
 
 def test_nul_in_request_line():
@@ -408,11 +416,35 @@ def test_transfer_encoding_chunked(value):
     assert r[8] & CHUNKED and r[7] == -1
 
 
-@pytest.mark.parametrize(
-    "value", ["gzip, chunked", "identity", "gzip", "chunked, chunked", "chunk"]
-)
+@pytest.mark.parametrize("value", ["gzip, chunked", "deflate,chunked", "x , , chunked"])
 def test_transfer_encoding_unsupported(value):
+    # RFC 9112 6.1: a coding we do not implement, chunked last: 501
     assert status_of(req(f"Transfer-Encoding: {value}")) == 501
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "identity",
+        "gzip",
+        "chunk",
+        "chunked, gzip",
+        "chunked, identity",
+        "chunked;a=b",
+        "chunked, chunked",
+        "gzip, chunked, chunked",
+        ",",
+        " , ",
+    ],
+)
+def test_transfer_encoding_chunked_not_final_is_400(value):
+    # RFC 9112 6.3: chunked not final (or twice): the length is unknowable, 400 and close
+    assert status_of(req(f"Transfer-Encoding: {value}")) == 400
+
+
+def test_transfer_encoding_empty_list_elements_ignored():
+    r = parse(req("Transfer-Encoding: , chunked ,", line="POST / HTTP/1.1"))
+    assert r[8] & CHUNKED
 
 
 def test_transfer_encoding_errors():
@@ -425,6 +457,109 @@ def test_transfer_encoding_errors():
 
 
 # ---- Host ----
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "example.com",
+        "EXAMPLE.com:8443",
+        "127.0.0.1",
+        "127.0.0.1:80",
+        "[::1]",
+        "[::1]:8443",
+        "[2001:db8::a:b]",
+        "[v1.x:y]",
+        "a-b_c~d.e",
+        "%41b",
+        "!$&'()*+,;=",
+        "h:",  # port = *DIGIT
+        "",  # reg-name may be empty
+    ],
+)
+def test_valid_hosts(host):
+    r = parse(req(f"Host: {host}", host=False))
+    assert r[6] == [(b"host", host.encode())]
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "a b",
+        "a/b@c",
+        "a@b",
+        "user@example.com",
+        "a/b",
+        "a?b",
+        "a#b",
+        "a\\b",
+        "exa\x80mple",
+        "h:x",
+        "h:80:80",
+        "h:-1",
+        ":80x",
+        "[::1",
+        "[]",
+        "[::1]x",
+        "[::g]",
+        "%4",
+        "%zz",
+        "a<b",
+        'a"b',
+    ],
+)
+def test_invalid_host_is_400(host):
+    # RFC 9112 3.2: a Host that is not uri-host [":" port] gets 400
+    raw = f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode("latin-1")
+    with pytest.raises(ParseError) as ei:
+        parse(raw)
+    assert ei.value.status == 400 and "Host" in ei.value.reason
+
+
+def test_invalid_host_in_http10_is_400():
+    assert status_of(b"GET / HTTP/1.0\r\nHost: a b\r\n\r\n") == 400
+
+
+@pytest.mark.parametrize(
+    "target, authority",
+    [
+        ("http://example.org/p?q", b"example.org"),
+        ("https://example.org:8443/", b"example.org:8443"),
+        ("http://[::1]:80", b"[::1]:80"),
+        ("http://h", b"h"),
+    ],
+)
+def test_absolute_form_authority_replaces_host(target, authority):
+    # RFC 9112 3.2.2: the server uses the target's authority, not the Host header
+    r = parse(req("X-A: 1", line=f"GET {target} HTTP/1.1"))
+    assert r[6] == [(b"host", authority), (b"x-a", b"1")]
+
+
+def test_absolute_form_http10_without_host_adds_one():
+    r = parse(b"GET http://example.org/a HTTP/1.0\r\nX-A: 1\r\n\r\n")
+    assert r[6] == [(b"x-a", b"1"), (b"host", b"example.org")]
+    assert r[2] == b"/a" and r[4] == "/a"
+
+
+def test_absolute_form_still_needs_a_valid_host_header():
+    assert status_of(req(host=False, line="GET http://example.org/ HTTP/1.1")) == 400
+    raw = b"GET http://example.org/ HTTP/1.1\r\nHost: a b\r\n\r\n"
+    assert status_of(raw) == 400
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["http://u@h/", "http://a b/", "http://:80/", "http://h:x/", "http://[::1/", "http://h%/"],
+)
+def test_absolute_form_bad_authority_is_400(target):
+    assert status_of(req(line=f"GET {target} HTTP/1.1")) == 400
+
+
+def test_absolute_form_long_authority_with_many_host_headers():
+    # Only the first Host value is replaced: the output buffer bound holds.
+    authority = "a" * 3000
+    raw = (f"GET http://{authority}/ HTTP/1.1\r\n" + "Host: h\r\n" * 50 + "\r\n").encode()
+    assert status_of(raw, max_size=len(raw)) == 400
 
 
 def test_host_rules():
@@ -727,6 +862,9 @@ def test_fuzz_parse_head():
         req("Connection: upgrade", "Upgrade: websocket", "Expect: 100-continue"),
         b"\r\nOPTIONS * HTTP/1.0\r\n\r\n",
         req(line="CONNECT h:1 HTTP/1.1"),
+        req(line="GET http://a:1/b HTTP/1.0", host=False),
+        req("Transfer-Encoding: gzip, chunked"),
+        b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n",
         req(line="GET http://h/%41%zz?x HTTP/1.1"),
     ]
     for n in range(20000):
@@ -740,7 +878,7 @@ def test_fuzz_parse_head():
         try:
             r = parse_head(raw, start, max_size, max_count)
         except ParseError as e:
-            assert e.status in (400, 414, 431, 501, 505)
+            assert e.status in (400, 405, 414, 431, 501, 505)
             continue
         if r is not None:
             assert isinstance(r, tuple) and len(r) == 10
