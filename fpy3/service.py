@@ -14,6 +14,7 @@ import asyncio
 import contextvars
 import email.utils
 import logging
+import os
 import socket
 import ssl
 import time
@@ -22,9 +23,12 @@ from typing import Any
 
 from .config import Settings
 from .core.flow import Waiter
+from .core.forwarded import ProxyHeaders, TrustedPeers
+from .core.health import Health
 from .h1.connection import H1Connection, H1Listener
 from .h3.server import H3Server
 from .logs import AccessLog
+from .proxyproto import ProxyProtocolServer
 
 logger = logging.getLogger("fpy3.error")
 
@@ -50,6 +54,18 @@ class Clock:
     def set(self, second: int) -> None:
         self.second = second
         self.date = email.utils.formatdate(second, usegmt=True).encode("ascii")
+
+
+def alt_svc(settings: Settings) -> bytes:
+    """The Alt-Svc value announcing HTTP/3 (RFC 7838), or b"" for none."""
+    h3 = settings.http3
+    if not (h3.enabled and h3.alt_svc):
+        return b""
+    host = h3.alt_svc_host
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address
+    port = h3.alt_svc_port or settings.udp_port
+    return f'h3="{host}:{port}"; ma={h3.alt_svc_max_age}'.encode("ascii")
 
 
 class HTTPService:
@@ -79,13 +95,25 @@ class HTTPService:
         self.keepalive_timeout = settings.http1.keepalive_timeout
         self.ws = settings.websocket
         self.server_header = settings.server.server_header.encode("latin-1")
-        self.alt_svc = b'h3=":%d"; ma=86400' % settings.udp_port if settings.http3.enabled else b""
+        self.alt_svc = alt_svc(settings)
+        proxy = settings.proxy
+        # The allow-list, for proxy headers and the PROXY protocol alike.
+        self.trusted_peers = TrustedPeers(proxy.forwarded_allow_ips)
+        self.proxy_headers = (
+            ProxyHeaders(self.trusted_peers, proxy.header_style) if proxy.headers else None
+        )
+        health = settings.health
+        self.health = (
+            Health(health.ready_path, health.live_path)
+            if health.ready_path or health.live_path
+            else None
+        )
         self.clock = Clock()
         self.clock.set(int(time.time()))
         self.websockets = 0  # open websockets (all protocols), for websocket.max_connections
         self.connections: set[H1Connection] = set()
         self.tasks: set[asyncio.Task] = set()  # app cycles still running
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[asyncio.AbstractServer | ProxyProtocolServer] = []
         self.listeners: list[H1Listener] = []
         self.h3_servers: list[H3Server] = []
         self.draining = False
@@ -106,9 +134,26 @@ class HTTPService:
         self._ticker = self.loop.call_later(self._tick_interval, self._tick)
 
     async def listen(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
+        """Serve HTTP/1.1 on a listening socket (TLS with ``ssl_context``); with
+        ``proxy.protocol`` on for it, every connection starts with a PROXY header."""
         scheme = "https" if ssl_context is not None else "http"
         listener = H1Listener(self, scheme)
         self.listeners.append(listener)
+        if self.settings.proxy.protocol in ("all", "tls" if ssl_context else "cleartext"):
+            self.servers.append(
+                ProxyProtocolServer(
+                    self.loop,
+                    sock,
+                    listener.proxied,
+                    ssl_context=ssl_context,
+                    trusted=self.trusted_peers.trusts,
+                    timeout=self.settings.proxy.protocol_timeout,
+                    handshake_timeout=self.header_timeout,
+                    shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
+                    max_pending=self.max_connections,
+                )
+            )
+            return
         server = await self.loop.create_server(
             listener,
             sock=sock,
@@ -152,6 +197,12 @@ class HTTPService:
         if self.access_log is not None:
             self.access_log.log_request(scope, status, sent, self.loop.time() - started_at)
 
+    def not_ready(self) -> None:
+        """The readiness path answers 503 from now on (a stop is coming)."""
+        if self.health is not None and self.health.ready:
+            self.health.ready = False
+            logger.info("worker %d: not ready (the readiness path answers 503)", os.getpid())
+
     def forget(self, conn: H1Connection) -> None:
         """A connection closed."""
         self.connections.discard(conn)
@@ -165,6 +216,8 @@ class HTTPService:
         finish; at the deadline, cancel and await the tasks left, close every
         connection (QUIC ones with CONNECTION_CLOSE), then free everything."""
         self.draining = True
+        if self.health is not None:
+            self.health.ready = False
         # Asked while the servers are open, wait_closed() also covers connections still
         # in their TLS handshake, not yet in self.connections: on a reload or a recycle
         # they must get an answer, not an EOF.
@@ -220,7 +273,10 @@ class HTTPService:
             self._ticker.cancel()
             self._ticker = None
         for server in self.servers:
-            server.close()
+            if isinstance(server, ProxyProtocolServer):
+                server.kill()
+            else:
+                server.close()
         for h3 in self.h3_servers:
             h3.close()
         self.h3_servers.clear()

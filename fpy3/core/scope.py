@@ -26,7 +26,20 @@ def build_scope(
     server: list | None,
 ) -> dict[str, Any]:
     """An ``http`` or ``websocket`` scope. ``scheme`` is the transport's (http or https);
-    ``path`` is percent-decoded, without the root path."""
+    ``path`` is percent-decoded, without the root path. ``client`` is the peer (None
+    for a Unix socket); when it is a trusted proxy, the client, scheme and host it
+    reports in its headers replace the connection's (``forwarded.py``)."""
+    proxy = host.proxy_headers
+    if proxy is not None:
+        peers = proxy.peers
+        if client is None:
+            scheme, client, headers = proxy.resolve(scheme, client, headers)
+        else:
+            trusted = peers.cache.get(client[0])
+            if trusted is None:
+                trusted = peers.trusts(client[0])
+            if trusted:
+                scheme, client, headers = proxy.resolve(scheme, client, headers)
     root = host.root_path
     scope = {
         "type": kind,

@@ -30,6 +30,8 @@ class Host:
         self.root_path = ""
         self.state: dict = {}
         self.access_log = None
+        self.proxy_headers = None
+        self.health = None
         self.finished: list[tuple[int, int]] = []
 
     def spawn(self, coro):
