@@ -187,9 +187,12 @@ class RawConn:
         timeout: float = 10.0,
         rcvbuf: int | None = None,
         sndbuf: int | None = None,
+        source: str | None = None,
     ):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
+        if source is not None:  # the client's address (another loopback address, say)
+            sock.bind((source, 0))
         if rcvbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         if sndbuf:
