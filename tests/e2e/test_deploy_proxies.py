@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 import h3clients as kit
 import pytest
 from harness import RawConn, call, client_missing, free_port, wait_until
+from websockets.sync.client import connect
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 CLIENT = "127.0.0.2"  # the clients' address; the proxies connect from 127.0.0.1
@@ -196,7 +198,7 @@ def nginx(module_server_factory, tmp_path_factory):
         http3={"enabled": True, "engine": "ngtcp2"},
     )
     config["http3"]["port"] = stream_port
-    srv = module_server_factory(config=config, wait=False)
+    srv = module_server_factory(app="ws_apps:app", config=config, wait=False)
     wait_until(srv.cafile.exists, 20, message=srv.stderr)
     root = tmp_path_factory.mktemp("nginx")
     http = envsubst(
@@ -260,6 +262,18 @@ def test_nginx_http_proxy_with_x_forwarded_for(nginx):
     assert scope["headers"]["host"] == f"127.0.0.1:{http_port}"
     assert scope["headers"]["x-forwarded-for"] == f"6.6.6.6, {CLIENT}"
     assert scope["query_string"] == "q=1"
+
+
+def test_nginx_http_proxy_passes_websockets_as_wss(nginx):
+    srv, _, _, http_port = nginx
+    sock = socket.create_connection(("127.0.0.1", http_port), 10, source_address=(CLIENT, 0))
+    ctx = ssl.create_default_context(cafile=str(srv.cafile))
+    uri = f"wss://127.0.0.1:{http_port}/scope"
+    with connect(uri, sock=sock, ssl=ctx, server_hostname="127.0.0.1", open_timeout=10) as ws:
+        scope = json.loads(ws.recv(timeout=10))
+    assert scope["type"] == "websocket"
+    assert scope["scheme"] == "wss"
+    assert scope["client"] == [CLIENT, 0]
 
 
 def test_nginx_http_proxy_streams_and_keeps_bodies(nginx):
