@@ -4,8 +4,11 @@ It holds the app and the options the protocols read on the hot path; the clock (
 tick refreshes the Date header, flushes the access log and fires connection
 timeouts: no timer per request); the registry of open connections and of running app
 tasks; the end of every response (access log and counters, ``response_done``); and
-the drain, whose deadline cancels what is left. The worker and the embedding API
-(``fpy3.embed``) both serve through it.
+the drain, whose deadline cancels what is left. It also holds what every protocol
+applies the same way: the trusted proxies (``proxy.forwarded_allow_ips``, for proxy
+headers in the scope builder and for the PROXY protocol on its listeners), the health
+paths, and the Alt-Svc value. The worker and the embedding API (``fpy3.embed``) both
+serve through it.
 """
 
 from __future__ import annotations
