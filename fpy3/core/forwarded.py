@@ -100,24 +100,30 @@ class TrustedPeers:
 class ProxyHeaders:
     """Applies the proxy headers of one style to a trusted peer's request."""
 
-    __slots__ = ("peers", "rfc7239")
+    __slots__ = ("peers", "rfc7239", "names")
 
     def __init__(self, peers: TrustedPeers, style: str = "x-forwarded"):
         self.peers = peers
         self.rfc7239 = style == "forwarded"  # else X-Forwarded-*
+        self.names = frozenset({_FORWARDED}) if self.rfc7239 else _X_NAMES
 
     def resolve(
         self, scheme: str, client: list | None, headers: list[tuple[bytes, bytes]]
-    ) -> tuple[str, list | None, list[tuple[bytes, bytes]]]:
+    ) -> tuple[str, list | None, list[tuple[bytes, bytes]]] | None:
         """The scheme, client and headers (with the host replaced) the proxy reports;
-        the arguments themselves when it reports nothing."""
+        None when the request carries none of its headers (the common case: one pass
+        over the names, nothing built)."""
+        names = self.names
+        for pair in headers:
+            if pair[0] in names:
+                return self._apply(scheme, client, headers)
+        return None
+
+    def _apply(
+        self, scheme: str, client: list | None, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[str, list | None, list[tuple[bytes, bytes]]]:
         if self.rfc7239:
-            value = None
-            for name, v in headers:
-                if name == _FORWARDED:
-                    value = v if value is None else value + b"," + v
-            if value is None:
-                return scheme, client, headers
+            value = b",".join(v for name, v in headers if name == _FORWARDED)
             found = self._forwarded(value)
             if found is None:
                 return scheme, client, headers
@@ -133,8 +139,6 @@ class ProxyHeaders:
                         proto = v if proto is None else proto + b"," + v
                     else:
                         host = v if host is None else host + b"," + v
-            if xff is None and proto is None and host is None:
-                return scheme, client, headers
             node = self._client_of(xff.decode("latin-1").split(",")) if xff else None
             proto = _last(proto)
             host = _last(host)

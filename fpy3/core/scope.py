@@ -31,15 +31,15 @@ def build_scope(
     reports in its headers replace the connection's (``forwarded.py``)."""
     proxy = host.proxy_headers
     if proxy is not None:
-        peers = proxy.peers
-        if client is None:
-            scheme, client, headers = proxy.resolve(scheme, client, headers)
-        else:
-            trusted = peers.cache.get(client[0])
+        trusted: bool | None = True  # a Unix socket peer
+        if client is not None:
+            trusted = proxy.peers.cache.get(client[0])
             if trusted is None:
-                trusted = peers.trusts(client[0])
-            if trusted:
-                scheme, client, headers = proxy.resolve(scheme, client, headers)
+                trusted = proxy.peers.trusts(client[0])
+        if trusted:
+            found = proxy.resolve(scheme, client, headers)
+            if found is not None:
+                scheme, client, headers = found
     root = host.root_path
     scope = {
         "type": kind,
