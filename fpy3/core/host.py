@@ -10,6 +10,9 @@ import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
+from .forwarded import ProxyHeaders
+from .health import Health
+
 ASGIApp = Callable[[dict, Callable[[], Awaitable[dict]], Callable[[dict], Awaitable[None]]], Any]
 
 
@@ -20,6 +23,8 @@ class Host(Protocol):
     root_path: str
     state: dict  # the lifespan state; every scope gets a shallow copy
     timed: bool  # response_done needs the start time (access log, metrics)
+    proxy_headers: ProxyHeaders | None  # None: proxy headers are never applied
+    health: Health | None  # None: no health paths; every request goes to the app
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task:
         """Run an app cycle as a task the service tracks (drain waits for it, then

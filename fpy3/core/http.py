@@ -385,6 +385,9 @@ class HTTPCycle:
     # -- running the app ------------------------------------------------------------
 
     async def run(self) -> None:
+        health = self.host.health
+        if health is not None and health.answer(self):
+            return
         try:
             await self.host.app(self.scope, self.receive, self.send)
         except asyncio.CancelledError:

@@ -26,7 +26,20 @@ def build_scope(
     server: list | None,
 ) -> dict[str, Any]:
     """An ``http`` or ``websocket`` scope. ``scheme`` is the transport's (http or https);
-    ``path`` is percent-decoded, without the root path."""
+    ``path`` is percent-decoded, without the root path. ``client`` is the peer (None
+    for a Unix socket); when it is a trusted proxy, the client, scheme and host it
+    reports in its headers replace the connection's (``forwarded.py``)."""
+    proxy = host.proxy_headers
+    if proxy is not None:
+        trusted: bool | None = True  # a Unix socket peer
+        if client is not None:
+            trusted = proxy.peers.cache.get(client[0])
+            if trusted is None:
+                trusted = proxy.peers.trusts(client[0])
+        if trusted:
+            found = proxy.resolve(scheme, client, headers)
+            if found is not None:
+                scheme, client, headers = found
     root = host.root_path
     scope = {
         "type": kind,

@@ -27,6 +27,7 @@ from http import HTTPStatus
 from ..core.flow import RECV_HIGH_WATER, Waiter
 from ..core.http import APP_DATE, APP_SERVER, CLOSE, STREAM, HTTPCycle
 from ..core.scope import build_scope
+from ..proxyproto import ProxyInfo
 from . import websocket
 from .parser import (
     CHUNKED,
@@ -82,6 +83,17 @@ class H1Listener:
     def __call__(self) -> H1Connection:
         return H1Connection(self)
 
+    def proxied(self, info: ProxyInfo) -> H1Connection:
+        """A connection whose PROXY header named the client (and the address it
+        reached); a LOCAL or UNKNOWN header keeps the socket's addresses."""
+        conn = H1Connection(self)
+        if info.client is not None:
+            conn.client = list(info.client)
+            conn.server = list(info.server) if info.server is not None else None
+        if info.tls:
+            conn.scheme = "https"  # TLS ended at the proxy
+        return conn
+
     def prefix(self, flags: int) -> bytes:
         """The default header lines, without those the app set (APP_SERVER, APP_DATE)."""
         return self.prefixes[flags & (APP_SERVER | APP_DATE)]
@@ -124,8 +136,8 @@ class H1Connection(asyncio.Protocol):
         self.svc = svc = listener.svc
         self.loop = svc.loop
         self.scheme = listener.scheme
-        self.client = None
-        self.server = None
+        self.client: list | None = None  # [host, port]; None for a Unix socket
+        self.server: list | None = None
         self.buf = b""  # received bytes not yet consumed
         self.in_process = False
         self.reading_paused = False
@@ -156,8 +168,9 @@ class H1Connection(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         svc = self.svc
-        self.client = _addr(transport.get_extra_info("peername"))
-        self.server = _addr(transport.get_extra_info("sockname"))
+        if self.client is None:  # else a PROXY header named it
+            self.client = _addr(transport.get_extra_info("peername"))
+            self.server = _addr(transport.get_extra_info("sockname"))
         if svc.max_connections and len(svc.connections) >= svc.max_connections:
             self.closed = True
             transport.write(self.listener.error_response(503, "too many connections"))

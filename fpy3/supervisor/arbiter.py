@@ -3,7 +3,9 @@
 Signal handlers only queue the signal and wake the loop through a pipe; the
 loop in ``Arbiter.run`` does all the work (as gunicorn's arbiter does).
 
-- TERM: graceful stop (workers drain up to ``workers.drain_timeout``), exit 0.
+- TERM: graceful stop (workers drain up to ``workers.drain_timeout``), exit 0. With
+  ``health.drain_delay``, workers first get USR2 (their readiness path answers 503)
+  and keep serving as usual for that long; then the drain begins.
 - INT, QUIT: fast stop.
 - HUP: reload: re-read the config; if valid, start a new generation of workers and
   drain the old one once the new one is ready; if not, log and keep serving.
@@ -96,6 +98,7 @@ class Arbiter:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.stopping: str | None = None  # "graceful" | "fast"
         self.stop_deadline = 0.0
+        self.drain_at = 0.0  # a graceful stop's drain_delay ends then (0 = not waiting)
         self.ever_ready = False
         self.crashes: list[float] = []
         self.exit_code = 0
@@ -173,7 +176,10 @@ class Arbiter:
             if self.settings.reload.enabled:
                 self.watcher = FileWatcher(self.settings, self._on_signal)
             while True:
-                self._wait(1.0)
+                timeout = 1.0
+                if self.drain_at:
+                    timeout = min(timeout, max(0.0, self.drain_at - time.monotonic()))
+                self._wait(timeout)
                 while self.signals:
                     self._handle_signal(self.signals.pop(0))
                 self._reap()
@@ -181,6 +187,8 @@ class Arbiter:
                 if self.steering_stale:
                     self._steer()
                 if self.stopping:
+                    if self.drain_at and time.monotonic() >= self.drain_at:
+                        self._begin_drain(signal.SIGTERM)
                     if not self.workers:
                         break
                     if time.monotonic() > self.stop_deadline:
@@ -722,14 +730,25 @@ class Arbiter:
         if self.stopping == "fast" or self.stopping == how:
             return
         self.stopping = how
+        delay = self.settings.health.drain_delay if how == "graceful" else 0.0
         grace = self.settings.workers.drain_timeout + 5.0 if how == "graceful" else 5.0
-        self.stop_deadline = time.monotonic() + grace
+        self.stop_deadline = time.monotonic() + delay + grace
         logger.info("master %d: %s stop", os.getpid(), how)
         sd_notify(f"STOPPING=1\nSTATUS={how} stop")
+        if delay:
+            # Readiness fails first; everything else is served as usual until the drain.
+            logger.info("master %d: draining in %gs", os.getpid(), delay)
+            self.drain_at = time.monotonic() + delay
+            self._kill_all(signal.SIGUSR2)
+            return
+        self._begin_drain(signal.SIGTERM if how == "graceful" else signal.SIGQUIT)
+
+    def _begin_drain(self, sig: int) -> None:
+        self.drain_at = 0.0
         # Workers close their copies as they drain; with ours closed too, new
         # connections are refused instead of waiting in a backlog nobody accepts.
         self.listeners.close()
-        self._kill_all(signal.SIGTERM if how == "graceful" else signal.SIGQUIT)
+        self._kill_all(sig)
 
     def _kill_all(self, sig: int) -> None:
         for pid in list(self.workers):

@@ -197,6 +197,8 @@ def _worker_main(
         listeners, worker_id = detach()
         for sig in MASTER_ONLY_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
+        # "Not ready" before the worker serves means nothing; by default it would kill.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # what came meanwhile acts now
         # Only the master talks to systemd; the app must not send READY=1 for it.
         os.environ.pop("NOTIFY_SOCKET", None)

@@ -77,8 +77,8 @@ def test_uvicorn_flags_map_to_their_keys(run_cli, tmp_path):
         "--metrics-port", "9100",
     )  # fmt: skip
     assert out["server"]["root_path"] == "/api"
-    assert out["server"]["proxy_headers"] is False
-    assert out["server"]["forwarded_allow_ips"] == ["10.0.0.0/8", "127.0.0.1"]
+    assert out["proxy"]["headers"] is False
+    assert out["proxy"]["forwarded_allow_ips"] == ["10.0.0.0/8", "127.0.0.1"]
     assert out["server"]["factory"] is True
     assert out["server"]["app_dir"] == str(tmp_path)
     assert out["workers"]["drain_timeout"] == 7.5
@@ -103,7 +103,7 @@ def test_set_reaches_every_key_and_flags_win(run_cli):
         "--set", "websocket.enabled=off",
         "--set", "server.hosts=127.0.0.1, ::1",
         "--set", "server.uds_mode=0o600",
-        "--set", "health.readiness_path=/ready",
+        "--set", "health.ready_path=/ready",
         "--set", "workers.drain_timeout=9",
         "--timeout-graceful-shutdown", "4",
     )  # fmt: skip
@@ -111,7 +111,7 @@ def test_set_reaches_every_key_and_flags_win(run_cli):
     assert out["websocket"]["enabled"] is False
     assert out["server"]["hosts"] == ["127.0.0.1", "::1"]
     assert out["server"]["uds_mode"] == 0o600
-    assert out["health"]["readiness_path"] == "/ready"
+    assert out["health"]["ready_path"] == "/ready"
     assert out["workers"]["drain_timeout"] == 4.0  # the dedicated flag wins
 
 
@@ -124,11 +124,11 @@ def test_set_reaches_every_key_and_flags_win(run_cli):
             ["--set", "http3.idle_timeout=soon"],
             "command line: http3.idle_timeout: expected a number",
         ),
-        (["--forwarded-allow-ips", "10.0.0.300"], "command line: server.forwarded_allow_ips:"),
+        (["--forwarded-allow-ips", "10.0.0.300"], "command line: proxy.forwarded_allow_ips:"),
         (["--access-log-format", "{nope}"], "command line: logging.access_format: "),
         (["--log-config", "log.txt"], "command line: logging.config_file: expected a .json"),
         (["--log-config", "missing.yaml"], "command line: logging.config_file: file not found"),
-        (["--set", "health.liveness_path=live"], "command line: health.liveness_path:"),
+        (["--set", "health.live_path=live"], "command line: health.live_path:"),
     ],
 )
 def test_bad_values_exit_2_naming_the_key(run_cli, flags, message):

@@ -167,6 +167,23 @@ def test_alt_svc_defaults_to_server_port(start_server):
     assert r.headers["alt-svc"] == f'h3=":{port}"; ma=86400'
 
 
+def test_alt_svc_announces_the_public_port_host_and_max_age(start_server):
+    from harness import free_port
+
+    h3 = {"alt_svc_port": 443, "alt_svc_host": "h3.example.com", "alt_svc_max_age": 600}
+    config = {"server": {"port": free_port(udp=True)}, "http3": {"enabled": True, **h3}}
+    srv = start_server(config=config)
+    assert srv.get("/hello").headers["alt-svc"] == 'h3="h3.example.com:443"; ma=600'
+
+
+def test_alt_svc_off_while_serving_http3(start_server):
+    from harness import free_port
+
+    config = {"server": {"port": free_port(udp=True)}, "http3": {"enabled": True, "alt_svc": False}}
+    srv = start_server(config=config)
+    assert "alt-svc" not in srv.get("/hello").headers
+
+
 @pytest.mark.parametrize("code", [201, 204, 304, 404, 418, 503])
 def test_status_codes(server, code):
     resp, conn = server.request(b"GET /status?code=%d HTTP/1.1\r\nHost: x\r\n\r\n" % code)

@@ -187,11 +187,14 @@ class RawConn:
         timeout: float = 10.0,
         rcvbuf: int | None = None,
         sndbuf: int | None = None,
+        source: str | None = None,
     ):
         # A host starting with "/" is a Unix socket's path (the port is unused).
         unix = host.startswith("/")
         family = socket.AF_UNIX if unix else socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
+        if source is not None:  # the client's address (another loopback address, say)
+            sock.bind((source, 0))
         if rcvbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         if sndbuf:

@@ -773,3 +773,106 @@ def test_production_config_loads_with_real_cert_paths(pem: tuple[str, str]) -> N
 def test_production_config_without_certs_names_the_missing_file() -> None:
     path = str(CONFIG_DIR / "production.toml")
     assert error(path) == f"{path}: tls.cert: file not found: /etc/fpy3/cert.pem"
+
+
+# --- proxy, health and Alt-Svc keys ---------------------------------------------------
+
+
+def test_proxy_defaults_are_uvicorns() -> None:
+    proxy = load(None, env={}).proxy
+    assert proxy.headers is True
+    assert proxy.forwarded_allow_ips == ("127.0.0.1",)
+    assert proxy.protocol == "off"
+    assert proxy.header_style == "x-forwarded"
+
+
+def test_forwarded_allow_ips_env_is_the_default_below_file_and_fpy3_env(tmp_path: Path) -> None:
+    env = {"FORWARDED_ALLOW_IPS": "10.0.0.1, 192.168.0.0/16"}
+    assert load(None, env=env).proxy.forwarded_allow_ips == ("10.0.0.1", "192.168.0.0/16")
+    assert load(None, env={"FORWARDED_ALLOW_IPS": "*"}).proxy.forwarded_allow_ips == ("*",)
+    path = write(tmp_path, '[proxy]\nforwarded_allow_ips = ["10.9.9.9"]\n')
+    assert load(path, env=env).proxy.forwarded_allow_ips == ("10.9.9.9",)
+    env["FPY3_PROXY__FORWARDED_ALLOW_IPS"] = "::1"
+    assert load(path, env=env).proxy.forwarded_allow_ips == ("::1",)
+
+
+def test_bad_allow_list_entries_are_named(tmp_path: Path) -> None:
+    path = write(tmp_path, '[proxy]\nforwarded_allow_ips = ["127.0.0.1", "example.com"]\n')
+    message = error(path)
+    assert message.startswith(
+        f"{path}: proxy.forwarded_allow_ips: expected addresses, networks (CIDR) or '*', "
+        "got 'example.com'"
+    )
+    message = error(env={"FORWARDED_ALLOW_IPS": "10.0.0.1/8"})
+    assert message.startswith(
+        "env FORWARDED_ALLOW_IPS: proxy.forwarded_allow_ips: expected addresses, "
+        "networks (CIDR) or '*', got '10.0.0.1/8' (10.0.0.1/8 has host bits set)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "reason"),
+    [
+        (
+            "proxy.protocol",
+            "on",
+            "must be one of 'off', 'tls', 'cleartext', 'all'; got 'on'",
+        ),
+        ("proxy.header_style", "both", "must be one of 'x-forwarded', 'forwarded'; got 'both'"),
+        ("proxy.protocol_timeout", 0, "must be greater than 0, got 0.0"),
+        (
+            "health.ready_path",
+            "readyz",
+            "expected a path starting with '/', without a query, got 'readyz'",
+        ),
+        (
+            "health.live_path",
+            "/livez?x=1",
+            "expected a path starting with '/', without a query, got '/livez?x=1'",
+        ),
+        (
+            "health.ready_path",
+            "/a b",
+            "expected a path starting with '/', without a query, got '/a b'",
+        ),
+        ("health.drain_delay", -1, "must be at least 0, got -1.0"),
+        ("http3.alt_svc_port", 65536, "must be between 0 and 65535, got 65536"),
+        ("http3.alt_svc_max_age", -1, "must be between 0 and 2147483647, got -1"),
+        (
+            "http3.alt_svc_host",
+            "h3 example",
+            "expected an IP address or a hostname, got 'h3 example'",
+        ),
+    ],
+)
+def test_proxy_health_alt_svc_errors(key: str, value: object, reason: str) -> None:
+    assert error(overrides={key: value}) == f"command line: {key}: {reason}"
+
+
+def test_proxy_health_alt_svc_values_accepted() -> None:
+    settings = load(
+        None,
+        env={},
+        overrides={
+            "proxy.protocol": "tls",
+            "proxy.forwarded_allow_ips": ("10.0.0.0/8", "::1", "*"),
+            "health.ready_path": "/readyz",
+            "health.live_path": "/-/live",
+            "health.drain_delay": 5,
+            "http3.alt_svc_port": 443,
+            "http3.alt_svc_host": "2001:db8::1",
+            "http3.alt_svc_max_age": 0,
+        },
+    )
+    assert settings.health.drain_delay == 5.0
+    assert settings.http3.alt_svc_host == "2001:db8::1"
+
+
+def test_ready_and_live_paths_must_differ(tmp_path: Path) -> None:
+    path = write(tmp_path, '[health]\nready_path = "/health"\nlive_path = "/health"\n')
+    message = error(path)
+    assert message == f"{path}: health.ready_path: the readiness and liveness paths must differ"
+    # The key set last (highest precedence) is the one named.
+    path = write(tmp_path, '[health]\nready_path = "/health"\n')
+    message = error(path, overrides={"health.live_path": "/health"})
+    assert message == "command line: health.live_path: the readiness and liveness paths must differ"

@@ -30,6 +30,8 @@ class Host:
         self.root_path = ""
         self.state: dict = {}
         self.timed = False
+        self.proxy_headers = None
+        self.health = None
         self.finished: list[tuple[int, int]] = []
 
     def spawn(self, coro):

@@ -54,10 +54,10 @@ def port_named(docs, name) -> dict:
 def test_probes_use_the_health_paths_on_the_tls_port(docs, settings):
     settings, _ = settings
     c = container(docs)
-    assert settings.health.readiness_path and settings.health.liveness_path
+    assert settings.health.ready_path and settings.health.live_path
     ready, live = c["readinessProbe"]["httpGet"], c["livenessProbe"]["httpGet"]
-    assert ready["path"] == settings.health.readiness_path
-    assert live["path"] == settings.health.liveness_path
+    assert ready["path"] == settings.health.ready_path
+    assert live["path"] == settings.health.live_path
     for probe in (ready, live):
         port = port_named(docs, probe["port"])
         assert port["protocol"] == "TCP" and port["containerPort"] == settings.server.port

@@ -21,6 +21,8 @@ class Host:
         self.root_path = ""
         self.state: dict = {}
         self.timed = False
+        self.proxy_headers = None
+        self.health = None
         self.finished: list = []
 
     def spawn(self, coro):
