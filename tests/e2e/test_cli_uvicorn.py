@@ -93,7 +93,7 @@ def test_uvicorn_flags_map_to_their_keys(run_cli, tmp_path):
     assert out["reload"]["dirs"] == [str(tmp_path / "src"), str(tmp_path / "lib")]
     assert out["http3"]["enabled"] is False
     assert out["metrics"]["port"] == 9100
-    assert check(run_cli)["server"]["proxy_headers"] is True  # uvicorn's default
+    assert check(run_cli)["proxy"]["headers"] is True  # uvicorn's default
 
 
 def test_set_reaches_every_key_and_flags_win(run_cli):
