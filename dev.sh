@@ -23,9 +23,11 @@ as_root() {
 # Debian packages: build toolchain and the C libraries the native module links.
 # ngtcp2 and nghttp3 come from bookworm-backports (1.x).
 APT_PACKAGES=(build-essential pkg-config ca-certificates libgnutls28-dev
-    libngtcp2-dev libngtcp2-crypto-gnutls-dev libnghttp3-dev)
-# For the test suite and benchmarks: load generators and independent HTTP/3 peers.
-APT_TEST_PACKAGES=(wrk libcurl4-gnutls-dev libcurl3-gnutls ngtcp2-client ngtcp2-server chromium)
+    libngtcp2-dev libngtcp2-crypto-gnutls-dev libnghttp3-dev libnghttp2-dev)
+# For the test suite and benchmarks: load generators and independent HTTP/2 and HTTP/3
+# peers (curl has HTTP/2; nghttp2-client brings nghttp and h2load).
+APT_TEST_PACKAGES=(wrk curl libcurl4-gnutls-dev libcurl3-gnutls ngtcp2-client ngtcp2-server
+    nghttp2-client chromium)
 
 setup_system() {
     local want=("${APT_PACKAGES[@]}")

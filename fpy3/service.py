@@ -18,11 +18,12 @@ import socket
 import ssl
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from .config import Settings
 from .core.flow import Waiter
-from .h1.connection import H1Connection, H1Listener
+from .h1.connection import H1Listener
+from .h2.connection import H2Listener
 from .h3.server import H3Server
 from .logs import AccessLog
 
@@ -36,6 +37,18 @@ DRAIN_GRACE = 1.0
 TLS_SHUTDOWN_TIMEOUT = 3.0
 # Seconds cancelled app tasks get to unwind at the drain deadline.
 CANCEL_GRACE = 2.0
+
+
+class Connection(Protocol):
+    """A TCP connection the service tracks (HTTP/1.1 or HTTP/2)."""
+
+    deadline: float  # loop time of the next on_timeout; 0 = none
+
+    def on_timeout(self) -> None: ...
+
+    def drain(self, grace: float) -> None: ...
+
+    def kill(self) -> None: ...
 
 
 class Clock:
@@ -83,10 +96,10 @@ class HTTPService:
         self.clock = Clock()
         self.clock.set(int(time.time()))
         self.websockets = 0  # open websockets (all protocols), for websocket.max_connections
-        self.connections: set[H1Connection] = set()
+        self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task] = set()  # app cycles still running
         self.servers: list[asyncio.AbstractServer] = []
-        self.listeners: list[H1Listener] = []
+        self.listeners: list[H1Listener | H2Listener] = []
         self.h3_servers: list[H3Server] = []
         self.draining = False
         self.requests_served = 0
@@ -109,6 +122,12 @@ class HTTPService:
         scheme = "https" if ssl_context is not None else "http"
         listener = H1Listener(self, scheme)
         self.listeners.append(listener)
+        if self.settings.http2.enabled:
+            # HTTP/2 on the same port: chosen by ALPN on TLS, by its preface in cleartext.
+            h2 = H2Listener(self, scheme)
+            self.listeners.append(h2)
+            listener.h2 = h2.take_over
+            listener.alpn_h2 = ssl_context is not None
         server = await self.loop.create_server(
             listener,
             sock=sock,
@@ -152,7 +171,7 @@ class HTTPService:
         if self.access_log is not None:
             self.access_log.log_request(scope, status, sent, self.loop.time() - started_at)
 
-    def forget(self, conn: H1Connection) -> None:
+    def forget(self, conn: Connection) -> None:
         """A connection closed."""
         self.connections.discard(conn)
         if not self.connections and self.draining:

@@ -1,4 +1,4 @@
-"""TLS for HTTP/1.1: the server SSLContext and the certificate it uses."""
+"""TLS for the TCP port (HTTP/2 and HTTP/1.1): the server SSLContext and its certificate."""
 
 from __future__ import annotations
 
@@ -30,6 +30,6 @@ def server_context(settings: Settings) -> ssl.SSLContext:
         ctx.set_ciphers(tls.ciphers)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.load_cert_chain(tls.cert, tls.key)
-    # Only HTTP/1.1 over TCP; HTTP/3 is announced with Alt-Svc.
-    ctx.set_alpn_protocols(["http/1.1"])
+    # HTTP/2 first when enabled, else HTTP/1.1 alone; HTTP/3 is announced with Alt-Svc.
+    ctx.set_alpn_protocols(["h2", "http/1.1"] if settings.http2.enabled else ["http/1.1"])
     return ctx

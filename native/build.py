@@ -25,6 +25,7 @@ LIBRARIES = {
     "libngtcp2": ("libngtcp2-dev", "1.4"),
     "libngtcp2_crypto_gnutls": ("libngtcp2-crypto-gnutls-dev", "1.4"),
     "libnghttp3": ("libnghttp3-dev", "1.2"),
+    "libnghttp2": ("libnghttp2-dev", "1.52"),
 }
 
 
