@@ -26,6 +26,8 @@
 #define S_RESET_DONE 0x40 /* RESET emitted, or Python reset it itself: no RESET event */
 #define S_DEFERRED 0x80   /* the data provider waits for send() */
 #define S_BODY_OVER 0x100 /* a declared Content-Length over max_body_size */
+#define S_RESET_LATER 0x200 /* reset once the bytes already given are sent (reset_code) */
+#define S_RST_AFTER_HEAD 0x400 /* C's own response: RST_STREAM NO_ERROR once it is sent */
 
 /* A unit of response body: owned by one stream's chain (or the pool). */
 typedef struct chunk {
@@ -53,6 +55,7 @@ typedef struct h2stream {
     uint8_t *trailers; /* "name\0value\0...": owned by the stream until sent or closed */
     size_t tlen;
     int64_t progress_ms; /* when its response last moved (for the send timeout) */
+    uint32_t reset_code; /* S_RESET_LATER */
 } h2stream;
 
 struct fpy3_h2_conn {
@@ -368,10 +371,9 @@ static int reject(fpy3_h2_conn *c, h2stream *st, const char *status, int request
         {(uint8_t *)":status", (uint8_t *)status, 7, 3, NGHTTP2_NV_FLAG_NONE},
         {(uint8_t *)"content-length", (uint8_t *)"0", 14, 1, NGHTTP2_NV_FLAG_NONE},
     };
-    st->flags |= S_REJECTED | S_RESPONDED | S_FIN;
+    st->flags |= S_REJECTED | S_RESPONDED | S_FIN | (request_done ? 0 : S_RST_AFTER_HEAD);
+    /* Not RST_STREAM now: nghttp2 would drop the response still queued before it. */
     int rv = nghttp2_submit_response(c->s, st->id, nv, 2, NULL);
-    if (rv == 0 && !request_done)
-        rv = nghttp2_submit_rst_stream(c->s, NGHTTP2_FLAG_NONE, st->id, NGHTTP2_NO_ERROR);
     if (rv != 0 && nghttp2_is_fatal(rv)) {
         c->broken = 1;
         return NGHTTP2_ERR_CALLBACK_FAILURE;
@@ -525,9 +527,15 @@ static ssize_t cb_read(nghttp2_session *s, int32_t sid, uint8_t *buf, size_t len
 {
     fpy3_h2_conn *c = ud;
     h2stream *st = source->ptr;
-    (void)s;
     (void)buf;
     size_t n = st->buffered < length ? (size_t)st->buffered : length;
+    if (n == 0 && (st->flags & S_RESET_LATER)) {
+        /* What the app gave went out (head and body): now the reset. */
+        st->flags &= ~S_RESET_LATER;
+        if (nghttp2_submit_rst_stream(s, NGHTTP2_FLAG_NONE, sid, st->reset_code) != 0)
+            return NGHTTP2_ERR_CALLBACK_FAILURE;
+        return NGHTTP2_ERR_DEFERRED;
+    }
     if (n == 0 && !(st->flags & S_FIN)) {
         st->flags |= S_DEFERRED;
         return NGHTTP2_ERR_DEFERRED;
@@ -594,6 +602,22 @@ static int cb_send_data(nghttp2_session *s, nghttp2_frame *f, const uint8_t *fra
     /* Whole frames only (never WOULDBLOCK, which would keep a frame of a stream that
      * may be reset meanwhile); past OUT_MAX the round ends and Python asks again. */
     return c->olen >= OUT_MAX ? NGHTTP2_ERR_PAUSE : 0;
+}
+
+static int cb_frame_send(nghttp2_session *s, const nghttp2_frame *f, void *ud)
+{
+    (void)ud;
+    if (f->hd.type != NGHTTP2_HEADERS)
+        return 0;
+    h2stream *st = nghttp2_session_get_stream_user_data(s, f->hd.stream_id);
+    if (st && (st->flags & S_RST_AFTER_HEAD)) {
+        st->flags &= ~S_RST_AFTER_HEAD;
+        /* The request goes on, nobody wants it: the client may stop (RFC 9113 8.1). */
+        if (nghttp2_submit_rst_stream(s, NGHTTP2_FLAG_NONE, f->hd.stream_id, NGHTTP2_NO_ERROR) !=
+            0)
+            return NGHTTP2_ERR_CALLBACK_FAILURE;
+    }
+    return 0;
 }
 
 static int cb_error(nghttp2_session *s, int code, const char *msg, size_t len, void *ud)
@@ -683,6 +707,7 @@ fpy3_h2_conn *fpy3_h2_new(const fpy3_h2_config *cfg)
     nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, cb_data_chunk);
     nghttp2_session_callbacks_set_on_stream_close_callback(cbs, cb_stream_close);
     nghttp2_session_callbacks_set_error_callback2(cbs, cb_error);
+    nghttp2_session_callbacks_set_on_frame_send_callback(cbs, cb_frame_send);
     if (nghttp2_option_new(&opt) != 0) {
         nghttp2_session_callbacks_del(cbs);
         free(c);
@@ -800,12 +825,14 @@ int fpy3_h2_expire(fpy3_h2_conn *c, uint32_t send_timeout_ms)
 {
     batch_begin(c);
     for (h2stream *st = c->live; st; st = st->next) {
-        if (!st->buffered || (st->flags & (S_RESET_DONE | S_REJECTED)) ||
+        int later = (st->flags & S_RESET_LATER) != 0;
+        if ((!st->buffered && !later) || (st->flags & S_REJECTED) ||
+            ((st->flags & S_RESET_DONE) && !later) ||
             c->now_ms - st->progress_ms < (int64_t)send_timeout_ms)
             continue;
-        st->flags |= S_RESET_DONE;
+        st->flags = (st->flags | S_RESET_DONE) & ~(uint32_t)S_RESET_LATER;
         chain_free(c, st);
-        if (st->flags & S_SURFACED) {
+        if ((st->flags & S_SURFACED) && !later) {
             fpy3_h2_event *ev = ev_push(c, FPY3_H2_RESET, st->id);
             if (!ev)
                 break;
@@ -927,6 +954,21 @@ int fpy3_h2_reset(fpy3_h2_conn *c, int32_t sid, uint32_t code)
     if (!st || (st->flags & S_RESET_DONE))
         return -1;
     st->flags |= S_RESET_DONE;
+    if ((st->flags & (S_RESPONDED | S_FIN)) == S_RESPONDED) {
+        /* A response cut short: the head and the bytes already given go out first
+         * (nghttp2 would drop a head still queued), then RST_STREAM (cb_read). */
+        st->flags |= S_RESET_LATER;
+        st->reset_code = code;
+        st->progress_ms = mono_ms();
+        if (st->flags & S_DEFERRED) {
+            st->flags &= ~S_DEFERRED;
+            if (nghttp2_session_resume_data(c->s, sid) != 0) {
+                c->broken = 1;
+                return -1;
+            }
+        }
+        return 0;
+    }
     chain_free(c, st);
     if (nghttp2_submit_rst_stream(c->s, NGHTTP2_FLAG_NONE, sid, code) != 0) {
         c->broken = 1;

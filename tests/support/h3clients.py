@@ -1198,8 +1198,10 @@ def chromium_fetch(
     method: str = "GET",
     headers: Iterable[tuple[str, str]] = (),
     body: bytes | None = None,
+    quic: bool = True,
 ) -> dict:
-    """fetch() ``url`` from a same-origin page in headless Chromium forced onto QUIC.
+    """fetch() ``url`` from a same-origin page in headless Chromium forced onto QUIC
+    (``quic=False``: QUIC off, so TCP with whatever ALPN gives, HTTP/2 or HTTP/1.1).
 
     Returns {"status", "headers" (list of pairs), "body" (bytes), "text", "protocol"
     (Resource Timing nextHopProtocol: "h3" when HTTP/3 was used)}. Trust comes from
@@ -1244,8 +1246,11 @@ def chromium_fetch(
             # Names other than localhost resolve to nothing: no traffic leaves loopback.
             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1, EXCLUDE ::1",
             f"--user-data-dir={profile}",
-            "--enable-quic",
-            f"--origin-to-force-quic-on={_force_quic_origin(parts)}",
+            *(
+                ["--enable-quic", f"--origin-to-force-quic-on={_force_quic_origin(parts)}"]
+                if quic
+                else ["--disable-quic"]
+            ),
             f"--ignore-certificate-errors-spki-list={spki_b64}",
             "--remote-debugging-pipe",
             "about:blank",
