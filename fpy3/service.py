@@ -102,6 +102,7 @@ class HTTPService:
         self.listeners: list[H1Listener | H2Listener] = []
         self.h3_servers: list[H3Server] = []
         self.draining = False
+        self.drain_grace = DRAIN_GRACE  # set by drain(); connections made while draining use it
         self.requests_served = 0
         # Every request's task starts from this context, not from whatever task or
         # callback happened to start it.
@@ -194,7 +195,7 @@ class HTTPService:
             server.close()
         # Clients get a grace period to see the notice (Connection: close, GOAWAY)
         # before idle connections close, so a request they sent meanwhile is answered.
-        grace = min(DRAIN_GRACE, timeout / 2)
+        grace = self.drain_grace = min(DRAIN_GRACE, timeout / 2)
         for conn in list(self.connections):
             conn.drain(grace)
         waits = [asyncio.ensure_future(h3.drain(grace)) for h3 in self.h3_servers]

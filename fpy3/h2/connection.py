@@ -151,7 +151,9 @@ class H2Connection(asyncio.Protocol):
         self.idle_at = now
         self.deadline = now + 1.0
         if svc.draining:
-            self.drain(0.0)
+            # Accepted as the drain began (its handshake was under way): the client
+            # may have requests on the wire, so the final GOAWAY waits the grace too.
+            self.drain(svc.drain_grace)
         self._flush()  # the server's SETTINGS go first
 
     def connection_lost(self, exc) -> None:
