@@ -5,7 +5,7 @@
 #   ./dev.sh run     serve the bundled example app (config/fpy3.toml) on https://127.0.0.1:8443
 #   ./dev.sh test    run the whole test suite
 #   ./dev.sh bench   run the benchmarks in bench/
-#   ./dev.sh sanitize  the native, HTTP/3 and websocket suites on an ASan+UBSan build
+#   ./dev.sh sanitize  the native, HTTP/2, HTTP/3 and websocket suites on an ASan+UBSan build
 #   ./dev.sh setup   only set up
 set -euo pipefail
 shopt -s nullglob
@@ -131,6 +131,7 @@ sanitize)
     asan=$(gcc -print-file-name=libasan.so)
     [ -f "$asan" ] || { log "libasan not found (gcc -print-file-name=libasan.so)"; exit 1; }
     suites=(tests/e2e/test_h3_native.py tests/e2e/test_h3_asgi.py tests/e2e/test_h3_server.py
+        tests/e2e/test_h2.py tests/e2e/test_h2_limits.py
         tests/e2e/test_ws_h1.py tests/e2e/test_ws_h3.py tests/e2e/test_response_rules.py
         tests/e2e/test_drain.py tests/unit)
     [ $# -gt 0 ] && suites=("$@")

@@ -326,7 +326,9 @@ class H2LoadGen:
         return ["taskset", "-c", o.cpus, *cmd] if o.cpus else cmd
 
     def missing(self) -> str | None:
-        return None if shutil.which("h2load") else "h2load not found (apt-get install nghttp2-client)"
+        return (
+            None if shutil.which("h2load") else "h2load not found (apt-get install nghttp2-client)"
+        )
 
     def run(self, url: str, o: LoadOpts) -> LoadResult:
         with tempfile.TemporaryDirectory(prefix="fpy3-h2load-") as tmp:
@@ -346,7 +348,10 @@ class H2LoadGen:
         if self.missing():
             raise BenchError("h2load missing")
         p = subprocess.run(
-            ["h2load", "-n", "1", "-c", "1", url], capture_output=True, text=True, timeout=timeout + 5
+            ["h2load", "-n", "1", "-c", "1", url],
+            capture_output=True,
+            text=True,
+            timeout=timeout + 5,
         )
         if "1 succeeded" not in p.stdout:
             raise ConnectionError(tail(p.stdout or p.stderr))
@@ -365,14 +370,18 @@ def parse_h2load(out: str, code: int, durations: list[int]) -> LoadResult:
     if not (rps and reqs) or code != 0:
         raise BenchError(f"h2load exited {code}: {tail(out)}")
     done, ok, failed, errored, timeouts = map(int, reqs.groups())
-    errors = {k: v for k, v in (("failed", failed), ("errored", errored), ("timeout", timeouts)) if v}
+    errors = {
+        k: v for k, v in (("failed", failed), ("errored", errored), ("timeout", timeouts)) if v
+    }
     status = re.search(r"^status codes: \d+ 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out, re.M)
     if status and (bad := sum(map(int, status.groups()))):
         errors["non-2xx"] = bad
     notes = []
     if "Application protocol: h2" not in out:
         errors["not HTTP/2"] = done
-    p99 = durations[min(len(durations) - 1, int(len(durations) * 0.99))] / 1000 if durations else 0.0
+    p99 = (
+        durations[min(len(durations) - 1, int(len(durations) * 0.99))] / 1000 if durations else 0.0
+    )
     return LoadResult(float(rps.group(1)), p99, done, errors, notes)
 
 

@@ -137,9 +137,10 @@ class H1Connection(asyncio.Protocol):
         self.transport = transport
         if self.listener.alpn_h2:
             ssl_object = transport.get_extra_info("ssl_object")
-            if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+            h2 = self.listener.h2
+            if h2 is not None and ssl_object and ssl_object.selected_alpn_protocol() == "h2":
                 self.closed = True
-                self.listener.h2(transport, b"")
+                h2(transport, b"")
                 return
         svc = self.svc
         self.client = _addr(transport.get_extra_info("peername"))
@@ -198,11 +199,12 @@ class H1Connection(asyncio.Protocol):
 
     def _switch_to_h2(self) -> None:
         """The client speaks HTTP/2 with prior knowledge: the transport goes to it."""
+        h2 = self.listener.h2
+        assert h2 is not None
         buf = self.take_buffer()
         self.closed = True
         self.svc.forget(self)
-        assert self.listener.h2 is not None
-        self.listener.h2(self.transport, buf)
+        h2(self.transport, buf)
 
     def reject(self, status: int, reason: str, extra: bytes = b"") -> None:
         """Answer a request we cannot serve, then close."""

@@ -207,7 +207,9 @@ class H2Raw:
         block = self.header_block(headers)
         # Frames of at most 16 KiB (SETTINGS_MAX_FRAME_SIZE's default): CONTINUATIONs.
         parts = [block[i : i + 16384] for i in range(0, len(block), 16384)] or [b""]
-        flags = (["END_HEADERS"] if len(parts) == 1 else []) + (["END_STREAM"] if end_stream else [])
+        flags = (["END_HEADERS"] if len(parts) == 1 else []) + (
+            ["END_STREAM"] if end_stream else []
+        )
         out = HeadersFrame(sid, data=parts[0], flags=flags).serialize()
         for i, part in enumerate(parts[1:], 2):
             out += continuation(sid, part, end=i == len(parts))
@@ -293,7 +295,9 @@ class H2Raw:
             if "END_HEADERS" in f.flags:
                 sid, block, end = self._block
                 self._block = None
-                fields = [(n.decode(), v.decode()) for n, v in self.dec.decode(bytes(block), raw=True)]
+                fields = [
+                    (n.decode(), v.decode()) for n, v in self.dec.decode(bytes(block), raw=True)
+                ]
                 st = self.streams.setdefault(sid, StreamState())
                 if st.headers and not fields[0][0] == ":status":
                     st.trailers = fields
@@ -348,7 +352,9 @@ class H2Raw:
                 self._handle(f)
             if not self._read(deadline) and not self.closed:
                 if time.monotonic() >= deadline:
-                    raise AssertionError(f"the server kept the connection open (goaway={self.goaway})")
+                    raise AssertionError(
+                        f"the server kept the connection open (goaway={self.goaway})"
+                    )
         for f in self._frames():
             self._handle(f)
 
