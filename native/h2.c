@@ -28,6 +28,11 @@
 #define S_BODY_OVER 0x100 /* a declared Content-Length over max_body_size */
 #define S_RESET_LATER 0x200 /* reset once the bytes already given are sent (reset_code) */
 #define S_RST_AFTER_HEAD 0x400 /* C's own response: RST_STREAM NO_ERROR once it is sent */
+#define S_HAS_HOST 0x800       /* the request has a host field */
+#define S_REGULAR 0x1000       /* a regular field came: the pseudo-header fields are over */
+
+/* The pseudo-header fields a REQUEST event carries, in this order. */
+enum { P_METHOD, P_PATH, P_AUTHORITY, P_PROTOCOL, P_COUNT };
 
 /* A unit of response body: owned by one stream's chain (or the pool). */
 typedef struct chunk {
@@ -41,9 +46,12 @@ typedef struct h2stream {
     int32_t id;
     uint32_t flags;
     struct h2stream *prev, *next; /* the connection's open streams; next also links the pool */
-    /* Request head "name\0value\0...": owned by the stream object, kept in the pool. */
+    /* Request head: the pseudo-header values ("value\0", where poff/plen say), then
+     * the regular fields "name\0value\0..." from reg_off. Owned by the stream object,
+     * kept with it in the pool. */
     uint8_t *hbuf;
     uint32_t hlen, hcap, hcount;
+    uint32_t poff[P_COUNT], plen[P_COUNT], reg_off;
     uint64_t hsize;
     uint64_t unconsumed; /* body bytes handed to Python, credit not yet given back */
     uint64_t received;   /* body bytes received */
@@ -348,6 +356,29 @@ static int cb_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *
         st->flags |= S_TOO_LARGE; /* the rest of the block is decoded and dropped */
         return 0;
     }
+    if (namelen && name[0] == ':') {
+        /* nghttp2 checked them: known names, once each, before the regular fields. */
+        int i = namelen == 7 && memcmp(name, ":method", 7) == 0      ? P_METHOD
+                : namelen == 5 && memcmp(name, ":path", 5) == 0      ? P_PATH
+                : namelen == 10 && memcmp(name, ":authority", 10) == 0 ? P_AUTHORITY
+                : namelen == 9 && memcmp(name, ":protocol", 9) == 0  ? P_PROTOCOL
+                                                                     : -1;
+        if (i < 0)
+            return 0; /* :scheme: the transport's scheme is used */
+        st->poff[i] = st->hlen;
+        st->plen[i] = (uint32_t)valuelen;
+        if (head_append(st, value, valuelen) < 0) {
+            c->broken = 1;
+            return NGHTTP2_ERR_CALLBACK_FAILURE;
+        }
+        return 0;
+    }
+    if (!(st->flags & S_REGULAR)) {
+        st->flags |= S_REGULAR;
+        st->reg_off = st->hlen;
+    }
+    if (namelen == 4 && memcmp(name, "host", 4) == 0)
+        st->flags |= S_HAS_HOST;
     if (c->cfg.max_body_size && namelen == 14 && memcmp(name, "content-length", 14) == 0) {
         /* nghttp2 checked it is a number; more digits than fit is over any limit. */
         uint64_t n = 0;
@@ -400,12 +431,24 @@ static int cb_frame_recv(nghttp2_session *s, const nghttp2_frame *f, void *ud)
             return reject(c, st, "431", end);
         if (st->flags & S_BODY_OVER)
             return reject(c, st, "413", end);
-        long off = arena_add(c, st->hbuf, st->hlen);
-        fpy3_h2_event *ev = off < 0 ? NULL : ev_push(c, FPY3_H2_REQUEST, sid);
+        /* The block Python reads: the pseudo-header values in a fixed order, then the
+         * regular fields. */
+        if (!(st->flags & S_REGULAR))
+            st->reg_off = st->hlen;
+        long off = (long)c->alen;
+        for (int i = 0; i < P_COUNT; i++) {
+            size_t n = st->plen[i] ? st->plen[i] + 1 : 0;
+            if ((n ? arena_add(c, st->hbuf + st->poff[i], n) : arena_add(c, (const uint8_t *)"", 1)) < 0)
+                return NGHTTP2_ERR_CALLBACK_FAILURE;
+        }
+        if (arena_add(c, st->hbuf + st->reg_off, st->hlen - st->reg_off) < 0)
+            return NGHTTP2_ERR_CALLBACK_FAILURE;
+        fpy3_h2_event *ev = ev_push(c, FPY3_H2_REQUEST, sid);
         if (!ev)
             return NGHTTP2_ERR_CALLBACK_FAILURE;
         ev->data = (const uint8_t *)(uintptr_t)off;
-        ev->len = st->hlen;
+        ev->len = c->alen - (size_t)off;
+        ev->code = (st->flags & S_HAS_HOST) ? 1 : 0;
         st->flags |= S_SURFACED;
         if (end && !ev_push(c, FPY3_H2_END, sid))
             return NGHTTP2_ERR_CALLBACK_FAILURE;
@@ -853,30 +896,11 @@ static h2stream *stream_of(fpy3_h2_conn *c, int32_t sid)
     return st && (st->flags & S_SURFACED) ? st : NULL;
 }
 
-int fpy3_h2_respond(fpy3_h2_conn *c, int32_t sid, int status, const char *headers, size_t len,
-                    int end_stream)
+/* Response body bytes into the stream's chain: 0, or -1 without memory (broken). */
+static int chain_append(fpy3_h2_conn *c, h2stream *st, const uint8_t *data, size_t len)
 {
-    h2stream *st = stream_of(c, sid);
-    if (!st || (st->flags & (S_RESPONDED | S_RESET_DONE)) || status < 100 || status > 999)
-        return -1;
-    char code[4] = {(char)('0' + status / 100), (char)('0' + status / 10 % 10),
-                    (char)('0' + status % 10), 0};
-    nghttp2_data_provider body = {.source = {.ptr = st}, .read_callback = cb_read};
-    int rv = submit_fields(c, sid, code, (const uint8_t *)headers, len, end_stream ? NULL : &body);
-    if (rv != 0)
-        return -1;
-    st->flags |= S_RESPONDED | (end_stream ? S_FIN : 0);
-    st->progress_ms = mono_ms();
-    return 0;
-}
-
-int64_t fpy3_h2_send(fpy3_h2_conn *c, int32_t sid, const uint8_t *data, size_t len, int fin)
-{
-    h2stream *st = stream_of(c, sid);
-    if (!st || !(st->flags & S_RESPONDED) || (st->flags & (S_FIN | S_RESET_DONE)))
-        return -1;
     if (!st->buffered)
-        st->progress_ms = mono_ms(); /* the send timeout counts from here */
+        st->progress_ms = c->now_ms = mono_ms(); /* the send timeout counts from here */
     while (len) {
         chunk *t = st->tail;
         if (!t || t->len == CHUNK_CAP) {
@@ -900,21 +924,76 @@ int64_t fpy3_h2_send(fpy3_h2_conn *c, int32_t sid, const uint8_t *data, size_t l
         len -= n;
         st->buffered += n;
     }
-    if (fin)
+    return 0;
+}
+
+/* Python is done with the stream (its response is whole, its request ended): no more
+ * events for it; credit it never gave back goes back now. */
+static void forget(fpy3_h2_conn *c, h2stream *st)
+{
+    st->flags &= ~(uint32_t)(S_SURFACED | S_WANT_WRITABLE);
+    if (st->unconsumed) {
+        nghttp2_session_consume(c->s, st->id, st->unconsumed);
+        st->unconsumed = 0;
+    }
+}
+
+/* After body bytes were added: the data provider goes on, the marks are set. */
+static int64_t after_append(fpy3_h2_conn *c, h2stream *st, int flags)
+{
+    if (flags & FPY3_H2_FIN)
         st->flags |= S_FIN;
     if (st->flags & S_DEFERRED) {
         st->flags &= ~S_DEFERRED;
-        if (nghttp2_session_resume_data(c->s, sid) != 0) {
+        if (nghttp2_session_resume_data(c->s, st->id) != 0) {
             c->broken = 1;
             return -1;
         }
     }
-    if (st->buffered > c->high_water && !fin)
+    int64_t buffered = (int64_t)st->buffered;
+    if (flags & FPY3_H2_FORGET)
+        forget(c, st);
+    else if (st->buffered > c->high_water && !(flags & FPY3_H2_FIN))
         st->flags |= S_WANT_WRITABLE;
-    return (int64_t)st->buffered;
+    return buffered;
 }
 
-int fpy3_h2_trailers(fpy3_h2_conn *c, int32_t sid, const char *headers, size_t len)
+int64_t fpy3_h2_respond(fpy3_h2_conn *c, int32_t sid, int status, const char *headers,
+                        size_t hlen, const uint8_t *data, size_t len, int flags)
+{
+    h2stream *st = stream_of(c, sid);
+    if (!st || (st->flags & (S_RESPONDED | S_RESET_DONE)) || status < 100 || status > 999)
+        return -1;
+    char code[4] = {(char)('0' + status / 100), (char)('0' + status / 10 % 10),
+                    (char)('0' + status % 10), 0};
+    int only_head = (flags & FPY3_H2_FIN) && !len;
+    nghttp2_data_provider body = {.source = {.ptr = st}, .read_callback = cb_read};
+    if (submit_fields(c, sid, code, (const uint8_t *)headers, hlen, only_head ? NULL : &body) != 0)
+        return -1;
+    st->flags |= S_RESPONDED;
+    st->progress_ms = mono_ms();
+    if (only_head) {
+        st->flags |= S_FIN;
+        if (flags & FPY3_H2_FORGET)
+            forget(c, st);
+        return 0;
+    }
+    if (len && chain_append(c, st, data, len) < 0)
+        return -1;
+    return after_append(c, st, flags);
+}
+
+int64_t fpy3_h2_send(fpy3_h2_conn *c, int32_t sid, const uint8_t *data, size_t len, int flags)
+{
+    h2stream *st = stream_of(c, sid);
+    if (!st || !(st->flags & S_RESPONDED) || (st->flags & (S_FIN | S_RESET_DONE)))
+        return -1;
+    if (len && chain_append(c, st, data, len) < 0)
+        return -1;
+    return after_append(c, st, flags);
+}
+
+int fpy3_h2_trailers(fpy3_h2_conn *c, int32_t sid, const char *headers, size_t len, int flags)
 {
     h2stream *st = stream_of(c, sid);
     if (!st || !(st->flags & S_RESPONDED) || (st->flags & (S_FIN | S_RESET_DONE)))
@@ -928,7 +1007,7 @@ int fpy3_h2_trailers(fpy3_h2_conn *c, int32_t sid, const char *headers, size_t l
     free(st->trailers);
     st->trailers = copy;
     st->tlen = len;
-    return fpy3_h2_send(c, sid, NULL, 0, 1) < 0 ? -1 : 0;
+    return after_append(c, st, FPY3_H2_FIN | (flags & FPY3_H2_FORGET)) < 0 ? -1 : 0;
 }
 
 int fpy3_h2_consume(fpy3_h2_conn *c, int32_t sid, size_t n)

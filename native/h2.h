@@ -35,7 +35,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define FPY3_H2_REQUEST 1  /* head complete: data = "name\0value\0..." (pseudo first) */
+/* REQUEST: data = "method\0path\0authority\0protocol\0" (each may be empty), then the
+ * regular fields "name\0value\0..."; code is 1 when a host field is among them. */
+#define FPY3_H2_REQUEST 1
 #define FPY3_H2_DATA 2     /* request body bytes; consume() them to give credit back */
 #define FPY3_H2_END 3      /* request body finished */
 #define FPY3_H2_RESET 4    /* the peer reset the stream, or it timed out: code set */
@@ -44,6 +46,10 @@
 
 /* output() ends a round once it holds this much; Python writes it and asks again. */
 #define FPY3_H2_OUT_MAX 524288
+
+/* respond/send/trailers flags */
+#define FPY3_H2_FIN 1    /* the response ends here */
+#define FPY3_H2_FORGET 2 /* and Python is done with the stream: no more events for it */
 
 #define FPY3_H2_NO_ERROR 0x0
 #define FPY3_H2_PROTOCOL_ERROR 0x1
@@ -86,16 +92,16 @@ const fpy3_h2_event *fpy3_h2_events(fpy3_h2_conn *c, size_t *count);
 /* The bytes to write (NULL when none; *len set), and the events in fpy3_h2_events. */
 const uint8_t *fpy3_h2_output(fpy3_h2_conn *c, size_t *len);
 int fpy3_h2_expire(fpy3_h2_conn *c, uint32_t send_timeout_ms);
-/* A response head (fields "name\0value\0...", the pseudo-header is added); with
- * end_stream there is no body. */
-int fpy3_h2_respond(fpy3_h2_conn *c, int32_t stream, int status, const char *headers, size_t len,
-                    int end_stream);
-/* Body bytes (copied); returns the stream's unsent bytes, or -1. With fin, the body
- * ends (with the trailers given before, if any). */
-int64_t fpy3_h2_send(fpy3_h2_conn *c, int32_t stream, const uint8_t *data, size_t len, int fin);
-/* Trailer fields to send after the body ("name\0value\0..."); the body must not have
- * ended yet. They go out when send() ends the body. */
-int fpy3_h2_trailers(fpy3_h2_conn *c, int32_t stream, const char *headers, size_t len);
+/* A response head (fields "name\0value\0...", :status is added) and its first body
+ * bytes (copied); flags FIN and FORGET. Returns the stream's unsent bytes, or -1. */
+int64_t fpy3_h2_respond(fpy3_h2_conn *c, int32_t stream, int status, const char *headers,
+                        size_t hlen, const uint8_t *data, size_t len, int flags);
+/* Body bytes (copied); returns the stream's unsent bytes, or -1. With FIN the body
+ * ends; FORGET as for respond. */
+int64_t fpy3_h2_send(fpy3_h2_conn *c, int32_t stream, const uint8_t *data, size_t len, int flags);
+/* Trailer fields ("name\0value\0...") end the body, after the bytes given so far;
+ * flags may have FORGET. */
+int fpy3_h2_trailers(fpy3_h2_conn *c, int32_t stream, const char *headers, size_t len, int flags);
 int fpy3_h2_consume(fpy3_h2_conn *c, int32_t stream, size_t n);
 int fpy3_h2_reset(fpy3_h2_conn *c, int32_t stream, uint32_t code);
 /* Drain: phase 1 a GOAWAY notice (last stream id 2^31-1), phase 2 the final GOAWAY

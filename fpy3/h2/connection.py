@@ -237,6 +237,13 @@ class H2Connection(asyncio.Protocol):
         if not self.closed and not lib.fpy3_h2_alive(c):
             self._close()
 
+    def forget(self, stream: Stream) -> None:
+        """The stream is done on both sides (C sends no more events for it)."""
+        stream.closed = True
+        streams = self.streams
+        if streams.pop(stream.sid, None) is not None and not streams:
+            self.idle_at = self.loop.time()
+
     def _task_done(self, task: asyncio.Task) -> None:
         self.running -= 1
 
@@ -252,25 +259,14 @@ class H2Connection(asyncio.Protocol):
             # (rapid reset, CVE-2023-44487): no new app task until some finish.
             lib.fpy3_h2_reset(self.c, sid, REFUSED_STREAM)
             return
-        block = ffi.buffer(ev.data, ev.len)[:]
-        fields = block.split(b"\0")
-        end = len(fields) - 1  # the block ends with a NUL
-        # nghttp2 has checked the block: pseudo-header fields come first, once each.
-        pseudo = {}
-        i = 0
-        while i < end and fields[i][:1] == b":":
-            pseudo[fields[i]] = fields[i + 1]
-            i += 2
-        it = iter(fields[i:end])
-        headers = [*zip(it, it)]  # noqa: B905 (pairs by construction)
-        authority = pseudo.get(b":authority")
-        if authority and b"\0host\0" not in block and not block.startswith(b"host\0"):
+        # C gives the pseudo-header values in a fixed order, then the regular fields.
+        fields = ffi.buffer(ev.data, ev.len)[:].split(b"\0")
+        method, target, authority, protocol = fields[:4]
+        headers = [*zip(fields[4:-1:2], fields[5:-1:2])]  # noqa: B905 (pairs by construction)
+        if authority and not ev.code:
             headers.insert(0, (b"host", authority))
-        method = pseudo.get(b":method", b"")
-        raw_path, _, query = pseudo.get(b":path", b"").partition(b"?")
-        websocket_request = (
-            method == b"CONNECT" and pseudo.get(b":protocol") == b"websocket" and svc.ws.enabled
-        )
+        raw_path, _, query = target.partition(b"?")
+        websocket_request = method == b"CONNECT" and protocol == b"websocket" and svc.ws.enabled
         scope = build_scope(
             svc,
             "websocket" if websocket_request else "http",
@@ -287,7 +283,7 @@ class H2Connection(asyncio.Protocol):
         if websocket_request:
             task = websocket.start(self, sid, scope)
         else:
-            stream = HTTPStream(self, sid)
+            stream = HTTPStream(self, sid, fin)
             self.streams[sid] = stream
             cycle = stream.cycle = HTTPCycle(scope, stream, svc, not fin)
             task = svc.spawn(cycle.run())

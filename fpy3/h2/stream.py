@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..core.flow import SEND_HIGH_WATER, Waiter
 from ..core.http import HTTPCycle
-from .native import CLOSED, DATA, END, INTERNAL_ERROR, RESET, WRITABLE, ffi, lib
+from .native import CLOSED, DATA, END, FIN, FORGET, INTERNAL_ERROR, RESET, WRITABLE, ffi, lib
 
 if TYPE_CHECKING:
     from .connection import H2Connection
@@ -43,21 +43,22 @@ class Stream:
             self.credit = 0
             self.conn.schedule_flush()
 
-    def send(self, data, fin: bool):
-        """Body bytes (any bytes-like object) to C; an awaitable while more than
-        SEND_HIGH_WATER of this stream is unsent (C reports WRITABLE below a quarter)."""
-        if self.closed:
-            return None
+    def send(self, data, flags: int):
+        """Body bytes (any bytes-like object) to C, with FIN (and FORGET); an awaitable
+        while more than SEND_HIGH_WATER of this stream is unsent (C reports WRITABLE
+        below a quarter). The last bytes never wait: the response is complete. The
+        caller checks ``closed``."""
         conn = self.conn
         n = len(data)
         if data.__class__ is not bytes and n:
             data = ffi.from_buffer(data)
-        pending = lib.fpy3_h2_send(conn.c, self.sid, data, n, fin)
+        pending = lib.fpy3_h2_send(conn.c, self.sid, data, n, flags)
         conn.schedule_flush()
-        if pending <= SEND_HIGH_WATER:
-            return None
+        return None if flags or pending <= SEND_HIGH_WATER else self.wait_writable()
+
+    def wait_writable(self):
         if self.writable is None:
-            self.writable = Waiter(conn.loop)
+            self.writable = Waiter(self.conn.loop)
         return self.writable.wait()
 
     def reset(self, code: int) -> None:
@@ -67,11 +68,15 @@ class Stream:
 
 
 class HTTPStream(Stream):
-    """One request stream: the adapter the HTTP core sees."""
+    """One request stream: the adapter the HTTP core sees.
 
-    __slots__ = ("cycle", "finished")
+    Once its response is whole and its request has ended, Python is done with it: the
+    last write says FORGET, C sends no more events for it, and it leaves the
+    connection's table at once (no CLOSED event per request)."""
 
-    def __init__(self, conn: H2Connection, sid: int):
+    __slots__ = ("cycle", "finished", "ended")
+
+    def __init__(self, conn: H2Connection, sid: int, ended: bool = False):
         # Stream.__init__, inline: one of these per request.
         self.conn = conn
         self.sid = sid
@@ -80,6 +85,7 @@ class HTTPStream(Stream):
         self.writable = None
         self.cycle: HTTPCycle | None = None  # until the response is complete
         self.finished = False  # the whole response was handed to C
+        self.ended = ended  # the request body ended (END seen)
 
     def handle(self, kind: int, ev) -> None:
         cycle = self.cycle
@@ -91,6 +97,7 @@ class HTTPStream(Stream):
             else:
                 self.give_credit()  # nobody reads it any more: give the window back
         elif kind == END:
+            self.ended = True
             if cycle is not None:
                 cycle.feed_body(b"", False)
         elif kind == WRITABLE:
@@ -114,30 +121,30 @@ class HTTPStream(Stream):
             return None
         conn = self.conn
         block = conn.listener.header_block(headers, flags)
-        only_head = end and not data
-        rv = lib.fpy3_h2_respond(conn.c, self.sid, status, block, len(block), only_head)
-        if end:
-            self._finished()
-        if rv < 0 or only_head:
-            conn.schedule_flush()
-            return None
-        return self.send(data, end)
+        n = len(data)
+        if n and data.__class__ is not bytes:
+            data = ffi.from_buffer(data)
+        mode = self._finished() if end else 0
+        pending = lib.fpy3_h2_respond(conn.c, self.sid, status, block, len(block), data, n, mode)
+        conn.schedule_flush()
+        return None if end or pending <= SEND_HIGH_WATER else self.wait_writable()
 
     def write_body(self, data, end: bool):
         if self.closed:
             return None
         if end:
-            self._finished()
-        if not data and not end:
+            mode = self._finished()  # may close it: C is told with this call
+            return self.send(data, mode)
+        if not data:
             return None
-        return self.send(data, end)
+        return self.send(data, 0)
 
     def write_trailers(self, headers):
         if self.closed:
             return None
-        self._finished()
+        mode = self._finished()  # may close it: C is told with this call
         block = b"".join([b"%s\0%s\0" % pair for pair in headers])
-        lib.fpy3_h2_trailers(self.conn.c, self.sid, block, len(block))
+        lib.fpy3_h2_trailers(self.conn.c, self.sid, block, len(block), mode)
         self.conn.schedule_flush()
         return None
 
@@ -147,6 +154,12 @@ class HTTPStream(Stream):
         if not self.finished:
             self.reset(INTERNAL_ERROR)
 
-    def _finished(self) -> None:
+    def _finished(self) -> int:
+        """The response is whole: the flags of its last write (FIN, and FORGET when the
+        request ended too, as the stream then leaves the table)."""
         self.finished = True
         self.cycle = None  # the stream goes on (credit, CLOSED) while the app's task may not
+        if not self.ended:
+            return FIN
+        self.conn.forget(self)
+        return FIN | FORGET

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..core.websocket import WebSocketCycle
 from ..wsproto import open_protocol
-from .native import CANCEL, CLOSED, DATA, END, WRITABLE, ffi, lib
+from .native import CANCEL, CLOSED, DATA, END, FIN, WRITABLE, ffi, lib
 from .stream import HTTPStream, Stream
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ class WebSocketStream(Stream):
             return
         conn = self.conn
         block = conn.listener.header_block(headers, flags)
-        lib.fpy3_h2_respond(conn.c, self.sid, 200, block, len(block), 0)
+        lib.fpy3_h2_respond(conn.c, self.sid, 200, block, len(block), ffi.NULL, 0, 0)
         self.give_credit()  # for bytes that came before the accept
         conn.schedule_flush()
 
@@ -106,7 +106,7 @@ class WebSocketStream(Stream):
         if self.closed:
             return None
         data = frames[0] if len(frames) == 1 else b"".join(frames)
-        return self.send(data, False)
+        return self.send(data, 0)
 
     def pause_reading(self) -> None:
         self.paused = True  # credit is held back: the client's window closes
@@ -117,7 +117,7 @@ class WebSocketStream(Stream):
 
     def finish(self) -> None:
         if not self.closed:
-            self.send(b"", True)
+            self.send(b"", FIN)
 
     def abort(self) -> None:
         self.reset(CANCEL)
