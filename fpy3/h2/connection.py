@@ -141,8 +141,8 @@ class H2Connection(asyncio.Protocol):
         self.client = _addr(transport.get_extra_info("peername"))
         self.server = _addr(transport.get_extra_info("sockname"))
         if svc.max_connections and len(svc.connections) >= svc.max_connections:
-            # Our SETTINGS and a GOAWAY: the client retries elsewhere.
-            lib.fpy3_h2_terminate(self.c, REFUSED_STREAM)
+            # Our SETTINGS and a GOAWAY that took no stream: the client may retry.
+            lib.fpy3_h2_terminate(self.c, NO_ERROR)
             self._flush()
             self._close()
             return

@@ -406,3 +406,16 @@ def test_h2_under_threads_share_nothing(srv):
         t.join(30)
     assert errors == []
     wait_until(lambda: srv.alive())
+
+
+def test_idle_and_first_request_timeouts(start_server):
+    srv = start_server(config={"http2": {"idle_timeout": 1.0}, "http1": {"header_timeout": 1.0}})
+    # No request at all: closed after http1.header_timeout, with a GOAWAY.
+    with raw(srv) as h2:
+        h2.wait_closed(timeout=10)
+        assert h2.goaway == [(0, NO_ERROR)]
+    # After a request: open while streams run, closed once idle for http2.idle_timeout.
+    with raw(srv) as h2:
+        assert h2.get("/delay?ms=1500").status == 200  # longer than the idle timeout
+        h2.wait_closed(timeout=10)
+        assert h2.goaway[-1][1] == NO_ERROR
