@@ -2,9 +2,10 @@
 
 It holds the app and the options the protocols read on the hot path; the clock (one
 tick refreshes the Date header, flushes the access log and fires connection
-timeouts: no timer per request); the registry of open connections and of running app
-tasks; the end of every response (access log and counters, ``response_done``); and
-the drain, whose deadline cancels what is left. The worker and the embedding API
+timeouts: no timer per request); the registry of open connections (HTTP/1.1 and
+HTTP/2 on the TCP ports, which share one listener: ALPN or the HTTP/2 preface picks)
+and of running app tasks; the end of every response (access log and counters,
+``response_done``); and the drain, whose deadline cancels what is left. The worker and the embedding API
 (``fpy3.embed``) both serve through it.
 """
 

@@ -9,6 +9,7 @@ sends back. It is blocking and every wait is bounded by a deadline.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import ssl
@@ -50,6 +51,11 @@ class ClientMissing(Exception):
     """The command is not installed here."""
 
 
+def _env() -> dict[str, str]:
+    # Not under a sanitizer run's preloaded runtime: these are no instrumented programs.
+    return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+
+
 # --- the curl and nghttp commands ----------------------------------------------------
 
 
@@ -69,7 +75,7 @@ def curl(url: str, *args: str, cafile: str | None = None, timeout: float = 30) -
     argv = [exe, "-sS", "--max-time", str(timeout), "-D", "-", "-o", "-", *args]
     argv += ["--cacert", cafile] if cafile else ["-k"]
     argv.append(url)
-    p = subprocess.run(argv, capture_output=True, timeout=timeout + 10)
+    p = subprocess.run(argv, capture_output=True, timeout=timeout + 10, env=_env())
     if p.returncode != 0:
         raise AssertionError(f"curl exited {p.returncode}: {p.stderr.decode(errors='replace')}")
     out = p.stdout
@@ -93,6 +99,7 @@ def nghttp(url: str, *args: str, timeout: float = 30) -> subprocess.CompletedPro
         capture_output=True,
         text=True,
         timeout=timeout + 10,
+        env=_env(),
     )
 
 

@@ -962,12 +962,13 @@ def curl_altsvc_sequence(
     timeout: float = 10,
     requests: int = 2,
 ) -> list[Response]:
-    """Alt-Svc discovery: HTTP/1.1 over TCP first, then the cached h3 alternative.
+    """Alt-Svc discovery: TCP first (HTTP/2 or HTTP/1.1, as ALPN gives), then the cached
+    h3 alternative.
 
     ``altsvc_file`` is emptied first. Each request is a fresh easy handle (no TCP reuse)
     with no HTTP version forced: libcurl then never tries QUIC on its own, so h3 on a
-    later request can only come from the Alt-Svc cache. Expect http_version "1.1",
-    then "3" (libcurl falls back to TCP, i.e. "1.1", when the h3 alternative fails).
+    later request can only come from the Alt-Svc cache. Expect http_version "2" (or
+    "1.1"), then "3" (libcurl falls back to TCP when the h3 alternative fails).
     """
     with open(altsvc_file, "wb"):
         pass
