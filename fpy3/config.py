@@ -120,6 +120,23 @@ class HealthSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class HTTP2Settings:
+    enabled: bool = True  # h2 in ALPN on the TLS port, prior knowledge (h2c) on http_port
+    max_concurrent_streams: int = 100  # request streams a client may have open at once
+    max_header_list_size: int = 0  # SETTINGS_MAX_HEADER_LIST_SIZE; 0 = limits.max_header_size
+    initial_window_size: int = 1024 * 1024  # per-stream receive window, bytes
+    connection_window_size: int = 8 * 1024 * 1024  # connection receive window, bytes
+    max_frame_size: int = 16384  # largest frame the client may send, bytes
+    idle_timeout: float = 60.0  # seconds without an open stream before GOAWAY and close
+    send_timeout: float = 30.0  # a response the client's window holds back this long is reset
+    reset_burst: int = 200  # RST_STREAM frames a client may send at once (rapid reset)
+    reset_rate: int = 33  # and per second after that; past it GOAWAY
+    control_frame_burst: int = 1000  # PING/SETTINGS/PRIORITY/empty DATA frames at once
+    control_frame_rate: int = 100  # and per second after that; past it ENHANCE_YOUR_CALM
+    max_continuations: int = 8  # CONTINUATION frames after one HEADERS frame
+
+
+@dataclass(frozen=True, slots=True)
 class LimitsSettings:
     max_header_size: int = 32768  # bytes of request line + headers, else 431
     max_header_count: int = 100  # else 431
@@ -171,6 +188,7 @@ class Settings:
     tls: TLSSettings = field(default_factory=TLSSettings)
     workers: WorkersSettings = field(default_factory=WorkersSettings)
     http1: HTTP1Settings = field(default_factory=HTTP1Settings)
+    http2: HTTP2Settings = field(default_factory=HTTP2Settings)
     http3: HTTP3Settings = field(default_factory=HTTP3Settings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
@@ -465,6 +483,18 @@ _CHECKS: dict[str, Callable[[typing.Any], None]] = {
     "http1.send_timeout": _positive,
     "tls.handshake_timeout": _positive,
     "http1.backlog": _between(1, 65535),
+    "http2.max_concurrent_streams": _between(1, 100000),
+    "http2.max_header_list_size": _between(0, 16 * 1024 * 1024),
+    "http2.initial_window_size": _between(65535, 2**31 - 1),
+    "http2.connection_window_size": _between(65535, 2**31 - 1),
+    "http2.max_frame_size": _between(16384, 16777215),
+    "http2.idle_timeout": _positive,
+    "http2.send_timeout": _positive,
+    "http2.reset_burst": _between(1, 1000000),
+    "http2.reset_rate": _between(1, 1000000),
+    "http2.control_frame_burst": _between(1, 1000000),
+    "http2.control_frame_rate": _between(1, 1000000),
+    "http2.max_continuations": _between(1, 10000),
     "http3.port": _between(0, 65535),
     "http3.max_concurrent_streams": _between(1, 100000),
     "http3.idle_timeout": _positive,

@@ -3,7 +3,8 @@
 It holds the app and the options the protocols read on the hot path; the clock (one
 tick refreshes the Date header, flushes the access log, fires connection timeouts (no
 timer per request) and gives memory back to the OS after a flood, ``fpy3.memory``);
-the registry of open connections and of running app tasks; the end of every response
+the registry of open connections (HTTP/1.1 and HTTP/2 on the TCP ports, which share
+one listener: ALPN or the HTTP/2 preface picks) and of running app tasks; the end of every response
 (access log and counters, ``response_done``); and the drain, whose deadline cancels
 what is left. It also holds what every protocol applies the same way: the trusted
 proxies (``proxy.forwarded_allow_ips``, for proxy headers in the scope builder and for
@@ -25,7 +26,7 @@ import time
 from array import array
 from bisect import bisect_left
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from . import metrics as m
 from . import sockets
@@ -34,6 +35,7 @@ from .core.flow import Waiter
 from .core.forwarded import ProxyHeaders, TrustedPeers
 from .core.health import Health
 from .h1.connection import H1Connection, H1Listener
+from .h2.connection import H2Connection, H2Listener
 from .h3.server import H3Server
 from .logs import AccessLog
 from .memory import Reclaimer
@@ -56,6 +58,19 @@ CANCEL_GRACE = 2.0
 _PROTO_BASE = m.PROTO_BASE
 _HIST, _HIST_SUM, _WS_SESSIONS = m.HIST, m.HIST_SUM, m.WS_SESSIONS
 _LATENCY_BOUNDS = m.LATENCY_BOUNDS
+
+
+class Connection(Protocol):
+    """A TCP connection the service tracks (HTTP/1.1 or HTTP/2)."""
+
+    deadline: float  # loop time of the next on_timeout; 0 = none
+    send_deadline: float  # loop time a stalled send times out; 0 = none
+
+    def on_timeout(self) -> None: ...
+
+    def drain(self, grace: float) -> None: ...
+
+    def kill(self) -> None: ...
 
 
 class Clock:
@@ -140,14 +155,15 @@ class HTTPService:
         self.clock = Clock()
         self.clock.set(int(time.time()))
         self.websockets = 0  # open websockets (all protocols), for websocket.max_connections
-        self.connections: set[H1Connection] = set()
+        self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task] = set()  # app cycles still running
         self.servers: list[asyncio.AbstractServer | ProxyProtocolServer] = []
-        self.listeners: list[H1Listener] = []
+        self.listeners: list[H1Listener | H2Listener] = []
         self.h3_servers: list[H3Server] = []
         self.endpoints: list[str] = []  # what is served where, for the logs
         self._h3_closed_stats: list[list[int]] = []  # QUIC counters of closed servers
         self.draining = False
+        self.drain_grace = DRAIN_GRACE  # set by drain(); connections made while draining use it
         self.requests_served = 0
         # Every request's task starts from this context, not from whatever task or
         # callback happened to start it.
@@ -216,6 +232,12 @@ class HTTPService:
         scheme = "https" if ssl_context is not None else "http"
         listener = H1Listener(self, scheme)
         self.listeners.append(listener)
+        if self.settings.http2.enabled:
+            # HTTP/2 on the same port: chosen by ALPN on TLS, by its preface in cleartext.
+            h2 = H2Listener(self, scheme)
+            self.listeners.append(h2)
+            listener.h2 = h2.take_over
+            listener.alpn_h2 = ssl_context is not None
         tls = ssl_context is not None
         handshake_timeout = self.settings.tls.handshake_timeout if tls else None
         if self.settings.proxy.protocol in ("all", "tls" if tls else "cleartext"):
@@ -248,7 +270,7 @@ class HTTPService:
             self.endpoints.append(f"http://{where} (HTTP/1.1)")
         else:
             alt_svc = f", Alt-Svc {self.alt_svc.decode()}" if self.alt_svc else ""
-            self.endpoints.append(f"https://{where} ({tls_protocols()}{alt_svc})")
+            self.endpoints.append(f"https://{where} ({tls_protocols(self.settings)}{alt_svc})")
 
     def serve_h3(
         self,
@@ -306,9 +328,14 @@ class HTTPService:
         counts = self.metrics.counts
         counts[: m.QUIC] = array("q", values)
         h1 = m.PROTOCOL_INDEX["1.1"]
+        h2 = m.PROTOCOL_INDEX["2"]
         h3 = m.PROTOCOL_INDEX["3"]
-        counts[m.CONNECTIONS + h1] = len(self.connections)
-        counts[m.STREAMS + h1] = sum(1 for c in self.connections if c.responding or c.ws)
+        h1_conns = [c for c in self.connections if isinstance(c, H1Connection)]
+        h2_conns = [c for c in self.connections if isinstance(c, H2Connection)]
+        counts[m.CONNECTIONS + h1] = len(h1_conns)
+        counts[m.STREAMS + h1] = sum(1 for c in h1_conns if c.responding or c.ws is not None)
+        counts[m.CONNECTIONS + h2] = len(h2_conns)
+        counts[m.STREAMS + h2] = sum(len(c.streams) for c in h2_conns)
         counts[m.CONNECTIONS + h3] = sum(h3s.connection_count() for h3s in self.h3_servers)
         counts[m.STREAMS + h3] = sum(len(h3s.streams) for h3s in self.h3_servers)
         counts[m.WEBSOCKETS] = self.websockets
@@ -325,7 +352,7 @@ class HTTPService:
             self.health.ready = False
             logger.info("worker %d: not ready (the readiness path answers 503)", os.getpid())
 
-    def forget(self, conn: H1Connection) -> None:
+    def forget(self, conn: Connection) -> None:
         """A connection closed."""
         self.connections.discard(conn)
         if not self.connections and self.draining:
@@ -350,7 +377,7 @@ class HTTPService:
             server.close()
         # Clients get a grace period to see the notice (Connection: close, GOAWAY)
         # before idle connections close, so a request they sent meanwhile is answered.
-        grace = min(DRAIN_GRACE, timeout / 2)
+        grace = self.drain_grace = min(DRAIN_GRACE, timeout / 2)
         for conn in list(self.connections):
             conn.drain(grace)
         waits = [asyncio.ensure_future(h3.drain(grace)) for h3 in self.h3_servers]

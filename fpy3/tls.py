@@ -1,4 +1,4 @@
-"""TLS for HTTP/1.1: the server SSLContext and the certificate it uses."""
+"""TLS for the TCP port (HTTP/2 and HTTP/1.1): the server SSLContext and its certificate."""
 
 from __future__ import annotations
 
@@ -12,14 +12,19 @@ logger = logging.getLogger("fpy3.error")
 
 # What TLS connections may negotiate (ALPN), most preferred first. HTTP/3 is not here:
 # it is announced with Alt-Svc.
-ALPN_PROTOCOLS = ("http/1.1",)
-# How logs name them.
+# How logs name the protocols ALPN offers.
 PROTOCOL_NAMES = {"http/1.1": "HTTP/1.1", "h2": "HTTP/2"}
 
 
-def tls_protocols() -> str:
-    """The protocols served over TLS, for logs: "HTTP/1.1"."""
-    return ", ".join(PROTOCOL_NAMES.get(p, p) for p in ALPN_PROTOCOLS)
+def alpn_protocols(settings: Settings) -> list[str]:
+    """What the TLS port offers in ALPN: HTTP/2 first when enabled, then HTTP/1.1
+    (HTTP/3 is announced with Alt-Svc)."""
+    return ["h2", "http/1.1"] if settings.http2.enabled else ["http/1.1"]
+
+
+def tls_protocols(settings: Settings) -> str:
+    """The protocols served over TLS, for logs: "HTTP/2, HTTP/1.1"."""
+    return ", ".join(PROTOCOL_NAMES.get(p, p) for p in alpn_protocols(settings))
 
 
 def with_certificate(settings: Settings) -> Settings:
@@ -53,5 +58,5 @@ def server_context(settings: Settings) -> ssl.SSLContext:
         ctx.set_ciphers(tls.ciphers)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.load_cert_chain(tls.cert, tls.key)
-    ctx.set_alpn_protocols(list(ALPN_PROTOCOLS))
+    ctx.set_alpn_protocols(alpn_protocols(settings))
     return ctx

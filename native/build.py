@@ -25,6 +25,7 @@ LIBRARIES = {
     "libngtcp2": ("libngtcp2-dev", "1.4"),
     "libngtcp2_crypto_gnutls": ("libngtcp2-crypto-gnutls-dev", "1.4"),
     "libnghttp3": ("libnghttp3-dev", "1.2"),
+    "libnghttp2": ("libnghttp2-dev", "1.52"),
 }
 
 
@@ -50,6 +51,30 @@ def _pkg_config(name: str, debian_pkg: str, minimum: str) -> tuple[list[str], li
     return cflags, libs
 
 
+# nghttp2 options fpy3's HTTP/2 defences use: upstream 1.61 has both; Debian 12's
+# 1.52.0-1+deb12u2 has them backported (CVE-2023-44487, CVE-2024-27316).
+NGHTTP2_NEEDS = (
+    "nghttp2_option_set_stream_reset_rate_limit",
+    "nghttp2_option_set_max_continuations",
+)
+
+
+def _check_nghttp2(cflags: list[str]) -> None:
+    dirs = [f[2:] for f in cflags if f.startswith("-I")] + ["/usr/include", "/usr/local/include"]
+    for d in dirs:
+        header = Path(d) / "nghttp2" / "nghttp2.h"
+        if header.exists():
+            text = header.read_text(errors="replace")
+            missing = [f for f in NGHTTP2_NEEDS if f not in text]
+            if missing:
+                sys.exit(
+                    f"fpy3 build: libnghttp2 lacks {', '.join(missing)}; fpy3 needs nghttp2 "
+                    ">= 1.61, or Debian 12's libnghttp2-dev with its security updates "
+                    "(apt-get update && apt-get install libnghttp2-dev)"
+                )
+            return
+
+
 def _builder() -> FFI:
     cflags: list[str] = []
     libs: list[str] = []
@@ -57,6 +82,8 @@ def _builder() -> FFI:
         c, ll = _pkg_config(name, pkg, minimum)
         cflags += c
         libs += ll
+        if name == "libnghttp2":
+            _check_nghttp2(c)
 
     ffi = FFI()
     for cdef in sorted(HERE.glob("*.cdef")):

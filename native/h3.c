@@ -61,6 +61,10 @@ typedef struct stream {
     uint32_t rd_off;   /* next byte of rd to hand to nghttp3 */
     uint32_t head_off; /* first unacked byte of head */
     uint64_t buffered; /* appended and not yet acked */
+    /* Trailer fields "name\0value\0...": owned by the stream from fpy3_h3_trailers
+     * until submitted (read_data) or the stream is released. */
+    uint8_t *trailers;
+    size_t tlen;
 } stream;
 
 typedef struct {
@@ -479,6 +483,8 @@ static void chain_ack(fpy3_h3_server *s, stream *st, uint64_t n)
 
 static void chain_free(fpy3_h3_server *s, stream *st)
 {
+    free(st->trailers);
+    st->trailers = NULL;
     while (st->head) {
         chunk *h = st->head;
         st->head = h->next;
@@ -488,12 +494,14 @@ static void chain_free(fpy3_h3_server *s, stream *st)
     st->buffered = 0;
 }
 
+static int submit_fields(fpy3_h3_server *s, h3conn *c, int64_t sid, const char *status,
+                         const char *fields, size_t len, const nghttp3_data_reader *body);
+
 static nghttp3_ssize read_data(nghttp3_conn *h3, int64_t sid, nghttp3_vec *vec, size_t veccnt,
                                uint32_t *pflags, void *cud, void *sud)
 {
     (void)h3;
-    (void)sid;
-    (void)cud;
+    h3conn *c = cud;
     stream *st = sud;
     size_t n = 0;
     while (st->rd && n < veccnt) {
@@ -511,8 +519,18 @@ static nghttp3_ssize read_data(nghttp3_conn *h3, int64_t sid, nghttp3_vec *vec, 
     }
     if (st->flags & S_FIN) {
         chunk *r = st->rd;
-        if (!r || (st->rd_off == r->len && !r->next))
+        if (!r || (st->rd_off == r->len && !r->next)) {
             *pflags |= NGHTTP3_DATA_FLAG_EOF;
+            if (st->trailers) {
+                *pflags |= NGHTTP3_DATA_FLAG_NO_END_STREAM;
+                int rv = submit_fields(c->s, c, sid, NULL, (const char *)st->trailers, st->tlen,
+                                       NULL);
+                free(st->trailers);
+                st->trailers = NULL;
+                if (rv != 0)
+                    return NGHTTP3_ERR_CALLBACK_FAILURE;
+            }
+        }
     } else if (n == 0) {
         return NGHTTP3_ERR_WOULDBLOCK;
     }
@@ -1196,47 +1214,79 @@ int fpy3_h3_respond(fpy3_h3_server *s, uint64_t conn, int64_t sid, int status,
     stream *st = stream_of(s, conn, sid, &c);
     if (!st || (st->flags & (S_RESPONDED | S_WR_SHUT)) || status < 100 || status > 999)
         return -1;
+    char code[4] = {(char)('0' + status / 100), (char)('0' + status / 10 % 10),
+                    (char)('0' + status % 10), 0};
+    if (submit_fields(s, c, sid, code, headers, len, end_stream ? NULL : &body_reader) != 0)
+        return -1;
+    st->flags |= S_RESPONDED | (end_stream ? S_FIN : 0);
+    fpy3_engine_mark(c->qc);
+    return 0;
+}
+
+/* Fields "name\0value\0..." (after :status when given) as one HEADERS frame: a
+ * response with ``body`` (NULL = none), or trailers when status is NULL. nghttp3 copies
+ * the fields. 0, or -1 (the connection closes on a fatal error). */
+static int submit_fields(fpy3_h3_server *s, h3conn *c, int64_t sid, const char *status,
+                         const char *fields, size_t len, const nghttp3_data_reader *body)
+{
     size_t nfields = 0;
     for (size_t i = 0; i < len; i++)
-        nfields += headers[i] == 0;
+        nfields += fields[i] == 0;
     if (nfields & 1)
         return -1; /* names and values must pair up */
     nfields /= 2;
+    size_t total = nfields + (status != NULL);
     nghttp3_nv stack_nv[NV_STACK], *nv = stack_nv;
-    if (nfields + 1 > NV_STACK) {
-        if (s->nvcap < nfields + 1) {
-            nghttp3_nv *n = realloc(s->nv, (nfields + 1) * sizeof(*n));
+    if (total > NV_STACK) {
+        if (s->nvcap < total) {
+            nghttp3_nv *n = realloc(s->nv, total * sizeof(*n)); /* replaces s->nv */
             if (!n) {
                 conn_close_later(c, FPY3_H3_INTERNAL_ERROR);
                 return -1;
             }
             s->nv = n;
-            s->nvcap = nfields + 1;
+            s->nvcap = total;
         }
         nv = s->nv;
     }
-    char code[4] = {(char)('0' + status / 100), (char)('0' + status / 10 % 10),
-                    (char)('0' + status % 10), 0};
-    nv[0] = (nghttp3_nv){(uint8_t *)":status", (uint8_t *)code, 7, 3, NGHTTP3_NV_FLAG_NONE};
-    const char *p = headers;
-    for (size_t i = 1; i <= nfields; i++) {
+    size_t i = 0;
+    if (status)
+        nv[i++] = (nghttp3_nv){(uint8_t *)":status", (uint8_t *)status, 7, 3, NGHTTP3_NV_FLAG_NONE};
+    const char *p = fields;
+    for (; i < total; i++) {
         size_t nl = strlen(p);
         const char *v = p + nl + 1;
         size_t vl = strlen(v);
         nv[i] = (nghttp3_nv){(uint8_t *)p, (uint8_t *)v, nl, vl, NGHTTP3_NV_FLAG_NONE};
         p = v + vl + 1;
     }
-    /* nghttp3 copies the fields: nv and the strings need not outlive this call. */
-    int rv = nghttp3_conn_submit_response(c->h3, sid, nv, nfields + 1,
-                                          end_stream ? NULL : &body_reader);
+    int rv = status ? nghttp3_conn_submit_response(c->h3, sid, nv, total, body)
+                    : nghttp3_conn_submit_trailers(c->h3, sid, nv, total);
     if (rv != 0) {
         if (nghttp3_err_is_fatal(rv))
             conn_close_later(c, FPY3_H3_INTERNAL_ERROR);
         return -1;
     }
-    st->flags |= S_RESPONDED | (end_stream ? S_FIN : 0);
-    fpy3_engine_mark(c->qc);
     return 0;
+}
+
+int fpy3_h3_trailers(fpy3_h3_server *s, uint64_t conn, int64_t sid, const char *headers,
+                     size_t len)
+{
+    h3conn *c;
+    stream *st = stream_of(s, conn, sid, &c);
+    if (!st || !(st->flags & S_RESPONDED) || (st->flags & (S_FIN | S_WR_SHUT)))
+        return -1;
+    uint8_t *copy = malloc(len ? len : 1); /* the stream's: see stream.trailers */
+    if (!copy) {
+        conn_close_later(c, FPY3_H3_INTERNAL_ERROR);
+        return -1;
+    }
+    memcpy(copy, headers, len);
+    free(st->trailers);
+    st->trailers = copy;
+    st->tlen = len;
+    return fpy3_h3_send(s, conn, sid, NULL, 0, 1) < 0 ? -1 : 0;
 }
 
 int64_t fpy3_h3_send(fpy3_h3_server *s, uint64_t conn, int64_t sid, const uint8_t *data,

@@ -83,6 +83,9 @@ int fpy3_h3_respond(fpy3_h3_server *s, uint64_t conn, int64_t stream, int status
                     const char *headers, size_t len, int end_stream);
 int64_t fpy3_h3_send(fpy3_h3_server *s, uint64_t conn, int64_t stream, const uint8_t *data,
                      size_t len, int fin);
+/* Trailer fields ("name\0value\0...") end the body: sent after the bytes given so far. */
+int fpy3_h3_trailers(fpy3_h3_server *s, uint64_t conn, int64_t stream, const char *headers,
+                     size_t len);
 int fpy3_h3_consume(fpy3_h3_server *s, uint64_t conn, int64_t stream, size_t n);
 int fpy3_h3_reset(fpy3_h3_server *s, uint64_t conn, int64_t stream, uint64_t h3_error);
 int fpy3_h3_flush(fpy3_h3_server *s); /* 0, or -1: the socket is full (want_write) */

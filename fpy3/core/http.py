@@ -12,7 +12,9 @@ the rules, once for all protocols:
   Content-Length is checked against what is really sent;
 - an app that sets Server or Date replaces the server's;
 - the end of a response (access log, counters) is reported once, through the host;
-- ``send()`` after the client went away raises ``ClientDisconnected``.
+- ``send()`` after the client went away raises ``ClientDisconnected``;
+- the ``http.response.trailers`` extension: with ``trailers: True`` in the start
+  message, the body's end does not end the response; the trailers message does.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ CLOSE = 2  # the app sent "Connection: close"
 APP_SERVER = 4  # the app set Server: the adapter adds none
 APP_DATE = 8  # the app set Date: the adapter adds none
 BODYLESS = 16  # HEAD, 204 or 304: no body goes out (the data passed is always empty)
+TRAILERS = 32  # the app sends trailers: write_trailers, not the last body, ends the response
 
 _DISCONNECT = {"type": "http.disconnect"}
 _EMPTY_REQUEST = {"type": "http.request", "body": b"", "more_body": False}
@@ -64,6 +67,10 @@ class HTTPAdapter(Protocol):
         Content-Length included when known) and the first body bytes."""
 
     def write_body(self, data, end: bool) -> Awaitable[None] | None: ...
+
+    def write_trailers(self, headers: list) -> Awaitable[None] | None:
+        """The trailer fields (lowercase, checked); they end the response. A transport
+        that cannot carry them (HTTP/1.1 without chunking) ends the response without."""
 
     def abort(self) -> None:
         """The response cannot be completed: reset the stream or close the connection."""
@@ -210,6 +217,8 @@ class HTTPCycle:
         "sent",
         "waiter",
         "started_at",
+        "trailing",
+        "trailer_fields",
     )
 
     def __init__(self, scope: dict, adapter: HTTPAdapter, host: Host, more_body: bool):
@@ -230,6 +239,8 @@ class HTTPCycle:
         self.sent = 0  # body bytes handed to the adapter
         self.waiter: Waiter | None = None  # made when the app first has to wait
         self.started_at = host.loop.time() if host.timed else 0.0
+        self.trailing = False  # the body is complete; the trailers will end the response
+        self.trailer_fields: list | None = None
 
     # -- adapter -> core ------------------------------------------------------------
 
@@ -294,6 +305,8 @@ class HTTPCycle:
             if status.__class__ is not int or not 200 <= status <= 599:
                 status = check_status(status)
             headers, flags, declared = response_headers(message.get("headers") or ())
+            if message.get("trailers"):
+                flags |= TRAILERS
             if status == 204 or status == 304:
                 flags |= BODYLESS
                 if status == 204 and declared >= 0:  # RFC 9110 8.6: never on a 204
@@ -306,7 +319,11 @@ class HTTPCycle:
             self.left = declared
             return
         if kind != "http.response.body":
+            if kind == "http.response.trailers":
+                return await self._trailers(message)
             raise RuntimeError(f"expected ASGI message 'http.response.body', got {kind!r}")
+        if self.trailing:
+            raise RuntimeError("ASGI message 'http.response.body' after the last body part")
         body = message.get("body", b"")
         more = message.get("more_body", False)
         if body.__class__ is bytes:
@@ -331,26 +348,54 @@ class HTTPCycle:
                 self._short(body, n)
                 return
         self.sent += n
+        end = not more
+        if end and flags & TRAILERS:
+            end = False  # the trailers end the response
+            self.trailing = True
         head = self.head
         if head is not None:
             self.head = None
             if flags & BODYLESS:
                 pass
             elif self.left < 0:
-                if more:
-                    flags |= STREAM
-                else:
+                if end:
                     head.append((b"content-length", b"%d" % n))
-            if not more:
+                else:
+                    flags |= STREAM
+            if end:
                 self.complete = True
                 if self.waiter is not None:
                     self.waiter.wake()
                 self.host.response_done(self.scope, self.status, self.sent, self.started_at)
-            pending = self.adapter.write_head(self.status, head, flags, body, not more)
+            pending = self.adapter.write_head(self.status, head, flags, body, end)
         else:
-            if not more:
+            if end:
                 self._done()
-            pending = self.adapter.write_body(body, not more)
+            pending = self.adapter.write_body(body, end)
+        if pending is not None:
+            await pending
+
+    async def _trailers(self, message: dict) -> None:
+        """``http.response.trailers`` (after the last body part, with ``trailers: True``
+        in the start): the fields are checked like headers; the last message ends the
+        response."""
+        if not self.trailing:
+            raise RuntimeError(
+                "ASGI message 'http.response.trailers' before the body ended, or without "
+                "'trailers': True in 'http.response.start'"
+            )
+        fields, _, _ = response_headers(message.get("headers") or ())
+        if self.trailer_fields is None:
+            self.trailer_fields = fields
+        else:
+            self.trailer_fields += fields
+        if message.get("more_trailers", False):
+            return
+        self._done()
+        if self.flags & BODYLESS:
+            pending = self.adapter.write_body(b"", True)
+        else:
+            pending = self.adapter.write_trailers(self.trailer_fields)
         if pending is not None:
             await pending
 

@@ -56,7 +56,10 @@ def build_scope(
         "headers": headers,
         "state": host.state.copy(),
     }
-    if kind == "websocket":
+    if kind == "http":
+        if http_version != "1.0":  # HTTP/1.0 has no chunked encoding to carry them
+            scope["extensions"] = {"http.response.trailers": {}}
+    else:  # websocket
         del scope["method"]
         scope["scheme"] = _WS_SCHEME.get(scheme, scheme)
         scope["subprotocols"] = subprotocols(headers)

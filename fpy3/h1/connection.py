@@ -22,6 +22,7 @@ import asyncio
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from http import HTTPStatus
 
 from ..core.flow import RECV_HIGH_WATER, Waiter
@@ -76,6 +77,10 @@ class H1Listener:
     def __init__(self, service, scheme: str):
         self.svc = service
         self.scheme = scheme
+        # Hands a connection over to HTTP/2 (transport, bytes read so far): after ALPN
+        # chose h2 on TLS, or on the connection preface (prior knowledge). None = off.
+        self.h2: Callable[[asyncio.Transport, bytes, tuple | None], object] | None = None
+        self.alpn_h2 = False  # TLS with h2 offered: look at what ALPN chose
         # Indexed by a response's flags & (APP_SERVER | APP_DATE).
         self.prefixes: list[bytes] = [b""] * 16
         self.refresh(service.clock)
@@ -167,6 +172,13 @@ class H1Connection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        if self.listener.alpn_h2:
+            ssl_object = transport.get_extra_info("ssl_object")
+            h2 = self.listener.h2
+            if h2 is not None and ssl_object and ssl_object.selected_alpn_protocol() == "h2":
+                self.closed = True
+                h2(transport, b"", self._origin())
+                return
         svc = self.svc
         if self.client is None:  # else a PROXY header named it
             self.client = _addr(transport.get_extra_info("peername"))
@@ -231,6 +243,21 @@ class H1Connection(asyncio.Protocol):
         """The bytes received and not yet consumed (after an upgrade: frames)."""
         buf, self.buf = self.buf, b""
         return buf
+
+    def _switch_to_h2(self) -> None:
+        """The client speaks HTTP/2 with prior knowledge: the transport goes to it."""
+        h2 = self.listener.h2
+        assert h2 is not None
+        buf = self.take_buffer()
+        self.closed = True
+        self.svc.forget(self)
+        h2(self.transport, buf, self._origin())
+
+    def _origin(self) -> tuple | None:
+        """What a PROXY header said, for the HTTP/2 connection taking over."""
+        if self.client is None:
+            return None
+        return self.client, self.server, self.scheme
 
     def reject(self, status: int, reason: str, extra: bytes = b"") -> None:
         """Answer a request we cannot serve, then close."""
@@ -345,7 +372,10 @@ class H1Connection(asyncio.Protocol):
                 try:
                     head = parse_head(buf, 0, svc.max_header_size, svc.max_header_count)
                 except ParseError as exc:
-                    self.reject(exc.status, exc.reason, _ALLOW if exc.status == 405 else b"")
+                    if not self.requests and buf[:14] == b"PRI * HTTP/2.0" and self.listener.h2:
+                        self._switch_to_h2()  # the HTTP/2 preface: prior knowledge
+                    else:
+                        self.reject(exc.status, exc.reason, _ALLOW if exc.status == 405 else b"")
                     break
                 if head is None:
                     if not self.header_phase:
@@ -528,6 +558,19 @@ class H1Connection(asyncio.Protocol):
             self._response_done()
             return None
         return self.writable.wait() if self.write_paused else None
+
+    def write_trailers(self, headers):
+        if self.closed:
+            return None
+        if self.resp_chunked:
+            parts = [b"0\r\n"]
+            for name, value in headers:
+                parts += (name, b": ", value, b"\r\n")
+            parts.append(b"\r\n")
+            self.transport.write(b"".join(parts))
+        # Else (a declared Content-Length, HTTP/1.0): no way to send them.
+        self._response_done()
+        return None
 
     def write_waiter(self):
         """While the peer reads slowly: an awaitable done when the transport drains."""

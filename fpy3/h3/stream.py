@@ -140,6 +140,16 @@ class HTTPStream(Stream):
             return None
         return self.send(data, end)
 
+    def write_trailers(self, headers):
+        if self.closed:
+            return None
+        self._finished()
+        server = self.server
+        block = b"".join([b"%s\0%s\0" % pair for pair in headers])
+        lib.fpy3_h3_trailers(server.srv, self.conn, self.stream, block, len(block))
+        server.schedule_flush()
+        return None
+
     def abort(self) -> None:
         self.cycle = None
         # A finished response stays intact whatever the app does afterwards.

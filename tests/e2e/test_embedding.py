@@ -176,7 +176,7 @@ def test_readme_program(tmp_path, quic_engine):
         try:
             log = prog.wait_log("serving ")
             status, headers = curl_head("https://127.0.0.1:8080/")
-            assert re.fullmatch(r"HTTP/[\d.]+ 200( OK)?", status), status
+            assert re.fullmatch(r"HTTP/[\d.]+ 200( OK)?\s*", status), status
             assert ALT_SVC.fullmatch(headers["alt-svc"])[1] == "8080", headers
             assert headers["server"] == "fpy3-asgi"
 

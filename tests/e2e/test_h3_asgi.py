@@ -195,6 +195,18 @@ def test_scope_fields(h3):
     assert scope["client"] == ["127.0.0.1", client_port]
     assert scope["server"] == ["127.0.0.1", h3.port]
     assert scope["state"] == {"started": True}  # a copy of the lifespan state
+    assert scope["extensions"] == {"http.response.trailers": {}}
+
+
+@pytest.mark.parametrize("path", ["/trailers", "/trailers?whole=1", "/trailers?cl=1"])
+def test_response_trailers(h3, path):
+    r = aq(h3, "GET", path)
+    payload = b"body with trailers"
+    assert (r.status, r.body) == (200, payload)
+    assert r.trailers == [
+        ("x-checksum", hashlib.sha256(payload).hexdigest()),
+        ("x-count", str(len(payload))),
+    ]
 
 
 def test_scope_value_types(h3):

@@ -1,8 +1,8 @@
 """The response rules of the ASGI core, the same on every protocol.
 
-Each test runs over HTTP/1.1 in cleartext, HTTP/1.1 over TLS, and HTTP/3 on both QUIC
-engines (the msquic cases skip without libmsquic), against one real ``fpy3 run``
-process per engine: keep-alive past background work, bodyless responses, bytes-like
+Each test runs over HTTP/1.1 in cleartext, HTTP/1.1 over TLS, HTTP/2 over TLS (ALPN)
+and in cleartext (prior knowledge), and HTTP/3 on both QUIC engines (the msquic cases
+skip without libmsquic), against one real ``fpy3 run`` process per engine: keep-alive past background work, bodyless responses, bytes-like
 bodies, what the app may send as status and headers, Server and Date from the app,
 and ``send()`` after the client went away.
 """
@@ -13,9 +13,10 @@ import dataclasses
 
 import h3clients as kit
 import pytest
+from h2clients import H2Raw
 from harness import call, msquic_unavailable, wait_until
 
-PROTOCOLS = ["h1", "h1-tls", "h3-ngtcp2", "h3-msquic"]
+PROTOCOLS = ["h1", "h1-tls", "h2", "h2c", "h3-ngtcp2", "h3-msquic"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ class Result:
     headers: list[tuple[str, str]]
     body: bytes
     complete: bool = True
-    reset: int | None = None  # HTTP/3: the stream was reset with this code
+    reset: int | None = None  # HTTP/2 and HTTP/3: the stream was reset with this code
 
     def all(self, name: str) -> list[str]:
         return [v for n, v in self.headers if n == name]
@@ -65,9 +66,24 @@ def h1_request(method: str, path: str) -> bytes:
     return f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
 
 
+def h2_connect(proto: str, srv) -> H2Raw:
+    if proto == "h2":
+        return H2Raw(srv.host, srv.port, str(srv.cafile))
+    return H2Raw(srv.host, srv.http_port, tls=False)
+
+
 def fetch(proto: str, srv, method: str, path: str, check_keepalive: bool = True) -> Result:
-    """One request; over HTTP/1.1 the connection must then still serve a request (the
-    response was framed right and nothing of a dropped body is left on the wire)."""
+    """One request; over HTTP/1.1 and HTTP/2 the connection must then still serve a
+    request (the response was framed right and nothing of a dropped body is left on the
+    wire)."""
+    if proto in ("h2", "h2c"):
+        with h2_connect(proto, srv) as h2:
+            st = h2.response(h2.request(method, path))
+            result = Result(st.status, st.headers[1:], bytes(st.data), st.ended, st.reset)
+            if check_keepalive:
+                again = h2.get("/hello")
+                assert (again.status, bytes(again.data)) == (200, b"Hello, world!"), again
+        return result
     if proto.startswith("h3"):
         try:
             r = call(kit.aioquic_request, srv.host, srv.port, method, path, cafile=str(srv.cafile))
@@ -92,7 +108,13 @@ def test_next_request_does_not_wait_for_background_work(proto, srv, request):
     flag = f"bg-{proto}-{request.node.name}".replace("[", "-").replace("]", "")
     path = f"/background?flag={flag}"
     try:
-        if proto.startswith("h3"):
+        if proto in ("h2", "h2c"):
+            with h2_connect(proto, srv) as h2:
+                st = h2.get(path)
+                assert (st.status, bytes(st.data)) == (200, b"responded")
+                st = h2.get("/hello", timeout=8)
+                assert (st.status, bytes(st.data)) == (200, b"Hello, world!")
+        elif proto.startswith("h3"):
             rs = call(
                 kit.aioquic_sequence,
                 srv.host,
@@ -234,7 +256,11 @@ def test_app_server_and_date_replace_the_defaults(proto, srv):
 
 def test_send_after_disconnect_raises_oserror(proto, srv, request):
     name = f"sse-{proto}-{request.node.name}".replace("[", "-").replace("]", "")
-    if proto.startswith("h3"):
+    if proto in ("h2", "h2c"):
+        with h2_connect(proto, srv) as h2:
+            st = h2.streams[h2.request("GET", f"/sse?name={name}")]
+            h2.wait(lambda: b"data: 2\n\n" in st.data, message="three events")
+    elif proto.startswith("h3"):
         got = call(
             kit.aioquic_read_then_close,
             srv.host,

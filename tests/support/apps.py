@@ -619,8 +619,36 @@ async def h_h3_scope_types(scope, receive, send):
     await respond_json(send, types)
 
 
+async def h_trailers(scope, receive, send):
+    # The http.response.trailers extension: a body (whole or in parts), then trailer
+    # fields in two messages. ?cl=1 declares a Content-Length.
+    body, _ = await read_body(receive)
+    payload = body or b"body with trailers"
+    q = query(scope)
+    headers = [(b"content-type", b"text/plain"), (b"trailer", b"x-checksum, x-count")]
+    if "cl" in q:
+        headers.append((b"content-length", b"%d" % len(payload)))
+    await send({"type": "http.response.start", "status": 200, "headers": headers, "trailers": True})
+    if "whole" in q:
+        await send({"type": "http.response.body", "body": payload})
+    else:
+        half = len(payload) // 2
+        await send({"type": "http.response.body", "body": payload[:half], "more_body": True})
+        await send({"type": "http.response.body", "body": payload[half:]})
+    checksum = hashlib.sha256(payload).hexdigest().encode()
+    await send(
+        {
+            "type": "http.response.trailers",
+            "headers": [(b"x-checksum", checksum)],
+            "more_trailers": True,
+        }
+    )
+    await send({"type": "http.response.trailers", "headers": [(b"X-Count", b"%d" % len(payload))]})
+
+
 ROUTES.update(
     {
+        "/trailers": h_trailers,
         "/h3-record-receive": h_h3_record_receive,
         "/h3-scope-types": h_h3_scope_types,
         "/h3-download": h_h3_download,

@@ -962,12 +962,13 @@ def curl_altsvc_sequence(
     timeout: float = 10,
     requests: int = 2,
 ) -> list[Response]:
-    """Alt-Svc discovery: HTTP/1.1 over TCP first, then the cached h3 alternative.
+    """Alt-Svc discovery: TCP first (HTTP/2 or HTTP/1.1, as ALPN gives), then the cached
+    h3 alternative.
 
     ``altsvc_file`` is emptied first. Each request is a fresh easy handle (no TCP reuse)
     with no HTTP version forced: libcurl then never tries QUIC on its own, so h3 on a
-    later request can only come from the Alt-Svc cache. Expect http_version "1.1",
-    then "3" (libcurl falls back to TCP, i.e. "1.1", when the h3 alternative fails).
+    later request can only come from the Alt-Svc cache. Expect http_version "2" (or
+    "1.1"), then "3" (libcurl falls back to TCP when the h3 alternative fails).
     """
     with open(altsvc_file, "wb"):
         pass
@@ -1198,8 +1199,10 @@ def chromium_fetch(
     method: str = "GET",
     headers: Iterable[tuple[str, str]] = (),
     body: bytes | None = None,
+    quic: bool = True,
 ) -> dict:
-    """fetch() ``url`` from a same-origin page in headless Chromium forced onto QUIC.
+    """fetch() ``url`` from a same-origin page in headless Chromium forced onto QUIC
+    (``quic=False``: QUIC off, so TCP with whatever ALPN gives, HTTP/2 or HTTP/1.1).
 
     Returns {"status", "headers" (list of pairs), "body" (bytes), "text", "protocol"
     (Resource Timing nextHopProtocol: "h3" when HTTP/3 was used)}. Trust comes from
@@ -1244,8 +1247,11 @@ def chromium_fetch(
             # Names other than localhost resolve to nothing: no traffic leaves loopback.
             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1, EXCLUDE ::1",
             f"--user-data-dir={profile}",
-            "--enable-quic",
-            f"--origin-to-force-quic-on={_force_quic_origin(parts)}",
+            *(
+                ["--enable-quic", f"--origin-to-force-quic-on={_force_quic_origin(parts)}"]
+                if quic
+                else ["--disable-quic"]
+            ),
             f"--ignore-certificate-errors-spki-list={spki_b64}",
             "--remote-debugging-pipe",
             "about:blank",

@@ -132,3 +132,73 @@ class Load:
         if conn is not None:
             with contextlib.suppress(OSError):
                 conn.close()
+
+
+class H2Load:
+    """Threads sending ``GET /pid`` over HTTP/2, ``streams`` requests at a time on one
+    connection, until stopped.
+
+    A connection that got a GOAWAY takes no new stream (as clients do): its requests in
+    flight finish, then the thread opens a new connection. Every request that is not
+    answered with a whole 200 is a failure. ``connect`` returns an h2clients.H2Raw.
+    """
+
+    def __init__(self, connect, threads: int = 3, streams: int = 4, timeout: float = 10.0):
+        self.connect = connect
+        self.streams = streams
+        self.timeout = timeout
+        self.lock = threading.Lock()
+        self.ok: list[int] = []
+        self.failures: list[str] = []
+        self.servers: set[str] = set()  # Server header values seen
+        self.connections = 0
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def __enter__(self) -> H2Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        for t in self.threads:
+            t.join(self.timeout + 5)
+        assert not any(t.is_alive() for t in self.threads), "load threads did not stop"
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.ok)
+
+    def pids(self) -> set[int]:
+        with self.lock:
+            return set(self.ok)
+
+    def _run(self) -> None:
+        h2 = None
+        while not self.stopping.is_set():
+            try:
+                if h2 is None or h2.goaway or h2.closed:
+                    if h2 is not None:
+                        h2.close()
+                    h2 = None
+                    h2 = self.connect()
+                    with self.lock:
+                        self.connections += 1
+                sids = [h2.request("GET", "/pid") for _ in range(self.streams)]
+                h2.wait(lambda: all(h2.streams[s].done for s in sids), self.timeout)  # noqa: B023
+                for sid in sids:
+                    st = h2.streams.pop(sid)
+                    assert st.status == 200 and st.ended, f"stream {sid}: {st}"
+                    with self.lock:
+                        self.ok.append(int(st.data))
+                        self.servers.add(st.header("server") or "")
+            except Exception as exc:  # recorded; the test decides what was allowed
+                with self.lock:
+                    self.failures.append(repr(exc))
+                if h2 is not None:
+                    h2.close()
+                h2 = None
+                self.stopping.wait(0.01)
+        if h2 is not None:
+            h2.close()

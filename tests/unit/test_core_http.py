@@ -15,6 +15,7 @@ from fpy3.core.http import (
     BODYLESS,
     CLOSE,
     STREAM,
+    TRAILERS,
     AppError,
     HTTPCycle,
     check_status,
@@ -56,6 +57,9 @@ class Adapter:
 
     def write_body(self, data, end):
         self.ops.append(("body", bytes(data), end))
+
+    def write_trailers(self, headers):
+        self.ops.append(("trailers", list(headers)))
 
     def abort(self):
         self.ops.append(("abort",))
@@ -414,3 +418,104 @@ def test_cancelled_mid_response_aborts_and_reraises():
 
     adapter = asyncio.run(main())
     assert adapter.ops[-1] == ("abort",)
+
+
+# --- the http.response.trailers extension -------------------------------------------------
+
+
+def trailers(headers=(), more=False):
+    return {"type": "http.response.trailers", "headers": list(headers), "more_trailers": more}
+
+
+def start_trailers(status=200, headers=()):
+    return {**start(status, headers), "trailers": True}
+
+
+def test_trailers_end_the_response_not_the_body():
+    app = responder(
+        start_trailers(),
+        body(b"ab", more=True),
+        body(b"cd"),
+        trailers([(b"X-Sum", b"1")], more=True),
+        trailers([(b"x-count", b"4")]),
+    )
+    adapter, host, cycle = exchange(app)
+    assert adapter.ops == [
+        ("head", 200, [], STREAM | TRAILERS, b"ab", False),
+        ("body", b"cd", False),
+        ("trailers", [(b"x-sum", b"1"), (b"x-count", b"4")]),
+    ]
+    assert host.finished == [(200, 4)] and cycle.complete
+
+
+def test_trailers_after_a_whole_body_keep_it_streamed():
+    # A body given whole would get a Content-Length and end; with trailers it goes out
+    # unended (chunked on HTTP/1.1) and the trailers end it.
+    adapter, host, _ = exchange(responder(start_trailers(), body(b"whole"), trailers()))
+    assert adapter.ops == [
+        ("head", 200, [], STREAM | TRAILERS, b"whole", False),
+        ("trailers", []),
+    ]
+    assert host.finished == [(200, 5)]
+
+
+def test_trailers_with_declared_length():
+    app = responder(
+        start_trailers(headers=[(b"content-length", b"3")]), body(b"abc"), trailers([(b"x", b"y")])
+    )
+    adapter, _, _ = exchange(app)
+    assert adapter.ops == [
+        ("head", 200, [(b"content-length", b"3")], TRAILERS, b"abc", False),
+        ("trailers", [(b"x", b"y")]),
+    ]
+
+
+def test_trailers_on_head_end_without_them():
+    adapter, host, _ = exchange(
+        responder(start_trailers(), body(b"abc"), trailers([(b"x", b"y")])), method="HEAD"
+    )
+    assert adapter.ops == [
+        ("head", 200, [(b"content-length", b"3")], BODYLESS | TRAILERS, b"", False),
+        ("body", b"", True),
+    ]
+    assert host.finished == [(200, 0)]
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        # Trailers the start did not announce.
+        [start(), body(b"x", more=True), trailers()],
+        # Trailers before the body ended.
+        [start_trailers(), body(b"x", more=True), trailers()],
+        # A body part after the last one.
+        [start_trailers(), body(b"x"), body(b"y")],
+    ],
+    ids=["not-announced", "before-body-end", "body-after-end"],
+)
+def test_trailers_out_of_order_are_app_errors(messages):
+    adapter, _, _ = exchange(responder(*messages))
+    assert adapter.ops[-1] == ("abort",)
+
+
+def test_invalid_trailer_field_is_an_app_error():
+    adapter, _, _ = exchange(
+        responder(start_trailers(), body(b"x"), trailers([(b"bad name", b"v")]))
+    )
+    assert adapter.ops[-1] == ("abort",)
+
+
+def test_app_returning_before_its_trailers_aborts():
+    adapter, _, _ = exchange(responder(start_trailers(), body(b"x")))
+    assert adapter.ops[-1] == ("abort",)
+
+
+def test_scope_advertises_trailers_on_http11_2_and_3_not_10():
+    from fpy3.core.scope import build_scope
+
+    host = Host(None, None)
+    for version in ("1.1", "2", "3"):
+        scope = build_scope(host, "http", version, "https", "GET", "/", b"/", b"", [], None, None)
+        assert scope["extensions"] == {"http.response.trailers": {}}
+    scope = build_scope(host, "http", "1.0", "http", "GET", "/", b"/", b"", [], None, None)
+    assert "extensions" not in scope

@@ -18,12 +18,13 @@ PACKAGE = "fpy3"
 PACKAGE_DIR = Path(fpy3.__file__).resolve().parent
 
 # The rooms, lowest first: a module may import its own room and those below it, never
-# one above (ARCHITECTURE.md: core <- wsproto <- h1 / h3 <- service <- worker / embed <-
+# one above (ARCHITECTURE.md: core <- wsproto <- h1 / h2 / h3 <- service <- worker / embed <-
 # supervisor). Modules not listed are the shared base (config, logs, tls, sockets, ...).
 RANKS = {
     "fpy3.core": 1,
     "fpy3.wsproto": 2,
     "fpy3.h1": 3,
+    "fpy3.h2": 3,
     "fpy3.h3": 3,
     "fpy3.service": 4,
     "fpy3.bootstrap": 5,
