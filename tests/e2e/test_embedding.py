@@ -191,7 +191,8 @@ def test_readme_program(tmp_path, quic_engine):
             assert r3.header("server") == "fpy3-asgi"
             r3 = call(kit.curl_request, "https://127.0.0.1:8080/", cafile=cafile)
             assert (r3.status, r3.http_version, r3.body) == (200, "3", HELLO.format(3).encode())
-            # As a browser finds it: HTTP/1.1 first, then HTTP/3 from the Alt-Svc cache.
+            # As a browser finds it: HTTP/2 over TCP first, then HTTP/3 from the Alt-Svc
+            # cache.
             steps = call(
                 kit.curl_altsvc_sequence,
                 "https://127.0.0.1:8080/",
@@ -199,7 +200,7 @@ def test_readme_program(tmp_path, quic_engine):
                 str(tmp_path / "altsvc.txt"),
             )
             assert [(s.http_version, s.body.decode()) for s in steps] == [
-                ("1.1", HELLO.format("1.1")),
+                ("2", HELLO.format(2)),
                 ("3", HELLO.format(3)),
             ]
 
@@ -209,10 +210,10 @@ def test_readme_program(tmp_path, quic_engine):
             assert f"--cacert {cafile}" in log and "curl -k" in log
             assert f"HTTP/3 engine: {quic_engine}" in log
             assert re.search(
-                r"serving https://0\.0\.0\.0:8080 \([^)]*HTTP/1\.1[^)]*Alt-Svc h3", log
+                r"serving https://0\.0\.0\.0:8080 \(HTTP/2, HTTP/1\.1, Alt-Svc h3", log
             )
             assert f"HTTP/3 on UDP 0.0.0.0:8080 ({quic_engine})" in log
-            wanted = ['"HEAD / HTTP/1.1" 200', '"GET / HTTP/1.1" 200', '"GET / HTTP/3" 200']
+            wanted = ['"HEAD / HTTP/2" 200', '"GET / HTTP/1.1" 200', '"GET / HTTP/3" 200']
             wait_until(
                 lambda: all(w in prog.stdout() for w in wanted),
                 message=lambda: f"access log:\n{prog.stdout()}",
