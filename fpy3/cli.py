@@ -25,14 +25,15 @@ def main(argv: list[str] | None = None) -> None:
     settings = load_settings(args)
     configure_error_log(settings.logging, settings.server.debug)
     settings, listeners = prepare(settings)
-    if settings.workers.count > 1 or settings.reload.enabled:
-        # Several workers or hot reload need a master: become one.
+    if settings.workers.count > 1 or settings.reload.enabled or settings.acme.enabled:
+        # Several workers, hot reload or ACME need a master: become one.
         from .supervisor.arbiter import Arbiter
 
         sys.exit(Arbiter(args, settings, listeners).run())
     from . import worker
+    from .bootstrap import load_session_keys
 
-    code = worker.run(settings, listeners)
+    code = worker.run(settings, listeners, session_keys=load_session_keys(settings))
     listeners.close()
     sys.stdout.flush()
     sys.exit(code)

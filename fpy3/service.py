@@ -78,6 +78,9 @@ class HTTPService:
         self.header_timeout = settings.http1.header_timeout
         self.keepalive_timeout = settings.http1.keepalive_timeout
         self.ws = settings.websocket
+        self.state_dir = settings.state_path
+        # ACME http-01 answers on the cleartext port (fpy3.certs), without the app.
+        self.acme_http01 = settings.acme.enabled and settings.acme.challenge == "http-01"
         self.server_header = settings.server.server_header.encode("latin-1")
         self.alt_svc = b'h3=":%d"; ma=86400' % settings.udp_port if settings.http3.enabled else b""
         self.clock = Clock()
@@ -125,12 +128,13 @@ class HTTPService:
         cert: str,
         key: str,
         worker_id: int = 0,
-        secret=None,
+        keys=None,
         addr: tuple | None = None,
         steer_prog: bytes | None = None,
     ) -> None:
-        """HTTP/3 on ``sock``, or (MsQuic under fpy3-master) on ``addr`` MsQuic binds."""
-        self.h3_servers.append(H3Server(self, sock, cert, key, worker_id, secret, addr, steer_prog))
+        """HTTP/3 on ``sock``, or (MsQuic under fpy3-master) on ``addr`` MsQuic binds.
+        ``keys``: the master's SessionKeys (reset, token and ticket keys)."""
+        self.h3_servers.append(H3Server(self, sock, cert, key, worker_id, keys, addr, steer_prog))
 
     # -- what the protocols and the core call ------------------------------------------------
 

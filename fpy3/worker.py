@@ -2,7 +2,10 @@
 
 Order of life: import the app, run lifespan startup, serve, tell the master it is
 ready; on TERM drain (HTTP/1.1 answers with Connection: close), run lifespan
-shutdown, exit 0. On INT or QUIT stop fast. USR1 reopens the log files.
+shutdown, exit 0. On INT or QUIT stop fast. USR1 reopens the log files. USR2 reloads
+the certificate files (the master sends it once it has checked them): new handshakes,
+TCP and QUIC, use the new certificate; open connections keep theirs. A worker without
+a master checks the files itself every ``tls.watch_interval`` seconds.
 
 Under a master, the worker writes short lines on its pipe: ``ready`` once serving,
 ``beat`` every ``workers.timeout / 4`` seconds from a loop timer (a blocked loop
@@ -22,13 +25,15 @@ import sys
 import uvloop
 
 from .bootstrap import EXIT_STARTUP
+from .certs import FileWatch
 from .config import Settings
 from .core.lifespan import Lifespan, LifespanError
 from .importer import AppImportError, import_app
+from .keys import SessionKeys
 from .logs import AccessLog, reopen_error_log
 from .service import HTTPService
 from .sockets import Listeners
-from .tls import server_context
+from .tls import TLSContexts
 
 logger = logging.getLogger("fpy3.error")
 
@@ -42,7 +47,7 @@ class Worker:
         listeners: Listeners,
         ready_fd: int | None = None,
         worker_id: int = 0,
-        quic_secret: bytes | None = None,
+        session_keys: SessionKeys | None = None,
         request_limit: int = 0,
         quic_join: tuple[str, str, int] | None = None,
     ):
@@ -51,7 +56,9 @@ class Worker:
         self.listeners = listeners
         self.ready_fd = ready_fd
         self.worker_id = worker_id  # carried in the QUIC connection ids this worker issues
-        self.quic_secret = quic_secret
+        self.session_keys = session_keys
+        self.tls: TLSContexts | None = None
+        self._watch: FileWatch | None = None
         self.loop = asyncio.get_running_loop()
         self.stopping: asyncio.Future = self.loop.create_future()
         self.service: HTTPService | None = None
@@ -69,6 +76,8 @@ class Worker:
             # Non-blocking: a master that stops reading must not stall this loop.
             os.set_blocking(self.ready_fd, False)
             self._tick()  # beats cover app import and lifespan startup too
+        # Before the certificate is first read: a change from then on is not missed.
+        self.loop.add_signal_handler(signal.SIGUSR2, self.reload_tls)
         try:
             app = import_app(settings.server.app, settings.server.app_dir)
         except AppImportError as exc:
@@ -104,7 +113,11 @@ class Worker:
     async def _serve(self, service: HTTPService) -> int:
         settings = self.settings
         service.start()
-        await service.listen(self.listeners.tls, server_context(settings))
+        if self.ready_fd is None and settings.tls.watch_interval:
+            self._watch = FileWatch(_tls_files(settings))
+            self.loop.call_later(settings.tls.watch_interval, self._check_files)
+        self.tls = TLSContexts(settings, self.session_keys)
+        await service.listen(self.listeners.tls, self.tls.listener)
         if self.listeners.http is not None:
             await service.listen(self.listeners.http, None)
         if self.listeners.udp is not None or self.listeners.udp_addr is not None:
@@ -119,7 +132,7 @@ class Worker:
                     settings.tls.cert,
                     settings.tls.key,
                     join.worker_id if join else self.worker_id,
-                    self.quic_secret,
+                    self.session_keys,
                     self.listeners.udp_addr,
                     join.program if join else None,
                 )
@@ -140,6 +153,21 @@ class Worker:
         self.loop.add_signal_handler(signal.SIGINT, self._interrupt)
         self.loop.add_signal_handler(signal.SIGQUIT, self.stop, True)
         self.loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
+
+    def reload_tls(self) -> None:
+        """The certificate files changed (they were checked): serve them from now on."""
+        if self.tls is None:
+            return  # not read yet: they will be read as they are now
+        if self.tls.reload() and self.service is not None:
+            for h3 in self.service.h3_servers:
+                h3.reload_credentials()
+
+    def _check_files(self) -> None:
+        if self._watch is not None and not self.stopping.done():
+            if self._watch.changed():
+                logger.info("TLS: %s changed; reloading", self.settings.tls.cert)
+                self.reload_tls()
+            self.loop.call_later(self.settings.tls.watch_interval, self._check_files)
 
     def _reopen_logs(self) -> None:
         if self.access_log is not None:
@@ -217,7 +245,7 @@ def run(
     listeners: Listeners,
     ready_fd: int | None = None,
     worker_id: int = 0,
-    quic_secret: bytes | None = None,
+    session_keys: SessionKeys | None = None,
     request_limit: int = 0,
     quic_join: tuple[str, str, int] | None = None,
 ) -> int:
@@ -228,7 +256,7 @@ def run(
 
     async def main() -> int:
         worker = Worker(
-            settings, listeners, ready_fd, worker_id, quic_secret, request_limit, quic_join
+            settings, listeners, ready_fd, worker_id, session_keys, request_limit, quic_join
         )
         return await worker.main()
 
@@ -237,6 +265,11 @@ def run(
     finally:
         loop.close()
         sys.stdout.flush()
+
+
+def _tls_files(settings: Settings) -> list[str]:
+    tls = settings.tls
+    return [p for p in (tls.cert, tls.key, tls.client_ca) if p]
 
 
 def _exception_handler(loop, context) -> None:

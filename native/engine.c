@@ -71,3 +71,23 @@ int fpy3_engine_shutdown_stream(fpy3_qconn *qc, int64_t sid, uint64_t app_error,
 
 void fpy3_engine_conn_error(fpy3_qconn *qc, uint64_t e) { QOPS(qc)->conn_error(qc, e); }
 void fpy3_engine_conn_close(fpy3_qconn *qc, uint64_t e) { QOPS(qc)->conn_close(qc, e); }
+
+int fpy3_engine_conn_early(fpy3_qconn *qc)
+{
+    return QOPS(qc)->conn_early ? QOPS(qc)->conn_early(qc) : 0;
+}
+
+int fpy3_engine_conn_tls(fpy3_qconn *qc, fpy3_tls_info *out)
+{
+    return QOPS(qc)->conn_tls ? QOPS(qc)->conn_tls(qc, out) : -1;
+}
+
+int fpy3_engine_reload_credentials(fpy3_engine *e, const char *cert_file, const char *key_file,
+                                   const char *key_password, char *err, size_t errlen)
+{
+    if (!OPS(e)->reload_credentials) {
+        snprintf(err, errlen, "this QUIC engine cannot reload its certificate");
+        return -1;
+    }
+    return OPS(e)->reload_credentials(e, cert_file, key_file, key_password, err, errlen);
+}

@@ -12,6 +12,16 @@ loop in ``Arbiter.run`` does all the work (as gunicorn's arbiter does).
 - TTIN / TTOU: one worker more / less (never below 1); TTOU drains the highest number.
 - USR1: reopen log files, here and in every worker.
 
+Certificates: every ``tls.watch_interval`` seconds the master reads ``tls.cert``,
+``tls.key`` and ``tls.client_ca``; when they changed and make a usable context, it
+sends USR2 to every worker, which serves them to new handshakes from then on (TCP and
+QUIC alike; open connections keep theirs). A pair that does not load (a key not yet
+written beside its new certificate) is logged and the old one keeps serving. With
+``acme.enabled`` the ACME client (acme.py) runs in a thread of the master, writes
+the certificate into the state dir and wakes the loop, which does the same. This is
+cheaper than a reload: the app is not restarted, and websockets, streams and QUIC
+connections stay where they are.
+
 Each worker writes lines on its pipe (workers.py): ``ready``, ``beat`` (every
 ``workers.timeout/4`` s) and ``requests N``. A worker silent for ``workers.timeout``
 is killed (SIGKILL) and replaced. A worker past ``workers.max_requests`` (plus jitter)
@@ -46,11 +56,13 @@ import time
 from setproctitle import setproctitle
 
 from fpy3 import __version__, config
-from fpy3.bootstrap import EXIT_CONFIG, EXIT_STARTUP, load_settings, prepare
+from fpy3.bootstrap import EXIT_CONFIG, EXIT_STARTUP, load_session_keys, load_settings, prepare
+from fpy3.certs import FileWatch
 from fpy3.logs import configure_error_log, reopen_error_log
 from fpy3.msquic import msquic_engine
 from fpy3.sockets import Listeners
 
+from .acme import AcmeManager
 from .pidfile import Pidfile
 from .privileges import UserIds, raise_open_files_limit, resolve_ids
 from .reloader import FileWatcher
@@ -92,7 +104,12 @@ class Arbiter:
         self.exit_code = 0
         self.previous: config.Settings | None = None  # the generation a reload replaces
         self.previous_count = 0
-        self.quic_secret = os.urandom(32)  # stateless-reset key shared by every worker
+        # Reset, token and ticket keys: every worker, restart and replica shares them.
+        self.session_keys = load_session_keys(settings)
+        self.tls_watch: FileWatch | None = None
+        self.next_tls_check = 0.0
+        self.tls_changed = False  # set by the ACME thread: a new certificate is on disk
+        self.acme: AcmeManager | None = None
         self.watcher: FileWatcher | None = None
         self.worker_count = worker_count(settings)  # TTIN/TTOU change it; a reload resets it
         self.ids: UserIds | None = None  # what workers switch to
@@ -147,11 +164,15 @@ class Arbiter:
             self._spawn_generation()
             if self.settings.reload.enabled:
                 self.watcher = FileWatcher(self.settings, self._on_signal)
+            self._watch_tls()
+            if self.settings.acme.enabled:
+                self.acme = AcmeManager(self.settings, self._acme_done)
             while True:
                 self._wait(1.0)
                 while self.signals:
                     self._handle_signal(self.signals.pop(0))
                 self._reap()
+                self._check_tls()
                 self._check_heartbeats()
                 if self.steering_stale:
                     self._steer()
@@ -165,6 +186,8 @@ class Arbiter:
         finally:
             if self.watcher is not None:
                 self.watcher.stop()
+            if self.acme is not None:
+                self.acme.stop()
             self.listeners.close()
             if self.quic is not None:
                 self.quic.close()  # only now: closing one reorders the group
@@ -259,7 +282,7 @@ class Arbiter:
             number,
             self.generation,
             self.settings,
-            self.quic_secret,
+            self.session_keys,
             limit,
             self.ids,
             (self.msquic.lock_path, self.msquic.prog_path) if self.msquic is not None else None,
@@ -465,6 +488,45 @@ class Arbiter:
     def _status(self) -> str:
         return f"serving with {self.worker_count} worker(s), generation {self.generation}"
 
+    # -- certificates ----------------------------------------------------------------------
+
+    def _watch_tls(self) -> None:
+        tls = self.settings.tls
+        files = [p for p in (tls.cert, tls.key, tls.client_ca) if p]
+        self.tls_watch = FileWatch(files) if tls.watch_interval else None
+        self.next_tls_check = time.monotonic() + tls.watch_interval
+
+    def _acme_done(self) -> None:
+        """From the ACME thread: a new certificate is in place."""
+        self.tls_changed = True
+        try:
+            os.write(self.wake_w, b"\0")
+        except OSError:
+            pass
+
+    def _check_tls(self) -> None:
+        """Tell the workers to load the certificate files when they changed and work."""
+        changed, self.tls_changed = self.tls_changed, False
+        now = time.monotonic()
+        if self.tls_watch is not None and now >= self.next_tls_check:
+            self.next_tls_check = now + self.settings.tls.watch_interval
+            if self.tls_watch.changed():
+                logger.info("TLS: %s changed on disk", self.settings.tls.cert)
+                changed = True
+        if not changed or self.stopping:
+            return
+        from fpy3.tls import server_context
+
+        try:
+            server_context(self.settings)
+        except (OSError, ValueError) as exc:
+            logger.error("TLS: the new certificate files do not load, keeping the old: %s", exc)
+            return
+        if self.tls_watch is not None:
+            self.tls_watch.seen = self.tls_watch.digest()
+        logger.info("TLS: %d worker(s) load the new certificate", len(self.workers))
+        self._kill_all(signal.SIGUSR2)
+
     # -- QUIC steering -------------------------------------------------------------------------
 
     def _steer_udp(self) -> None:
@@ -603,6 +665,7 @@ class Arbiter:
         configure_error_log(settings.logging, settings.server.debug)
         self.previous, self.previous_count = self.settings, self.worker_count
         self.settings = settings
+        self._watch_tls()
         self.ids = ids
         self.worker_count = worker_count(settings)
         self.generation += 1

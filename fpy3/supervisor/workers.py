@@ -24,6 +24,7 @@ from setproctitle import setproctitle
 from fpy3 import worker
 from fpy3.bootstrap import EXIT_STARTUP
 from fpy3.config import Settings
+from fpy3.keys import SessionKeys
 from fpy3.sockets import Listeners
 
 from .privileges import UserIds, drop_privileges
@@ -33,7 +34,13 @@ logger = logging.getLogger("fpy3.error")
 # Signals meant for the master may reach the whole process group (a kill to every
 # process of a service): they must not kill or stop a worker. Its loop handles USR1
 # once it runs.
-MASTER_ONLY_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
+MASTER_ONLY_SIGNALS = (
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
 
 
 class Message(NamedTuple):
@@ -114,7 +121,7 @@ class Launch:
     number: int
     generation: int
     settings: Settings
-    quic_secret: bytes  # the stateless-reset key shared by every worker
+    session_keys: SessionKeys  # reset, token and ticket keys, shared by every worker
     request_limit: int = 0
     ids: UserIds | None = None  # switch to these after the fork
     msquic_join: tuple[str, str] | None = None  # (lock path, program path) of the group
@@ -198,7 +205,7 @@ def _worker_main(
                 listeners,
                 ready_fd,
                 worker_id,
-                launch.quic_secret,
+                launch.session_keys,
                 launch.request_limit,
                 quic_join,
             )
