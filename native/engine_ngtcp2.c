@@ -151,6 +151,20 @@ static void cred_unref(ng_cred *cr)
     }
 }
 
+/* Client certificates, checked during the handshake: none is fine unless required
+ * (GnuTLS refuses that case itself); one that does not chain to the CAs fails it. */
+static int verify_client(gnutls_session_t s)
+{
+    ngtcp2_crypto_conn_ref *ref = gnutls_session_get_ptr(s);
+    fpy3_qconn *qc = ref->user_data;
+    unsigned n = 0, status = 0;
+    if (!gnutls_certificate_get_peers(s, &n) || n == 0)
+        return qc->b.e->cfg.client_auth == FPY3_CLIENT_AUTH_REQUIRED ? -1 : 0;
+    if (gnutls_certificate_verify_peers2(s, &status) < 0 || status != 0)
+        return -1;
+    return 0;
+}
+
 /* New credentials from PEM files (one reference, the caller's), or NULL with err. */
 static ng_cred *cred_load(const char *cert, const char *key, const char *password,
                           const char *client_ca, char *err, size_t errlen)
@@ -183,6 +197,7 @@ static ng_cred *cred_load(const char *cert, const char *key, const char *passwor
             cred_unref(cr);
             return NULL;
         }
+        gnutls_certificate_set_verify_function(cr->c, verify_client);
     }
     return cr;
 }
@@ -682,7 +697,6 @@ static fpy3_qconn *conn_new(fpy3_engine *e, const ngtcp2_pkt_hd *hd, const ngtcp
                                                                FPY3_CLIENT_AUTH_REQUIRED
                                                            ? GNUTLS_CERT_REQUIRE
                                                            : GNUTLS_CERT_REQUEST);
-        gnutls_session_set_verify_cert(qc->tls, NULL, 0); /* a bad chain fails the handshake */
     }
     if (gnutls_priority_set(qc->tls, e->prio) != 0 ||
         ngtcp2_crypto_gnutls_configure_server_session(qc->tls) != 0 ||
