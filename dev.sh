@@ -25,7 +25,8 @@ as_root() {
 APT_PACKAGES=(build-essential pkg-config ca-certificates libgnutls28-dev
     libngtcp2-dev libngtcp2-crypto-gnutls-dev libnghttp3-dev)
 # For the test suite and benchmarks: load generators and independent HTTP/3 peers.
-APT_TEST_PACKAGES=(wrk libcurl4-gnutls-dev libcurl3-gnutls ngtcp2-client ngtcp2-server chromium)
+APT_TEST_PACKAGES=(wrk curl libcurl4-gnutls-dev libcurl3-gnutls ngtcp2-client ngtcp2-server chromium
+    pebble)
 
 setup_system() {
     local want=("${APT_PACKAGES[@]}")

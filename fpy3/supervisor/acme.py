@@ -91,11 +91,12 @@ class AcmeManager:
                 delay = min(self.acme.retry_interval * 2 ** (self.failures - 1), MAX_BACKOFF)
                 logger.error(
                     "ACME: no certificate for %s from %s: %s; the current certificate keeps "
-                    "serving, next attempt in %.0f s",
+                    "serving, next attempt in %g s",
                     ", ".join(self.acme.domains),
                     self.acme.directory_url,
                     _reason(exc),
                     delay,
+                    exc_info=exc if logger.isEnabledFor(logging.DEBUG) else None,
                 )
                 self.stop_event.wait(delay)
                 continue
@@ -185,7 +186,7 @@ class AcmeManager:
         kind = self.acme.challenge
         name = authz.body.identifier.value
         for challb in authz.body.challenges:
-            if challb.chall.typ != kind:
+            if _kind(challb) != kind:
                 continue
             token = (
                 challb.chall.jobj["token"]
@@ -201,7 +202,7 @@ class AcmeManager:
                 certs.write_atomic(path, _validation_cert(name, key_auth), 0o600)
             placed.append(path)
             return challb
-        offered = ", ".join(c.chall.typ for c in authz.body.challenges)
+        offered = ", ".join(_kind(c) for c in authz.body.challenges)
         raise RuntimeError(f"the CA offers no {kind} challenge for {name} (only {offered})")
 
     def _install(self, fullchain: bytes, key_pem: bytes) -> None:
@@ -219,6 +220,13 @@ class AcmeManager:
         certs.write_atomic(key_path, key_pem, 0o600)
         certs.write_atomic(cert_path, fullchain, 0o644)
         logger.info("ACME: new certificate for %s in %s", ", ".join(self.acme.domains), cert_path)
+
+
+def _kind(challb) -> str:
+    """A challenge's type; the library no longer models tls-alpn-01, so it comes back
+    as an unrecognized challenge, with its JSON."""
+    jobj = getattr(challb.chall, "jobj", None)
+    return str(jobj.get("type")) if jobj else str(challb.chall.typ)
 
 
 def _validation_cert(name: str, key_auth: str) -> bytes:
