@@ -224,6 +224,8 @@ def parse_alpn(ext: bytes) -> list[bytes]:
     end = min(len(ext), 2 + int.from_bytes(ext[:2], "big"))
     while i < end:
         n = ext[i]
+        if i + 1 + n > end:
+            break  # malformed: OpenSSL refuses the hello anyway
         out.append(ext[i + 1 : i + 1 + n])
         i += 1 + n
     return out

@@ -524,6 +524,12 @@ class Arbiter:
             return
         if self.tls_watch is not None:
             self.tls_watch.seen = self.tls_watch.digest()
+        if self.settings.http3.enabled and msquic_engine(self.settings.http3.engine):
+            # MsQuic's credentials are fixed per worker here: a new generation loads
+            # them, with the same zero-downtime switch as a HUP.
+            logger.info("TLS: HTTP/3 is on MsQuic; a new generation loads the new certificate")
+            self._reload()
+            return
         logger.info("TLS: %d worker(s) load the new certificate", len(self.workers))
         self._kill_all(signal.SIGUSR2)
 
@@ -666,6 +672,10 @@ class Arbiter:
         self.previous, self.previous_count = self.settings, self.worker_count
         self.settings = settings
         self._watch_tls()
+        if settings.acme != self.previous.acme:
+            if self.acme is not None:
+                self.acme.stop()
+            self.acme = AcmeManager(settings, self._acme_done) if settings.acme.enabled else None
         self.ids = ids
         self.worker_count = worker_count(settings)
         self.generation += 1
