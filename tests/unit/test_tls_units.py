@@ -132,3 +132,84 @@ def test_rfc4514_names():
         (("commonName", " lead"),),
     )
     assert tls.rfc4514(subject) == "CN=\\ lead,O=A\\, B,C=FR"
+
+
+def _handshake(server_ctx, client_ctx, session=None, alpn=None):
+    """A TLS 1.3 handshake between memory BIOs: (session, resumed, server cert DER,
+    ALPN the server chose)."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    if alpn:
+        client_ctx.set_alpn_protocols(alpn)
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost", session=session)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    done = {client: False, server: False}
+    for _ in range(20):
+        for obj in (client, server):
+            if not done[obj]:
+                try:
+                    obj.do_handshake()
+                    done[obj] = True
+                except ssl.SSLWantReadError:
+                    pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done.values()):
+            break
+    server.write(b"x")  # tickets come after the handshake
+    c_in.write(s_out.read())
+    client.read(1)
+    return (
+        client.session,
+        client.session_reused,
+        client.getpeercert(binary_form=True),
+        client.selected_alpn_protocol(),
+    )
+
+
+def test_a_new_certificate_keeps_resumption_and_acme_gets_its_own(tmp_path):
+    from fpy3 import devcert
+
+    a_cert, a_key = devcert.ensure_dev_cert(str(tmp_path / "a"))
+    b_cert, b_key = devcert.ensure_dev_cert(str(tmp_path / "b"))
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = str(live / "cert.pem"), str(live / "key.pem")
+    for src, dst in ((a_cert, cert), (a_key, key)):
+        with open(src, "rb") as f:
+            certs.write_atomic(dst, f.read())
+    bundle = tmp_path / "bundle.pem"
+    with open(a_cert, "rb") as fa, open(b_cert, "rb") as fb:
+        bundle.write_bytes(fa.read() + fb.read())
+    settings = config.Settings(
+        server=config.ServerSettings(state_dir=str(tmp_path)),
+        tls=config.TLSSettings(cert=cert, key=key),
+    )
+    contexts = tls.TLSContexts(settings, keys.load_or_create(str(tmp_path / "keys")))
+    client = ssl.create_default_context(cafile=str(bundle))
+    session, resumed, der, _ = _handshake(contexts.listener, client)
+    assert not resumed
+    # The files change: new handshakes get the new pair, and old tickets still resume.
+    for src, dst in ((b_cert, cert), (b_key, key)):
+        with open(src, "rb") as f:
+            certs.write_atomic(dst, f.read())
+    assert contexts.reload()
+    _, resumed, _, alpn = _handshake(contexts.listener, client, session, ["http/1.1"])
+    assert resumed and alpn == "http/1.1"
+    _, resumed, der2, _ = _handshake(contexts.listener, client)
+    with open(b_cert, "rb") as f:
+        assert der2 == ssl.PEM_cert_to_DER_cert(f.read().decode()) != der
+    # A pending tls-alpn-01 challenge for the name: only acme-tls/1 clients see it.
+    c_cert, c_key = devcert.ensure_dev_cert(str(tmp_path / "c"))
+    with open(c_cert, "rb") as c, open(c_key, "rb") as k:
+        challenge = c.read()
+        certs.write_atomic(certs.tls_alpn01_path(str(tmp_path), "localhost"), challenge + k.read())
+    acme_client = ssl.create_default_context(cafile=c_cert)
+    _, _, der3, alpn = _handshake(contexts.listener, acme_client, alpn=["acme-tls/1"])
+    assert der3 == ssl.PEM_cert_to_DER_cert(challenge.decode()) and alpn == "acme-tls/1"
+    other = ssl.create_default_context(cafile=str(bundle))
+    _, _, der4, alpn = _handshake(contexts.listener, other, alpn=["http/1.1"])
+    assert der4 == der2 and alpn == "http/1.1"
+    # A broken pair is refused and the current one stays.
+    certs.write_atomic(key, b"not a key")
+    assert not contexts.reload()
+    assert _handshake(contexts.listener, other)[2] == der2
