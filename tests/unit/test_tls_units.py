@@ -213,3 +213,28 @@ def test_a_new_certificate_keeps_resumption_and_acme_gets_its_own(tmp_path):
     certs.write_atomic(key, b"not a key")
     assert not contexts.reload()
     assert _handshake(contexts.listener, other)[2] == der2
+
+
+def test_tcp_ticket_keys_rotate(tmp_path, monkeypatch):
+    from fpy3 import devcert
+
+    cert, key = devcert.ensure_dev_cert(str(tmp_path))
+    settings = config.Settings(
+        server=config.ServerSettings(state_dir=str(tmp_path)),
+        tls=config.TLSSettings(cert=cert, key=key, ticket_lifetime=3600),
+    )
+    session_keys = keys.load_or_create(str(tmp_path / "keys"))
+    clock = [1_000_000 * 3600.0]
+    monkeypatch.setattr(ossl.time, "time", lambda: clock[0])
+    listener = tls.TLSContexts(settings, session_keys).listener
+    client = ssl.create_default_context(cafile=cert)
+    session = _handshake(listener, client)[0]
+    # Another worker (another context, same key file) in the next period: still resumes.
+    clock[0] += 3600
+    other = tls.TLSContexts(settings, session_keys).listener
+    renewed, resumed, _, _ = _handshake(other, client, session)
+    assert resumed
+    # Two periods on, that old ticket's key is gone: a full handshake.
+    clock[0] += 3600
+    assert not _handshake(other, client, session)[1]
+    assert _handshake(other, client, renewed)[1]  # the ticket renewed meanwhile is fine
