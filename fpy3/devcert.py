@@ -32,10 +32,9 @@ class DevCertError(RuntimeError):
 
 
 def default_state_dir() -> str:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "state"
-    )
-    return os.path.join(base, "fpy3")
+    from .config import default_state_dir as default
+
+    return default()
 
 
 def _err(buf) -> str:

@@ -130,6 +130,9 @@ class HTTPService:
         self.body_timeout = settings.http1.body_timeout
         self.send_timeout = settings.http1.send_timeout
         self.ws = settings.websocket
+        self.state_dir = settings.state_path
+        # ACME http-01 answers on the cleartext port (fpy3.certs), without the app.
+        self.acme_http01 = settings.acme.enabled and settings.acme.challenge == "http-01"
         self.server_header = settings.server.server_header.encode("latin-1")
         # The worker's metrics block (fpy3.metrics), or None when metrics are off. The
         # per-response counters live in a list (the cheapest to add to) that the tick
@@ -195,19 +198,20 @@ class HTTPService:
         listeners: Listeners,
         *,
         worker_id: int = 0,
-        quic_secret: bytes | None = None,
+        keys=None,
         steer_prog: bytes | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
-        """Serve every protocol on ``listeners`` (starting the clock): TLS, with the
-        settings' certificate, on ``listeners.tls``; cleartext HTTP/1.1 on
+        """Serve every protocol on ``listeners`` (starting the clock): TLS, with
+        ``tls_context`` or one made from the settings' certificate, on ``listeners.tls``; cleartext HTTP/1.1 on
         ``listeners.http``; HTTP/3 on ``listeners.udp`` (or, MsQuic under fpy3-master,
-        on the address ``listeners.udp_addr``). ``worker_id``, ``quic_secret`` and
+        on the address ``listeners.udp_addr``). ``worker_id``, ``keys`` (SessionKeys) and
         ``steer_prog`` go into HTTP/3 (see ``serve_h3``). Raises OSError when a listener
         cannot be served; the caller then closes the service."""
         self.start()
         settings = self.settings
         if listeners.tls:
-            context = server_context(settings)
+            context = tls_context or server_context(settings)
             for sock in listeners.tls:
                 await self.listen(sock, context)
         for sock in listeners.http:
@@ -221,7 +225,7 @@ class HTTPService:
                 settings.tls.cert,
                 settings.tls.key,
                 worker_id,
-                quic_secret,
+                keys,
                 listeners.udp_addr,
                 steer_prog,
             )
@@ -278,12 +282,13 @@ class HTTPService:
         cert: str,
         key: str,
         worker_id: int = 0,
-        secret=None,
+        keys=None,
         addr: tuple | None = None,
         steer_prog: bytes | None = None,
     ) -> None:
-        """HTTP/3 on ``sock``, or (MsQuic under fpy3-master) on ``addr`` MsQuic binds."""
-        h3 = H3Server(self, sock, cert, key, worker_id, secret, addr, steer_prog)
+        """HTTP/3 on ``sock``, or (MsQuic under fpy3-master) on ``addr`` MsQuic binds.
+        ``keys``: the master's SessionKeys (reset, token and ticket keys)."""
+        h3 = H3Server(self, sock, cert, key, worker_id, keys, addr, steer_prog)
         self.h3_servers.append(h3)
         self.endpoints.append(f"HTTP/3 on UDP {_where(h3.server_addr)} ({h3.engine_name})")
 

@@ -2,7 +2,10 @@
 
 Order of life: import the app, run lifespan startup, serve, tell the master it is
 ready; on TERM drain (HTTP/1.1 answers with Connection: close), run lifespan
-shutdown, exit 0. On INT or QUIT stop fast. USR1 reopens the log files. USR2 turns the
+shutdown, exit 0. On INT or QUIT stop fast. USR1 reopens the log files. USR2 reloads
+the certificate files (the master sends it once it has checked them): new handshakes,
+TCP and QUIC, use the new certificate; open connections keep theirs. A worker without
+a master checks the files itself every ``tls.watch_interval`` seconds. WINCH turns the
 readiness path (``health.ready_path``) to 503: the master sends it when a stop begins,
 ``health.drain_delay`` seconds before the TERM. Without a master (``fpy3 run``) the
 worker waits that delay itself between the TERM and the drain.
@@ -25,13 +28,16 @@ import sys
 import uvloop
 
 from .bootstrap import EXIT_STARTUP
+from .certs import FileWatch
 from .config import Settings
 from .core.lifespan import Lifespan, LifespanError
 from .importer import AppImportError, import_app
+from .keys import SessionKeys
 from .logs import AccessLog, reopen_error_log
 from .metrics import Block
 from .service import HTTPService
 from .sockets import Listeners
+from .tls import TLSContexts
 
 logger = logging.getLogger("fpy3.error")
 
@@ -45,7 +51,7 @@ class Worker:
         listeners: Listeners,
         ready_fd: int | None = None,
         worker_id: int = 0,
-        quic_secret: bytes | None = None,
+        session_keys: SessionKeys | None = None,
         request_limit: int = 0,
         quic_join: tuple[str, str, int] | None = None,
         metrics: Block | None = None,
@@ -56,7 +62,9 @@ class Worker:
         self.listeners = listeners
         self.ready_fd = ready_fd
         self.worker_id = worker_id  # carried in the QUIC connection ids this worker issues
-        self.quic_secret = quic_secret
+        self.session_keys = session_keys
+        self.tls: TLSContexts | None = None
+        self._watch: FileWatch | None = None
         self.loop = asyncio.get_running_loop()
         self.stopping: asyncio.Future = self.loop.create_future()
         self.service: HTTPService | None = None
@@ -75,6 +83,8 @@ class Worker:
             # Non-blocking: a master that stops reading must not stall this loop.
             os.set_blocking(self.ready_fd, False)
             self._tick()  # beats cover app import and lifespan startup too
+        # Before the certificate is first read: a change from then on is not missed.
+        self.loop.add_signal_handler(signal.SIGUSR2, self.reload_tls)
         try:
             app = import_app(settings.server.app, settings.server.app_dir, settings.server.factory)
         except AppImportError as exc:
@@ -119,6 +129,11 @@ class Worker:
         return EXIT_OK
 
     async def _serve(self, service: HTTPService) -> int:
+        settings = self.settings
+        if self.ready_fd is None and settings.tls.watch_interval:
+            self._watch = FileWatch(_tls_files(settings))
+            self.loop.call_later(settings.tls.watch_interval, self._check_files)
+        self.tls = TLSContexts(settings, self.session_keys)
         join = None
         try:
             if self.quic_join is not None and self.listeners.udp_addr is not None:
@@ -128,8 +143,9 @@ class Worker:
             await service.serve(
                 self.listeners,
                 worker_id=join.worker_id if join else self.worker_id,
-                quic_secret=self.quic_secret,
+                keys=self.session_keys,
                 steer_prog=join.program if join else None,
+                tls_context=self.tls.listener,
             )
             if join is not None and not join.done(self._send):
                 logger.error("HTTP/3: the master did not adopt this worker's QUIC sockets")
@@ -167,7 +183,22 @@ class Worker:
         self.loop.add_signal_handler(signal.SIGQUIT, self.stop, True)
         self.loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
         if self.service is not None:
-            self.loop.add_signal_handler(signal.SIGUSR2, self.service.not_ready)
+            self.loop.add_signal_handler(signal.SIGWINCH, self.service.not_ready)
+
+    def reload_tls(self) -> None:
+        """The certificate files changed (they were checked): serve them from now on."""
+        if self.tls is None:
+            return  # not read yet: they will be read as they are now
+        if self.tls.reload() and self.service is not None:
+            for h3 in self.service.h3_servers:
+                h3.reload_credentials()
+
+    def _check_files(self) -> None:
+        if self._watch is not None and not self.stopping.done():
+            if self._watch.changed():
+                logger.info("TLS: %s changed; reloading", self.settings.tls.cert)
+                self.reload_tls()
+            self.loop.call_later(self.settings.tls.watch_interval, self._check_files)
 
     def _reopen_logs(self) -> None:
         if self.access_log is not None:
@@ -249,7 +280,7 @@ def run(
     listeners: Listeners,
     ready_fd: int | None = None,
     worker_id: int = 0,
-    quic_secret: bytes | None = None,
+    session_keys: SessionKeys | None = None,
     request_limit: int = 0,
     quic_join: tuple[str, str, int] | None = None,
     metrics: Block | None = None,
@@ -261,7 +292,14 @@ def run(
 
     async def main() -> int:
         worker = Worker(
-            settings, listeners, ready_fd, worker_id, quic_secret, request_limit, quic_join, metrics
+            settings,
+            listeners,
+            ready_fd,
+            worker_id,
+            session_keys,
+            request_limit,
+            quic_join,
+            metrics,
         )
         return await worker.main()
 
@@ -270,6 +308,11 @@ def run(
     finally:
         loop.close()
         sys.stdout.flush()
+
+
+def _tls_files(settings: Settings) -> list[str]:
+    tls = settings.tls
+    return [p for p in (tls.cert, tls.key, tls.client_ca) if p]
 
 
 def _exception_handler(loop, context) -> None:

@@ -79,3 +79,23 @@ void fpy3_engine_conn_stats(fpy3_qconn *qc, fpy3_conn_stats *out)
     if (QOPS(qc)->conn_stats)
         QOPS(qc)->conn_stats(qc, out);
 }
+
+int fpy3_engine_conn_early(fpy3_qconn *qc)
+{
+    return QOPS(qc)->conn_early ? QOPS(qc)->conn_early(qc) : 0;
+}
+
+int fpy3_engine_conn_tls(fpy3_qconn *qc, fpy3_tls_info *out)
+{
+    return QOPS(qc)->conn_tls ? QOPS(qc)->conn_tls(qc, out) : -1;
+}
+
+int fpy3_engine_reload_credentials(fpy3_engine *e, const char *cert_file, const char *key_file,
+                                   const char *key_password, char *err, size_t errlen)
+{
+    if (!OPS(e)->reload_credentials) {
+        snprintf(err, errlen, "this QUIC engine cannot reload its certificate");
+        return -1;
+    }
+    return OPS(e)->reload_credentials(e, cert_file, key_file, key_password, err, errlen);
+}

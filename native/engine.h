@@ -64,7 +64,30 @@ typedef struct {
     uint64_t initial_max_data;
     uint64_t initial_max_stream_data;
     size_t max_udp_payload;
+    /* TLS beyond the certificate (ngtcp2; MsQuic ignores them). */
+    const char *key_password; /* passphrase of an encrypted key_file; NULL or "" = none */
+    const char *client_ca;    /* PEM CAs client certificates must chain to; NULL = none */
+    int client_auth;          /* FPY3_CLIENT_AUTH_* */
+    int session_tickets;      /* issue and accept TLS 1.3 tickets (resumption) */
+    uint8_t ticket_key[64];   /* their master key, shared by every worker */
+    uint32_t ticket_lifetime; /* seconds; the derived ticket key rotates this often */
+    int early_data;           /* accept 0-RTT from resumed clients */
 } fpy3_engine_config;
+
+#define FPY3_CLIENT_AUTH_NONE 0
+#define FPY3_CLIENT_AUTH_OPTIONAL 1 /* a certificate may be absent; a bad one fails */
+#define FPY3_CLIENT_AUTH_REQUIRED 2
+
+/* A connection's TLS parameters, for the ASGI TLS extension. The pointers stay valid
+ * until the connection closes. */
+typedef struct {
+    uint16_t tls_version;  /* 0x0304 */
+    uint16_t cipher_suite; /* IANA id, 0 = unknown */
+    const uint8_t *certs;  /* the client's chain: DER certificates, each after a 4-byte
+                            * big-endian length; NULL = none (or not known yet) */
+    size_t certs_len;
+    const char *cert_name; /* RFC 4514 subject of the client's certificate, or NULL */
+} fpy3_tls_info;
 
 /* Engine -> app. `ac` is what conn_open returned. A callback returning < 0
  * closes the connection; call fpy3_engine_conn_error first to choose the
@@ -137,6 +160,14 @@ int fpy3_engine_shutdown_stream(fpy3_qconn *qc, int64_t sid, uint64_t app_error,
 void fpy3_engine_conn_error(fpy3_qconn *qc, uint64_t app_error);
 /* Outside callbacks: close now with an application error (conn_close is called). */
 void fpy3_engine_conn_close(fpy3_qconn *qc, uint64_t app_error);
+/* 1 while the handshake is not complete: stream data seen so far came in 0-RTT. */
+int fpy3_engine_conn_early(fpy3_qconn *qc);
+/* 0, or -1 when the engine cannot tell. */
+int fpy3_engine_conn_tls(fpy3_qconn *qc, fpy3_tls_info *out);
+/* New handshakes use these files from now on; open connections keep theirs. 0, or -1
+ * with the reason in err (the old certificate stays). */
+int fpy3_engine_reload_credentials(fpy3_engine *e, const char *cert_file, const char *key_file,
+                                   const char *key_password, char *err, size_t errlen);
 
 /* What the metrics take from a connection; 0 where the engine does not know. */
 typedef struct {
@@ -177,6 +208,11 @@ typedef struct {
     void (*conn_error)(fpy3_qconn *qc, uint64_t app_error);
     void (*conn_close)(fpy3_qconn *qc, uint64_t app_error);
     void (*conn_stats)(fpy3_qconn *qc, fpy3_conn_stats *out); /* NULL: nothing known */
+    /* Optional (NULL: not supported by the engine). */
+    int (*conn_early)(fpy3_qconn *qc);
+    int (*conn_tls)(fpy3_qconn *qc, fpy3_tls_info *out);
+    int (*reload_credentials)(fpy3_engine *e, const char *cert_file, const char *key_file,
+                              const char *key_password, char *err, size_t errlen);
 } fpy3_engine_ops;
 
 extern const fpy3_engine_ops fpy3_engine_ngtcp2;

@@ -14,6 +14,7 @@
 #include <arpa/inet.h>
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
+#include <gnutls/x509.h>
 #include <netinet/in.h>
 #include <ngtcp2/ngtcp2.h>
 #include <ngtcp2/ngtcp2_crypto.h>
@@ -38,8 +39,26 @@ _Static_assert(sizeof(ngtcp2_socklen) == sizeof(socklen_t), "ngtcp2_socklen is s
 #define ONEOFF_MAX 1500     /* Retry, version negotiation, stateless reset or close */
 #define SR_PER_SEC 100      /* stateless resets sent per second at most */
 #define CLOSE_ALL_WAIT_MS 200 /* close_all: how long a full socket may hold the closes */
+#define REPLAY_SLOTS 4096   /* 0-RTT ClientHellos remembered for the anti-replay window */
+#define REPLAY_KEY_MAX 64
 
 enum { QC_ACTIVE, QC_CLOSING, QC_DRAINING };
+
+/* Certificate credentials, shared by the connections whose handshake started with
+ * them: a reload makes new ones, the old stay until their last connection is gone. */
+typedef struct {
+    gnutls_certificate_credentials_t c;
+    unsigned refs;
+} ng_cred;
+
+/* What GnuTLS's anti-replay asks us to remember: one ClientHello per slot, until it
+ * expires (the window). A replayed 0-RTT ClientHello is found and its early data
+ * refused; with every slot in use, early data is refused too (never unbounded). */
+typedef struct {
+    time_t expires;
+    uint8_t len;
+    uint8_t key[REPLAY_KEY_MAX];
+} replay_slot;
 
 /* --- state ------------------------------------------------------------------------- */
 
@@ -59,16 +78,26 @@ struct fpy3_qconn {
     uint32_t close_rx;
     FILE *qlog;
     uint64_t lost_packets; /* packets with stream data declared lost (metrics) */
+    ng_cred *cred;         /* one reference, dropped in conn_delete */
+    int tls_known;         /* the fields below are filled (after the handshake) */
+    uint8_t *peer_certs;   /* the client's chain for fpy3_tls_info; owned, freed in conn_delete */
+    size_t peer_certs_len;
+    char *peer_name;       /* owned, freed in conn_delete */
 };
 
 struct fpy3_engine {
     fpy3_engine_base b; /* first: ops, app callbacks, connection table, dirty list */
     fpy3_engine_config cfg;
     char *qlog_dir; /* owned copy; NULL = off */
+    char *client_ca; /* owned copy, read again on a reload; NULL = no client certificates */
     uint8_t alpn[256];
     size_t alpnlen;
-    gnutls_certificate_credentials_t cred;
+    ng_cred *cred; /* the current credentials (one reference) */
     gnutls_priority_t prio;
+    gnutls_datum_t ticket_key; /* points into cfg.ticket_key */
+    gnutls_anti_replay_t anti_replay;
+    replay_slot *replay; /* REPLAY_SLOTS of them when 0-RTT is on; owned, freed in ng_free */
+    uint32_t replay_next;
     int accepting;
     ngtcp2_tstamp now;
     fpy3_udp udp;
@@ -113,6 +142,87 @@ static void update_timer(fpy3_qconn *qc)
 {
     if (qc->state == QC_ACTIVE)
         fpy3_timer_set(&qc->b.e->timers, &qc->timer, ngtcp2_conn_get_expiry(qc->conn));
+}
+
+static void cred_unref(ng_cred *cr)
+{
+    if (cr && --cr->refs == 0) {
+        gnutls_certificate_free_credentials(cr->c);
+        free(cr);
+    }
+}
+
+/* Client certificates, checked during the handshake: none is fine unless required
+ * (GnuTLS refuses that case itself); one that does not chain to the CAs fails it. */
+static int verify_client(gnutls_session_t s)
+{
+    ngtcp2_crypto_conn_ref *ref = gnutls_session_get_ptr(s);
+    fpy3_qconn *qc = ref->user_data;
+    unsigned n = 0, status = 0;
+    if (!gnutls_certificate_get_peers(s, &n) || n == 0)
+        return qc->b.e->cfg.client_auth == FPY3_CLIENT_AUTH_REQUIRED ? -1 : 0;
+    if (gnutls_certificate_verify_peers2(s, &status) < 0 || status != 0)
+        return -1;
+    return 0;
+}
+
+/* New credentials from PEM files (one reference, the caller's), or NULL with err. */
+static ng_cred *cred_load(const char *cert, const char *key, const char *password,
+                          const char *client_ca, char *err, size_t errlen)
+{
+    ng_cred *cr = calloc(1, sizeof(*cr)); /* the caller's reference */
+    if (!cr) {
+        fpy3_seterr(err, errlen, "out of memory");
+        return NULL;
+    }
+    cr->refs = 1;
+    int rv = gnutls_certificate_allocate_credentials(&cr->c);
+    if (rv < 0) {
+        free(cr);
+        fpy3_seterr(err, errlen, "gnutls credentials: %s", gnutls_strerror(rv));
+        return NULL;
+    }
+    rv = gnutls_certificate_set_x509_key_file2(cr->c, cert, key, GNUTLS_X509_FMT_PEM,
+                                               password && password[0] ? password : NULL, 0);
+    if (rv < 0) {
+        fpy3_seterr(err, errlen, "loading %s / %s: %s", cert ? cert : "(null)",
+                    key ? key : "(null)", gnutls_strerror(rv));
+        cred_unref(cr);
+        return NULL;
+    }
+    if (client_ca && client_ca[0]) {
+        rv = gnutls_certificate_set_x509_trust_file(cr->c, client_ca, GNUTLS_X509_FMT_PEM);
+        if (rv <= 0) {
+            fpy3_seterr(err, errlen, "loading the client CAs %s: %s", client_ca,
+                        rv < 0 ? gnutls_strerror(rv) : "no certificate in it");
+            cred_unref(cr);
+            return NULL;
+        }
+        gnutls_certificate_set_verify_function(cr->c, verify_client);
+    }
+    return cr;
+}
+
+/* GnuTLS anti-replay database: GNUTLS_E_DB_ENTRY_EXISTS refuses the early data. */
+static int replay_add(void *ptr, time_t exp, const gnutls_datum_t *key, const gnutls_datum_t *data)
+{
+    fpy3_engine *e = ptr;
+    (void)data;
+    time_t now = time(NULL);
+    size_t len = key->size < REPLAY_KEY_MAX ? key->size : REPLAY_KEY_MAX;
+    for (uint32_t i = 0; i < REPLAY_SLOTS; i++) {
+        replay_slot *r = &e->replay[i];
+        if (r->expires >= now && r->len == len && memcmp(r->key, key->data, len) == 0)
+            return GNUTLS_E_DB_ENTRY_EXISTS;
+    }
+    replay_slot *r = &e->replay[e->replay_next];
+    if (r->expires >= now)
+        return GNUTLS_E_DB_ENTRY_EXISTS; /* all remembered: refuse rather than forget */
+    r->expires = exp;
+    r->len = (uint8_t)len;
+    memcpy(r->key, key->data, len);
+    e->replay_next = (e->replay_next + 1) % REPLAY_SLOTS;
+    return 0;
 }
 
 /* Queues a packet built at the reserved place of the send batch. */
@@ -320,6 +430,17 @@ static int alpn_hook(gnutls_session_t s, unsigned int htype, unsigned when, unsi
     return 0;
 }
 
+/* Tickets go out once the handshake is complete (GNUTLS_NO_AUTO_SEND_TICKET). */
+static int cb_handshake_completed(ngtcp2_conn *conn, void *ud)
+{
+    fpy3_qconn *qc = ud;
+    (void)conn;
+    /* Without a ticket (no memory) the client just does a full handshake next time. */
+    if (qc->b.e->cfg.session_tickets)
+        (void)gnutls_session_ticket_send(qc->tls, 1, 0);
+    return 0;
+}
+
 static const ngtcp2_callbacks callbacks = {
     .recv_client_initial = ngtcp2_crypto_recv_client_initial_cb,
     .recv_crypto_data = ngtcp2_crypto_recv_crypto_data_cb,
@@ -342,6 +463,7 @@ static const ngtcp2_callbacks callbacks = {
     .stream_stop_sending = cb_stop_sending,
     .version_negotiation = ngtcp2_crypto_version_negotiation_cb,
     .recv_tx_key = cb_recv_tx_key,
+    .handshake_completed = cb_handshake_completed,
 };
 
 /* --- connection lifecycle ---------------------------------------------------------- */
@@ -379,6 +501,9 @@ static void conn_delete(fpy3_qconn *qc)
     }
     if (qc->tls)
         gnutls_deinit(qc->tls);
+    cred_unref(qc->cred);
+    free(qc->peer_certs);
+    free(qc->peer_name);
     if (qc->qlog)
         fclose(qc->qlog);
     free(qc->closebuf);
@@ -554,14 +679,36 @@ static fpy3_qconn *conn_new(fpy3_engine *e, const ngtcp2_pkt_hd *hd, const ngtcp
                                &settings, &params, NULL, qc) != 0)
         goto fail;
 
-    if (gnutls_init(&qc->tls, GNUTLS_SERVER | GNUTLS_NO_END_OF_EARLY_DATA) != 0) {
+    unsigned flags = GNUTLS_SERVER | GNUTLS_NO_END_OF_EARLY_DATA;
+    if (e->cfg.session_tickets)
+        flags |= GNUTLS_NO_AUTO_SEND_TICKET;
+    if (e->anti_replay)
+        flags |= GNUTLS_ENABLE_EARLY_DATA;
+    if (gnutls_init(&qc->tls, flags) != 0) {
         qc->tls = NULL;
         goto fail;
     }
+    qc->cred = e->cred;
+    e->cred->refs++;
     gnutls_datum_t alpn = {.data = e->alpn, .size = (unsigned)e->alpnlen};
+    if (e->cfg.session_tickets) {
+        if (gnutls_session_ticket_enable_server(qc->tls, &e->ticket_key) != 0)
+            goto fail;
+        gnutls_db_set_cache_expiration(qc->tls, (int)e->cfg.ticket_lifetime);
+    }
+    if (e->anti_replay) {
+        gnutls_anti_replay_enable(qc->tls, e->anti_replay);
+        gnutls_record_set_max_early_data_size(qc->tls, 0xffffffffu);
+    }
+    if (e->cfg.client_auth != FPY3_CLIENT_AUTH_NONE) {
+        gnutls_certificate_server_set_request(qc->tls, e->cfg.client_auth ==
+                                                               FPY3_CLIENT_AUTH_REQUIRED
+                                                           ? GNUTLS_CERT_REQUIRE
+                                                           : GNUTLS_CERT_REQUEST);
+    }
     if (gnutls_priority_set(qc->tls, e->prio) != 0 ||
         ngtcp2_crypto_gnutls_configure_server_session(qc->tls) != 0 ||
-        gnutls_credentials_set(qc->tls, GNUTLS_CRD_CERTIFICATE, e->cred) != 0 ||
+        gnutls_credentials_set(qc->tls, GNUTLS_CRD_CERTIFICATE, qc->cred->c) != 0 ||
         gnutls_alpn_set_protocols(qc->tls, &alpn, 1,
                                   GNUTLS_ALPN_MANDATORY | GNUTLS_ALPN_SERVER_PRECEDENCE) != 0)
         goto fail;
@@ -910,6 +1057,11 @@ static fpy3_engine *ng_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
     e->accepting = 1;
     e->sr_tokens = SR_PER_SEC;
     e->cfg.cert_file = e->cfg.key_file = e->cfg.qlog_dir = e->cfg.alpn = NULL; /* not kept */
+    e->cfg.key_password = e->cfg.client_ca = NULL;
+    e->ticket_key.data = e->cfg.ticket_key;
+    e->ticket_key.size = sizeof(e->cfg.ticket_key);
+    if (!e->cfg.ticket_lifetime)
+        e->cfg.ticket_lifetime = 21600;
     if (!e->cfg.max_udp_payload)
         e->cfg.max_udp_payload = 1452;
     if (e->cfg.max_udp_payload < 1200)
@@ -938,15 +1090,27 @@ static fpy3_engine *ng_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
         goto fail;
     }
 
-    int rv = gnutls_certificate_allocate_credentials(&e->cred);
-    if (rv == 0)
-        rv = gnutls_certificate_set_x509_key_file(e->cred, cfg->cert_file, cfg->key_file,
-                                                  GNUTLS_X509_FMT_PEM);
-    if (rv < 0) {
-        fpy3_seterr(err, errlen, "loading %s / %s: %s", cfg->cert_file ? cfg->cert_file : "(null)",
-                    cfg->key_file ? cfg->key_file : "(null)", gnutls_strerror(rv));
+    if (cfg->client_auth && cfg->client_ca && !(e->client_ca = strdup(cfg->client_ca))) {
+        fpy3_seterr(err, errlen, "out of memory");
         goto fail;
     }
+    e->cred = cred_load(cfg->cert_file, cfg->key_file, cfg->key_password, e->client_ca, err,
+                        errlen);
+    if (!e->cred)
+        goto fail;
+    if (cfg->early_data && cfg->session_tickets) {
+        /* 0-RTT comes only with resumption; GnuTLS checks the ticket age against a
+         * window and asks replay_add whether it saw this ClientHello already. */
+        e->replay = calloc(REPLAY_SLOTS, sizeof(*e->replay)); /* freed in ng_free */
+        if (!e->replay || gnutls_anti_replay_init(&e->anti_replay) != 0) {
+            e->anti_replay = NULL;
+            fpy3_seterr(err, errlen, "out of memory");
+            goto fail;
+        }
+        gnutls_anti_replay_set_add_function(e->anti_replay, replay_add);
+        gnutls_anti_replay_set_ptr(e->anti_replay, e);
+    }
+    int rv;
     /* TLS 1.3 only, the AEADs QUIC defines, no middlebox compatibility mode. */
     rv = gnutls_priority_init(&e->prio,
                               "NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+AES-128-GCM:"
@@ -973,8 +1137,10 @@ static void ng_free(fpy3_engine *e)
     for (uint32_t i = 0; i < e->b.nslots; i++)
         if (e->b.slots[i])
             conn_delete(e->b.slots[i]);
-    if (e->cred)
-        gnutls_certificate_free_credentials(e->cred);
+    cred_unref(e->cred);
+    if (e->anti_replay)
+        gnutls_anti_replay_deinit(e->anti_replay);
+    free(e->replay);
     if (e->prio)
         gnutls_priority_deinit(e->prio);
     fpy3_cid_map_free(&e->map);
@@ -982,6 +1148,7 @@ static void ng_free(fpy3_engine *e)
     fpy3_udp_free(&e->udp);
     fpy3_engine_base_free(&e->b);
     free(e->qlog_dir);
+    free(e->client_ca);
     free(e);
 }
 
@@ -1188,6 +1355,86 @@ static void ng_conn_stats(fpy3_qconn *qc, fpy3_conn_stats *out)
     out->smoothed_rtt_ns = info.smoothed_rtt;
 }
 
+static int ng_conn_early(fpy3_qconn *qc)
+{
+    return qc->state == QC_ACTIVE && !ngtcp2_conn_get_handshake_completed(qc->conn);
+}
+
+static uint16_t iana_suite(gnutls_cipher_algorithm_t c)
+{
+    switch (c) {
+    case GNUTLS_CIPHER_AES_128_GCM:
+        return 0x1301;
+    case GNUTLS_CIPHER_AES_256_GCM:
+        return 0x1302;
+    case GNUTLS_CIPHER_CHACHA20_POLY1305:
+        return 0x1303;
+    case GNUTLS_CIPHER_AES_128_CCM:
+        return 0x1304;
+    default:
+        return 0;
+    }
+}
+
+/* The client's chain and subject, read once the handshake is complete. */
+static void peer_certs_read(fpy3_qconn *qc)
+{
+    unsigned n = 0;
+    const gnutls_datum_t *list = gnutls_certificate_get_peers(qc->tls, &n);
+    qc->tls_known = 1;
+    if (!list || !n)
+        return;
+    size_t total = 0;
+    for (unsigned i = 0; i < n; i++)
+        total += 4 + list[i].size;
+    uint8_t *p = qc->peer_certs = malloc(total); /* qc's, freed in conn_delete */
+    if (!p)
+        return;
+    for (unsigned i = 0; i < n; i++) {
+        uint32_t len = htonl(list[i].size);
+        memcpy(p, &len, 4);
+        memcpy(p + 4, list[i].data, list[i].size);
+        p += 4 + list[i].size;
+    }
+    qc->peer_certs_len = total;
+    gnutls_x509_crt_t crt;
+    gnutls_datum_t dn = {NULL, 0};
+    if (gnutls_x509_crt_init(&crt) < 0)
+        return;
+    if (gnutls_x509_crt_import(crt, &list[0], GNUTLS_X509_FMT_DER) >= 0 &&
+        gnutls_x509_crt_get_dn3(crt, &dn, 0) >= 0) {
+        qc->peer_name = strndup((const char *)dn.data, dn.size); /* qc's, see above */
+        gnutls_free(dn.data);
+    }
+    gnutls_x509_crt_deinit(crt);
+}
+
+static int ng_conn_tls(fpy3_qconn *qc, fpy3_tls_info *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (!qc->tls)
+        return -1;
+    out->tls_version = 0x0304; /* QUIC is TLS 1.3 only */
+    out->cipher_suite = iana_suite(gnutls_cipher_get(qc->tls));
+    if (!qc->tls_known && qc->state == QC_ACTIVE && ngtcp2_conn_get_handshake_completed(qc->conn))
+        peer_certs_read(qc);
+    out->certs = qc->peer_certs;
+    out->certs_len = qc->peer_certs_len;
+    out->cert_name = qc->peer_name;
+    return 0;
+}
+
+static int ng_reload_credentials(fpy3_engine *e, const char *cert, const char *key,
+                                 const char *password, char *err, size_t errlen)
+{
+    ng_cred *cr = cred_load(cert, key, password, e->client_ca, err, errlen);
+    if (!cr)
+        return -1;
+    cred_unref(e->cred); /* connections using it keep their references */
+    e->cred = cr;
+    return 0;
+}
+
 const fpy3_engine_ops fpy3_engine_ngtcp2 = {
     .new = ng_new,
     .free = ng_free,
@@ -1215,4 +1462,7 @@ const fpy3_engine_ops fpy3_engine_ngtcp2 = {
     .conn_error = ng_conn_error,
     .conn_close = ng_conn_close,
     .conn_stats = ng_conn_stats,
+    .conn_early = ng_conn_early,
+    .conn_tls = ng_conn_tls,
+    .reload_credentials = ng_reload_credentials,
 };

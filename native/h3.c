@@ -725,6 +725,7 @@ static int h_end_headers(nghttp3_conn *h3, int64_t sid, int fin, void *cud, void
     ev->peer_port = c->peer_port;
     ev->local = c->local;
     ev->local_port = c->local_port;
+    ev->early = fpy3_engine_conn_early(c->qc);
     return 0;
 }
 
@@ -1098,8 +1099,15 @@ fpy3_h3_server *fpy3_h3_server_new(int fd, const fpy3_h3_config *cfg, char *err,
         .initial_max_stream_data =
             cfg->initial_max_stream_data ? cfg->initial_max_stream_data : 1024 * 1024,
         .max_udp_payload = cfg->max_udp_payload,
+        .key_password = cfg->key_password,
+        .client_ca = cfg->client_ca,
+        .client_auth = cfg->client_auth,
+        .session_tickets = cfg->session_tickets,
+        .ticket_lifetime = cfg->ticket_lifetime,
+        .early_data = cfg->early_data,
     };
     memcpy(ec.static_secret, cfg->static_secret, sizeof(ec.static_secret));
+    memcpy(ec.ticket_key, cfg->ticket_key, sizeof(ec.ticket_key));
     s->e = fpy3_engine_new(fd, &ec, &engine_app, s, err, errlen);
     if (!s->e) {
         free(s);
@@ -1373,4 +1381,24 @@ void fpy3_h3_close_all(fpy3_h3_server *s, uint64_t h3_error)
     close_pending(s); /* those already failing close with their own code */
     fpy3_engine_close_all(s->e, h3_error);
     s->in_flush = 0;
+}
+
+int fpy3_h3_conn_tls(fpy3_h3_server *s, uint64_t conn, fpy3_h3_tls_info *out)
+{
+    h3conn *c = conn_of(s, conn);
+    fpy3_tls_info info;
+    if (!c || !c->qc || fpy3_engine_conn_tls(c->qc, &info) < 0)
+        return -1;
+    out->tls_version = info.tls_version;
+    out->cipher_suite = info.cipher_suite;
+    out->certs = info.certs;
+    out->certs_len = info.certs_len;
+    out->cert_name = info.cert_name;
+    return 0;
+}
+
+int fpy3_h3_reload_credentials(fpy3_h3_server *s, const char *cert_file, const char *key_file,
+                               const char *key_password, char *err, size_t errlen)
+{
+    return fpy3_engine_reload_credentials(s->e, cert_file, key_file, key_password, err, errlen);
 }

@@ -55,6 +55,14 @@ typedef struct {
     const char *qlog_dir;   /* NULL or "" = off */
     size_t send_high_water; /* send() above it: wait for WRITABLE; 0 = 256 KiB */
     int enable_connect_protocol; /* accept :protocol on CONNECT (RFC 8441/9220) */
+    /* TLS (see engine.h) */
+    const char *key_password;
+    const char *client_ca;
+    int client_auth; /* 0 none, 1 optional, 2 required */
+    int session_tickets;
+    uint8_t ticket_key[64];
+    uint32_t ticket_lifetime;
+    int early_data;
 } fpy3_h3_config;
 
 typedef struct {
@@ -68,7 +76,18 @@ typedef struct {
     uint64_t code;     /* RESET: HTTP/3 error code */
     const char *peer;  /* REQUEST: peer IP as text */
     const char *local; /* REQUEST: local IP as text */
+    int early;         /* REQUEST: its head came in 0-RTT, before the handshake completed */
 } fpy3_h3_event;
+
+/* The TLS parameters of a connection (fpy3_tls_info in engine.h); the pointers are
+ * valid until the next read/expire call. */
+typedef struct {
+    uint16_t tls_version;
+    uint16_t cipher_suite;
+    const uint8_t *certs; /* DER certificates, each after a 4-byte big-endian length */
+    size_t certs_len;
+    const char *cert_name;
+} fpy3_h3_tls_info;
 
 typedef struct fpy3_h3_server fpy3_h3_server;
 
@@ -106,6 +125,12 @@ size_t fpy3_h3_connection_count(fpy3_h3_server *s);
  * get RESET and CLOSED events in the next read/expire batch (next_timeout_ms is 0
  * until then), as after a flush. fpy3_h3_server_free does this first (H3_NO_ERROR). */
 void fpy3_h3_close_all(fpy3_h3_server *s, uint64_t h3_error);
+/* 0, or -1 when the connection is gone or the engine cannot tell. */
+int fpy3_h3_conn_tls(fpy3_h3_server *s, uint64_t conn, fpy3_h3_tls_info *out);
+/* New handshakes use these certificate files from now on (0), or -1 with err and the
+ * old ones stay. */
+int fpy3_h3_reload_credentials(fpy3_h3_server *s, const char *cert_file, const char *key_file,
+                               const char *key_password, char *err, size_t errlen);
 
 /* Counters for the metrics, kept since the server was made. RTT: the smoothed RTT of
  * each connection at its end, in buckets with upper bounds fpy3_h3_rtt_bounds_us

@@ -493,3 +493,15 @@ def internal_error(exc: BaseException | None, debug: bool) -> tuple[list, bytes]
         (b"content-length", b"%d" % len(body)),
     ]
     return headers, body
+
+
+def early_data_refused(cycle: HTTPCycle) -> None:
+    """425 Too Early (RFC 8470) for a request that came in TLS early data with a method
+    that is not safe: it may be a replay; the client sends it again after the
+    handshake. The app never sees it."""
+    body = b"Too Early\n"
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", b"%d" % len(body)),
+    ]
+    cycle.reply(425, headers, body)

@@ -25,10 +25,12 @@ import struct
 from collections.abc import Callable
 from http import HTTPStatus
 
+from ..certs import HTTP01_PREFIX, http01_answer
 from ..core.flow import RECV_HIGH_WATER, Waiter
 from ..core.http import APP_DATE, APP_SERVER, CLOSE, STREAM, HTTPCycle
 from ..core.scope import build_scope
 from ..proxyproto import ProxyInfo
+from ..tls import tls_extension
 from . import websocket
 from .parser import (
     CHUNKED,
@@ -167,6 +169,7 @@ class H1Connection(asyncio.Protocol):
         self.writable = Waiter(self.loop)  # the transport drained
         self.write_paused = False
         self.ws: websocket.H1WebSocket | None = None  # once a request asked to upgrade
+        self.tls: dict | None = None  # the scope's ASGI TLS extension, on TLS connections
 
     # -- transport events ---------------------------------------------------------------
 
@@ -190,6 +193,9 @@ class H1Connection(asyncio.Protocol):
             return
         svc.connections.add(self)
         self.deadline = self.loop.time() + svc.header_timeout
+        sslobj = transport.get_extra_info("ssl_object")
+        if sslobj is not None:
+            self.tls = tls_extension(sslobj)
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -412,6 +418,9 @@ class H1Connection(asyncio.Protocol):
         ):
             websocket.start(self, head)
             return
+        if raw_path.startswith(HTTP01_PREFIX) and self.scheme == "http" and svc.acme_http01:
+            if self._acme_http01(method, raw_path):
+                return
         if flags & CHUNKED:
             self.chunked = ChunkedDecoder()
             self.body_left = 0
@@ -439,8 +448,29 @@ class H1Connection(asyncio.Protocol):
         )
         if more and not self.expect_continue:
             self.deadline = self.loop.time() + svc.body_timeout
+        if self.tls is not None:
+            scope.setdefault("extensions", {})["tls"] = self.tls
         cycle = self.cycle = HTTPCycle(scope, self, svc, more)
         svc.spawn(cycle.run())
+
+    def _acme_http01(self, method: bytes, raw_path: bytes) -> bool:
+        """An ACME http-01 validation request (RFC 8555 8.3), answered here without the
+        app when a challenge for its token is pending; False otherwise."""
+        answer = http01_answer(self.svc.state_dir, raw_path)
+        if answer is None or method not in (b"GET", b"HEAD"):
+            return False
+        head = b"".join(
+            (
+                _STATUS_LINES[200],
+                self.listener.prefix(0),
+                b"content-type: application/octet-stream\r\n",
+                b"content-length: %d\r\n" % len(answer),
+                b"connection: close\r\n\r\n",
+            )
+        )
+        self.transport.write(head if method == b"HEAD" else head + answer)
+        self.close()
+        return True
 
     def _feed_body(self) -> bool:
         """Feed buffered body bytes; False when more bytes are needed."""

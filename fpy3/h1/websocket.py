@@ -62,6 +62,8 @@ def start(conn: H1Connection, head: RequestHead) -> None:
         conn.client,
         conn.server,
     )
+    if conn.tls is not None:
+        scope["extensions"]["tls"] = conn.tls
     adapter = conn.ws = H1WebSocket(conn, key.strip())
     conn.keep_alive = False  # whatever happens, this connection ends with the exchange
     svc.websockets += 1

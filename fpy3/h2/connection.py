@@ -23,6 +23,7 @@ import logging
 from ..core.flow import SEND_HIGH_WATER
 from ..core.http import APP_DATE, APP_SERVER, HTTPCycle
 from ..core.scope import build_scope, decode_path
+from ..tls import tls_extension
 from . import websocket
 from .native import (
     CLOSED,
@@ -129,6 +130,7 @@ class H2Connection(asyncio.Protocol):
         self.client: list | None = None
         self.server: list | None = None
         self.scheme = listener.scheme  # "https" also when TLS ended at a PROXY-ing proxy
+        self.tls: dict | None = None  # the scope's ASGI TLS extension, on TLS connections
         self.closed = False
         self.write_paused = False
         self.in_round = False  # inside data_received: the round flushes at its end
@@ -149,6 +151,9 @@ class H2Connection(asyncio.Protocol):
         if self.client is None:  # else a PROXY header named it
             self.client = _addr(transport.get_extra_info("peername"))
             self.server = _addr(transport.get_extra_info("sockname"))
+        sslobj = transport.get_extra_info("ssl_object")
+        if sslobj is not None:
+            self.tls = tls_extension(sslobj)
         if svc.max_connections and len(svc.connections) >= svc.max_connections:
             # Our SETTINGS and a GOAWAY that took no stream: the client may retry.
             lib.fpy3_h2_terminate(self.c, NO_ERROR)
@@ -289,6 +294,8 @@ class H2Connection(asyncio.Protocol):
             self.client,
             self.server,
         )
+        if self.tls is not None:
+            scope.setdefault("extensions", {})["tls"] = self.tls
         if websocket_request:
             task = websocket.start(self, sid, scope)
         else:

@@ -6,6 +6,12 @@ a batch of events, and answers through a few native calls. Writes made by the ap
 outside a round are flushed once per loop iteration. Streams are dispatched by
 method: an extended CONNECT for ``websocket`` becomes a websocket stream, anything
 else an HTTP stream.
+
+With ``http3.early_data`` a resumed client may send requests in 0-RTT, before the
+handshake completes (such data can be replayed by an attacker). Those with a safe
+method (GET, HEAD, OPTIONS) reach the app with ``Early-Data: 1`` (RFC 8470) and
+``scope["extensions"]["early_data"]``; any other gets 425 Too Early from the core
+without reaching the app, and the client retries it after the handshake.
 """
 
 from __future__ import annotations
@@ -14,15 +20,20 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 
 from ..core.flow import SEND_HIGH_WATER
-from ..core.http import APP_DATE, APP_SERVER, HTTPCycle
+from ..core.http import APP_DATE, APP_SERVER, HTTPCycle, early_data_refused
 from ..core.scope import build_scope, decode_path
 from . import engine, websocket
 from .native import END, H3_NO_ERROR, REQUEST, ffi, lib
 from .stream import HTTPStream, Stream
 
 logger = logging.getLogger("fpy3.error")
+
+SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+_CLIENT_AUTH = {"none": 0, "optional": 1, "required": 2}
+_TLS_CACHE_MAX = 4096
 
 
 class H3Server:
@@ -35,10 +46,11 @@ class H3Server:
         cert: str,
         key: str,
         worker_id: int = 0,
-        secret: bytes | None = None,
+        keys=None,
         addr: tuple | None = None,
         steer_prog: bytes | None = None,
     ):
+        """``keys``: the master's SessionKeys (fpy3.keys); None = random per worker."""
         self.svc = service
         self.loop = service.loop
         self.sock = sock
@@ -48,15 +60,27 @@ class H3Server:
         err = ffi.new("char[]", 256)
         cfg = ffi.new("fpy3_h3_config *")
         # cfg points into these; they live as long as this object.
+        tls = settings.tls
+        from ..tls import key_password
+
+        self.cert, self.key = cert, key
         self._strings = [
             ffi.new("char[]", cert.encode()),
             ffi.new("char[]", key.encode()),
             ffi.new("char[]", h3.qlog_dir.encode()),
+            ffi.new("char[]", (key_password(tls) or "").encode()),
+            ffi.new("char[]", tls.client_ca.encode()),
         ]
-        cfg.cert_file, cfg.key_file, cfg.qlog_dir = self._strings
+        cfg.cert_file, cfg.key_file, cfg.qlog_dir, cfg.key_password, cfg.client_ca = self._strings
+        cfg.client_auth = _CLIENT_AUTH[tls.client_auth]
         cfg.worker_id = worker_id
-        # Shared by all workers of a master, so any of them can reset another's connections.
-        ffi.memmove(cfg.static_secret, secret or os.urandom(32), 32)
+        # Shared by all workers of a master (and its restarts and replicas, through the
+        # key file), so any of them can reset, validate and resume another's clients.
+        ffi.memmove(cfg.static_secret, keys.quic_secret if keys else os.urandom(32), 32)
+        ffi.memmove(cfg.ticket_key, keys.quic_ticket_key if keys else os.urandom(64), 64)
+        cfg.session_tickets = tls.session_tickets
+        cfg.ticket_lifetime = tls.ticket_lifetime
+        cfg.early_data = h3.early_data
         cfg.retry = h3.retry
         cfg.idle_timeout_ms = int(h3.idle_timeout * 1000)
         cfg.max_streams_bidi = h3.max_concurrent_streams
@@ -104,6 +128,8 @@ class H3Server:
         self._closed = False
         self._drained: asyncio.Future | None = None
         self._fields: list[bytes] = [b""] * 16
+        self._tls: dict[int, dict] = {}  # connection handle -> the scope's TLS extension
+        self._tls_info = ffi.new("fpy3_h3_tls_info *")
         self.refresh(service.clock)
         self.fd = lib.fpy3_h3_fd(self.srv)  # the UDP socket, or MsQuic's eventfd
         self.loop.add_reader(self.fd, self._on_readable)
@@ -215,6 +241,9 @@ class H3Server:
             headers.insert(0, (b"host", authority))
         method = pseudo.get(b":method", b"")
         raw_path, _, query = pseudo.get(b":path", b"").partition(b"?")
+        early = ev.early
+        if early:
+            headers.append((b"early-data", b"1"))
         client = ffi.string(ev.peer).decode() if ev.peer != ffi.NULL else ""
         websocket_request = (
             method == b"CONNECT" and pseudo.get(b":protocol") == b"websocket" and svc.ws.enabled
@@ -232,13 +261,72 @@ class H3Server:
             [client, ev.peer_port] if client else None,
             self.server_addr,
         )
+        extensions = scope.setdefault("extensions", {})
+        extensions["tls"] = self._tls_extension(ev.conn, early)
+        if early:
+            extensions["early_data"] = {}
         if websocket_request:
             websocket.start(self, ev.conn, ev.stream, scope)
             return
         stream = HTTPStream(self, ev.conn, ev.stream)
         self.streams[(ev.conn, ev.stream)] = stream
         cycle = stream.cycle = HTTPCycle(scope, stream, svc, not fin)
+        if early and method not in SAFE_METHODS:
+            # It may be a replay: the client sends it again once the handshake is done.
+            early_data_refused(cycle)
+            return
         svc.spawn(cycle.run())
+
+    def _tls_extension(self, conn: int, early: bool) -> dict:
+        """The ASGI TLS extension of a connection, read once it is complete (a request
+        in 0-RTT comes before the client's certificate)."""
+        ext = self._tls.get(conn)
+        if ext is not None:
+            return ext
+        info = self._tls_info
+        chain: list[str] = []
+        name = None
+        suite = None
+        if lib.fpy3_h3_conn_tls(self.srv, conn, info) == 0:
+            suite = info.cipher_suite or None
+            raw = ffi.buffer(info.certs, info.certs_len)[:] if info.certs != ffi.NULL else b""
+            while len(raw) >= 4:
+                n = int.from_bytes(raw[:4], "big")
+                chain.append(ssl.DER_cert_to_PEM_cert(raw[4 : 4 + n]))
+                raw = raw[4 + n :]
+            if info.cert_name != ffi.NULL:
+                name = ffi.string(info.cert_name).decode("utf-8", "replace")
+        ext = {
+            "server_cert": None,
+            "client_cert_chain": chain,
+            "client_cert_name": name,
+            "client_cert_error": None,
+            "tls_version": 0x0304,
+            "cipher_suite": suite,
+        }
+        if not early:
+            if len(self._tls) >= _TLS_CACHE_MAX:
+                self._tls.clear()
+            self._tls[conn] = ext
+        return ext
+
+    def reload_credentials(self) -> bool:
+        """The certificate files changed: new handshakes use them (TLSContexts.reload's
+        HTTP/3 half). On failure the old certificate stays."""
+        if self._closed:
+            return False
+        from ..tls import key_password
+
+        err = ffi.new("char[]", 512)
+        password = (key_password(self.svc.settings.tls) or "").encode()
+        rc = lib.fpy3_h3_reload_credentials(
+            self.srv, self.cert.encode(), self.key.encode(), password, err, 512
+        )
+        if rc < 0:
+            logger.error("HTTP/3: keeping the current certificate: %s", ffi.string(err).decode())
+            return False
+        logger.info("HTTP/3: now serving the certificate in %s", self.cert)
+        return True
 
     def header_block(self, headers, flags: int) -> bytes:
         """Response fields as "name\\0value\\0...", the defaults first (Date and Server,

@@ -4,7 +4,7 @@ Signal handlers only queue the signal and wake the loop through a pipe; the
 loop in ``Arbiter.run`` does all the work (as gunicorn's arbiter does).
 
 - TERM: graceful stop (workers drain up to ``workers.drain_timeout``), exit 0. With
-  ``health.drain_delay``, workers first get USR2 (their readiness path answers 503)
+  ``health.drain_delay``, workers first get WINCH (their readiness path answers 503)
   and keep serving as usual for that long; then the drain begins.
 - INT, QUIT: fast stop.
 - HUP: reload: re-read the config; if valid, start a new generation of workers and
@@ -13,6 +13,16 @@ loop in ``Arbiter.run`` does all the work (as gunicorn's arbiter does).
   start the app (exit 3) before any worker was ever ready stops the master.
 - TTIN / TTOU: one worker more / less (never below 1); TTOU drains the highest number.
 - USR1: reopen log files, here and in every worker.
+
+Certificates: every ``tls.watch_interval`` seconds the master reads ``tls.cert``,
+``tls.key`` and ``tls.client_ca``; when they changed and make a usable context, it
+sends USR2 to every worker, which serves them to new handshakes from then on (TCP and
+QUIC alike; open connections keep theirs). A pair that does not load (a key not yet
+written beside its new certificate) is logged and the old one keeps serving. With
+``acme.enabled`` the ACME client (acme.py) runs in a thread of the master, writes
+the certificate into the state dir and wakes the loop, which does the same. This is
+cheaper than a reload: the app is not restarted, and websockets, streams and QUIC
+connections stay where they are.
 
 Each worker writes lines on its pipe (workers.py): ``ready``, ``beat`` (every
 ``workers.timeout/4`` s) and ``requests N``. A worker silent for ``workers.timeout``
@@ -48,12 +58,21 @@ import time
 from setproctitle import setproctitle
 
 from fpy3 import __version__, config
-from fpy3.bootstrap import EXIT_CONFIG, EXIT_STARTUP, configure_logging, load_settings, prepare
+from fpy3.bootstrap import (
+    EXIT_CONFIG,
+    EXIT_STARTUP,
+    configure_logging,
+    load_session_keys,
+    load_settings,
+    prepare,
+)
+from fpy3.certs import FileWatch
 from fpy3.logs import configure_error_log, reopen_error_log
 from fpy3.metrics import Block, Totals, render
 from fpy3.msquic import msquic_engine
 from fpy3.sockets import BindError, Listeners, bind_tcp
 
+from .acme import AcmeManager
 from .exporter import MetricsEndpoint
 from .pidfile import Pidfile
 from .privileges import UserIds, raise_open_files_limit, resolve_ids
@@ -104,7 +123,12 @@ class Arbiter:
         self.exit_code = 0
         self.previous: config.Settings | None = None  # the generation a reload replaces
         self.previous_count = 0
-        self.quic_secret = os.urandom(32)  # stateless-reset key shared by every worker
+        # Reset, token and ticket keys: every worker, restart and replica shares them.
+        self.session_keys = load_session_keys(settings)
+        self.tls_watch: FileWatch | None = None
+        self.next_tls_check = 0.0
+        self.tls_changed = False  # set by the ACME thread: a new certificate is on disk
+        self.acme: AcmeManager | None = None
         self.watcher: FileWatcher | None = None
         # TTIN/TTOU change it; a reload resets it.
         self.worker_count = worker_count(settings, default_workers)
@@ -175,6 +199,9 @@ class Arbiter:
             self._spawn_generation()
             if self.settings.reload.enabled:
                 self.watcher = FileWatcher(self.settings, self._on_signal)
+            self._watch_tls()
+            if self.settings.acme.enabled:
+                self.acme = AcmeManager(self.settings, self._acme_done)
             while True:
                 timeout = 1.0
                 if self.drain_at:
@@ -183,6 +210,7 @@ class Arbiter:
                 while self.signals:
                     self._handle_signal(self.signals.pop(0))
                 self._reap()
+                self._check_tls()
                 self._check_heartbeats()
                 if self.steering_stale:
                     self._steer()
@@ -198,6 +226,8 @@ class Arbiter:
         finally:
             if self.watcher is not None:
                 self.watcher.stop()
+            if self.acme is not None:
+                self.acme.stop()
             self.listeners.close()
             if self.quic is not None:
                 self.quic.close()  # only now: closing one reorders the group
@@ -297,7 +327,7 @@ class Arbiter:
             number,
             self.generation,
             self.settings,
-            self.quic_secret,
+            self.session_keys,
             limit,
             self.ids,
             (self.msquic.lock_path, self.msquic.prog_path) if self.msquic is not None else None,
@@ -526,6 +556,51 @@ class Arbiter:
     def _status(self) -> str:
         return f"serving with {self.worker_count} worker(s), generation {self.generation}"
 
+    # -- certificates ----------------------------------------------------------------------
+
+    def _watch_tls(self) -> None:
+        tls = self.settings.tls
+        files = [p for p in (tls.cert, tls.key, tls.client_ca) if p]
+        self.tls_watch = FileWatch(files) if tls.watch_interval else None
+        self.next_tls_check = time.monotonic() + tls.watch_interval
+
+    def _acme_done(self) -> None:
+        """From the ACME thread: a new certificate is in place."""
+        self.tls_changed = True
+        try:
+            os.write(self.wake_w, b"\0")
+        except OSError:
+            pass
+
+    def _check_tls(self) -> None:
+        """Tell the workers to load the certificate files when they changed and work."""
+        changed, self.tls_changed = self.tls_changed, False
+        now = time.monotonic()
+        if self.tls_watch is not None and now >= self.next_tls_check:
+            self.next_tls_check = now + self.settings.tls.watch_interval
+            if self.tls_watch.changed():
+                logger.info("TLS: %s changed on disk", self.settings.tls.cert)
+                changed = True
+        if not changed or self.stopping:
+            return
+        from fpy3.tls import server_context
+
+        try:
+            server_context(self.settings)
+        except (OSError, ValueError) as exc:
+            logger.error("TLS: the new certificate files do not load, keeping the old: %s", exc)
+            return
+        if self.tls_watch is not None:
+            self.tls_watch.seen = self.tls_watch.digest()
+        if self.settings.http3.enabled and msquic_engine(self.settings.http3.engine):
+            # MsQuic's credentials are fixed per worker here: a new generation loads
+            # them, with the same zero-downtime switch as a HUP.
+            logger.info("TLS: HTTP/3 is on MsQuic; a new generation loads the new certificate")
+            self._reload()
+            return
+        logger.info("TLS: %d worker(s) load the new certificate", len(self.workers))
+        self._kill_all(signal.SIGUSR2)
+
     # -- QUIC steering -------------------------------------------------------------------------
 
     def _steer_udp(self) -> None:
@@ -691,6 +766,11 @@ class Arbiter:
             return
         self.previous, self.previous_count = self.settings, self.worker_count
         self.settings = settings
+        self._watch_tls()
+        if settings.acme != self.previous.acme:
+            if self.acme is not None:
+                self.acme.stop()
+            self.acme = AcmeManager(settings, self._acme_done) if settings.acme.enabled else None
         self.ids = ids
         self.worker_count = worker_count(settings, self.default_workers)
         self.generation += 1
@@ -739,7 +819,7 @@ class Arbiter:
             # Readiness fails first; everything else is served as usual until the drain.
             logger.info("master %d: draining in %gs", os.getpid(), delay)
             self.drain_at = time.monotonic() + delay
-            self._kill_all(signal.SIGUSR2)
+            self._kill_all(signal.SIGWINCH)
             return
         self._begin_drain(signal.SIGTERM if how == "graceful" else signal.SIGQUIT)
 

@@ -24,6 +24,7 @@ from setproctitle import setproctitle
 from fpy3 import worker
 from fpy3.bootstrap import EXIT_STARTUP
 from fpy3.config import Settings
+from fpy3.keys import SessionKeys
 from fpy3.metrics import Block
 from fpy3.sockets import Listeners
 
@@ -34,7 +35,13 @@ logger = logging.getLogger("fpy3.error")
 # Signals meant for the master may reach the whole process group (a kill to every
 # process of a service): they must not kill or stop a worker. Its loop handles USR1
 # once it runs.
-MASTER_ONLY_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
+MASTER_ONLY_SIGNALS = (
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
 
 
 class Message(NamedTuple):
@@ -119,7 +126,7 @@ class Launch:
     number: int
     generation: int
     settings: Settings
-    quic_secret: bytes  # the stateless-reset key shared by every worker
+    session_keys: SessionKeys  # reset, token and ticket keys, shared by every worker
     request_limit: int = 0
     ids: UserIds | None = None  # switch to these after the fork
     msquic_join: tuple[str, str] | None = None  # (lock path, program path) of the group
@@ -197,7 +204,8 @@ def _worker_main(
         listeners, worker_id = detach()
         for sig in MASTER_ONLY_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
-        # "Not ready" before the worker serves means nothing; by default it would kill.
+        # A certificate reload before the worker serves means nothing (it reads the files
+        # as they are then); by default USR2 would kill.
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # what came meanwhile acts now
         # Only the master talks to systemd; the app must not send READY=1 for it.
@@ -211,7 +219,7 @@ def _worker_main(
                 listeners,
                 ready_fd,
                 worker_id,
-                launch.quic_secret,
+                launch.session_keys,
                 launch.request_limit,
                 quic_join,
                 metrics,

@@ -117,7 +117,9 @@ def test_httpx_get_post_and_every_scope_field(srv):
     assert headers["x-test"] == "yes"
     assert not any(name.startswith(":") for name, _ in scope["headers"])
     assert scope["state"] == {"started": True}
-    assert scope["extensions"] == {"http.response.trailers": {}}
+    assert scope["extensions"]["http.response.trailers"] == {}
+    tls = scope["extensions"]["tls"]  # the ASGI TLS extension, no client certificate here
+    assert tls["tls_version"] == 0x0304 and tls["client_cert_chain"] == []
 
 
 def test_httpx_h2c_scope_scheme_is_http(srv):

@@ -195,7 +195,9 @@ def test_scope_fields(h3):
     assert scope["client"] == ["127.0.0.1", client_port]
     assert scope["server"] == ["127.0.0.1", h3.port]
     assert scope["state"] == {"started": True}  # a copy of the lifespan state
-    assert scope["extensions"] == {"http.response.trailers": {}}
+    assert scope["extensions"]["http.response.trailers"] == {}
+    tls = scope["extensions"]["tls"]  # the ASGI TLS extension, no client certificate here
+    assert tls["tls_version"] == 0x0304 and tls["client_cert_chain"] == []
 
 
 @pytest.mark.parametrize("path", ["/trailers", "/trailers?whole=1", "/trailers?cl=1"])

@@ -513,6 +513,7 @@ def _serve(opts: dict) -> int:
     """The mini master: bind, fork ``workers`` fpy3 workers, reload on "reload"."""
     from fpy3 import config, worker
     from fpy3.bootstrap import prepare
+    from fpy3.keys import SessionKeys
 
     support_dir = os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support"
@@ -534,7 +535,7 @@ def _serve(opts: dict) -> int:
     settings, listeners = prepare(settings)
     group = QuicSockets.take_over(listeners.udp[0], opts["workers"])
     listeners = dataclasses.replace(listeners, udp=[])
-    secret = os.urandom(32)
+    secret = SessionKeys(os.urandom(64))  # reset, token and ticket keys of every worker
     workers: dict[int, int] = {}  # pid -> worker id
     pipes: dict[int, int] = {}  # pid -> its ready/beat pipe, open while it lives
 
