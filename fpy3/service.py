@@ -127,10 +127,9 @@ class HTTPService:
         worker_id: int = 0,
         secret=None,
         addr: tuple | None = None,
-        steer_prog: bytes | None = None,
     ) -> None:
-        """HTTP/3 on ``sock``, or (MsQuic under fpy3-master) on ``addr`` MsQuic binds."""
-        self.h3_servers.append(H3Server(self, sock, cert, key, worker_id, secret, addr, steer_prog))
+        """HTTP/3 on ``sock``, or (MsQuic) on ``addr``, where MsQuic binds its own."""
+        self.h3_servers.append(H3Server(self, sock, cert, key, worker_id, secret, addr))
 
     # -- what the protocols and the core call ------------------------------------------------
 
@@ -213,6 +212,13 @@ class HTTPService:
         if stuck:
             logger.error("%d request task(s) ignored cancellation", len(stuck))
 
+    def close_h3(self) -> None:
+        """Stop serving HTTP/3: every QUIC connection closed (CONNECTION_CLOSE), every
+        socket given back."""
+        for h3 in self.h3_servers:
+            h3.close()
+        self.h3_servers.clear()
+
     def close(self) -> None:
         """Close everything now: listeners, connections (QUIC ones with
         CONNECTION_CLOSE), the clock; flush the access log."""
@@ -221,9 +227,7 @@ class HTTPService:
             self._ticker = None
         for server in self.servers:
             server.close()
-        for h3 in self.h3_servers:
-            h3.close()
-        self.h3_servers.clear()
+        self.close_h3()
         for conn in list(self.connections):
             conn.kill()
         if self.access_log is not None:

@@ -121,7 +121,6 @@ class Worker:
                     join.worker_id if join else self.worker_id,
                     self.quic_secret,
                     self.listeners.udp_addr,
-                    join.program if join else None,
                 )
                 if join is not None and not join.done(self._send):
                     logger.error("HTTP/3: the master did not adopt this worker's QUIC sockets")

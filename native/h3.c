@@ -1048,8 +1048,6 @@ fpy3_h3_server *fpy3_h3_server_new(int fd, const fpy3_h3_config *cfg, char *err,
         .engine = cfg->engine,
         .listen_host = cfg->listen_host,
         .listen_port = (uint16_t)cfg->listen_port,
-        .steer_prog = cfg->steer_prog,
-        .steer_len = cfg->steer_len,
         .cert_file = cfg->cert_file,
         .key_file = cfg->key_file,
         .alpn = "h3",
@@ -1063,6 +1061,7 @@ fpy3_h3_server *fpy3_h3_server_new(int fd, const fpy3_h3_config *cfg, char *err,
         .initial_max_stream_data =
             cfg->initial_max_stream_data ? cfg->initial_max_stream_data : 1024 * 1024,
         .max_udp_payload = cfg->max_udp_payload,
+        .close_wait_ms = cfg->close_wait_ms ? cfg->close_wait_ms : 3000,
     };
     memcpy(ec.static_secret, cfg->static_secret, sizeof(ec.static_secret));
     s->e = fpy3_engine_new(fd, &ec, &engine_app, s, err, errlen);

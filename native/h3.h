@@ -38,8 +38,6 @@ typedef struct {
     int engine; /* FPY3_ENGINE_NGTCP2 or FPY3_ENGINE_MSQUIC */
     const char *listen_host; /* MsQuic: numeric address to listen on ("" = any) */
     int listen_port;
-    const uint8_t *steer_prog; /* MsQuic under fpy3-master: see engine.h */
-    size_t steer_len;
     const char *cert_file;
     const char *key_file;
     uint32_t worker_id;
@@ -55,6 +53,7 @@ typedef struct {
     const char *qlog_dir;   /* NULL or "" = off */
     size_t send_high_water; /* send() above it: wait for WRITABLE; 0 = 256 KiB */
     int enable_connect_protocol; /* accept :protocol on CONNECT (RFC 8441/9220) */
+    uint64_t close_wait_ms; /* server_free: longest wait for the engine's closes; 0 = 3 s */
 } fpy3_h3_config;
 
 typedef struct {
