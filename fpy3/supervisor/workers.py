@@ -117,7 +117,7 @@ class Launch:
     quic_secret: bytes  # the stateless-reset key shared by every worker
     request_limit: int = 0
     ids: UserIds | None = None  # switch to these after the fork
-    msquic_join: tuple[str, str] | None = None  # (lock path, program path) of the group
+    msquic_join: tuple[str, str] | None = None  # (lock path, id path) of the port group
 
 
 def spawn(launch: Launch, detach: Callable[[], tuple[Listeners, int]]) -> WorkerProcess:
@@ -155,8 +155,8 @@ def spawn(launch: Launch, detach: Callable[[], tuple[Listeners, int]]) -> Worker
         join = None
         if ack is not None and launch.msquic_join is not None:
             os.close(ack[1])
-            lock_path, prog_path = launch.msquic_join
-            join = (lock_path, prog_path, ack[0])
+            lock_path, id_path = launch.msquic_join
+            join = (lock_path, id_path, ack[0])
         _worker_main(launch, detach, mask, write_fd, join)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.close(write_fd)

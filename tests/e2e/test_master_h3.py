@@ -94,10 +94,12 @@ def test_msquic_workers_steered_by_the_id_in_their_connection_ids(start_server, 
         ids.setdefault(pid, set()).add(int.from_bytes(cid[1:5], "big"))
     assert len(ids) == 2, ids
     # Each worker issues connection ids carrying its own worker id (bytes 1-4): the
-    # index of its first socket in the port's group (the first worker's is 0).
+    # index of its socket in the port's group (low 16 bits), under a serial number the
+    # master gives each join (high 16 bits, never 0).
     assert all(len(v) == 1 for v in ids.values()), ids
-    wids = sorted(v.pop() for v in ids.values())
-    assert wids[0] == 1 << 16 and wids[1] > wids[0] and wids[1] >> 16 == 1, wids
+    wids = [v.pop() for v in ids.values()]
+    assert sorted(w & 0xFFFF for w in wids) == [0, 1], [hex(w) for w in wids]
+    assert len({w >> 16 for w in wids}) == 2 and all(w >> 16 for w in wids), wids
 
 
 def test_clients_of_a_killed_worker_learn_at_once(start_server):
@@ -162,4 +164,38 @@ def test_msquic_worker_has_one_socket_and_works_on_its_loop_thread(start_server,
         busy = {t: ticks for t in others if (ticks := cpu_ticks(pid, t)) > 1}
         assert not busy, (pid, busy)
     assert len(udp_inodes(srv.port)) == 2
+    assert srv.stop() == 0, srv.stderr()
+
+
+@pytest.mark.parametrize("quic_engine", ["msquic"], indirect=True)
+def test_msquic_port_group_stays_bounded_across_reloads(start_server, quic_engine):
+    # A reload's new workers join the port's group while the old ones drain; once the
+    # old ones are gone, their sockets leave the group (their places go to the next
+    # generation), so the group never holds more than two generations' sockets.
+    count = 2
+    srv = start_server(
+        app=APP,
+        command="master",
+        config={"workers": {"count": count}, "http3": {"enabled": True}},
+    )
+    current = set(wait_workers(srv, count))
+    wait_serving(srv, current)
+    for _ in range(3):
+        old = current
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda old=old: len(w := set(workers(srv))) == count and not (w & old),
+            timeout=30,
+            message=lambda: srv.stderr()[-2000:],
+        )
+        current = set(wait_workers(srv, count))
+        wait_serving(srv, current)
+        wait_until(
+            lambda: len(udp_inodes(srv.port)) <= 2 * count,
+            timeout=10,
+            message=lambda: f"{len(udp_inodes(srv.port))} sockets\n{srv.stderr()[-2000:]}",
+        )
+        assert len(udp_fds(srv.pid, srv.port)) <= 2 * count
+    # Every connection's packets still reach the worker that owns it.
+    assert set(pids_over_h3(srv, 60, connections=20)) == current
     assert srv.stop() == 0, srv.stderr()
