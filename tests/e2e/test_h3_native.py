@@ -482,6 +482,22 @@ def test_server_free_closes_connections(start_echo):
     assert srv.proc.wait(15) == 0, srv.stderr()
 
 
+@pytest.mark.parametrize("quic_engine", ["msquic"], indirect=True)
+def test_msquic_server_free_gives_its_socket_back(start_echo, quic_engine):
+    # A worker whose HTTP/3 side is closed while it runs on (a join the master
+    # refused) must have left the port's socket group by then.
+    from fpy3.supervisor.steering.msquic_group import udp_fds
+
+    srv = start_echo(args=["--after-free-ms", "1500"])
+    assert aioquic(srv, "GET", "/hello").status == 200
+    assert len(udp_fds(srv.proc.pid, srv.port)) == 1
+    srv.proc.send_signal(signal.SIGUSR2)
+    assert srv.line("LEFT_OPEN") == "LEFT_OPEN 0", srv.stderr()
+    assert srv.proc.poll() is None  # still running, without the socket
+    assert udp_fds(srv.proc.pid, srv.port) == []
+    assert srv.proc.wait(15) == 0, srv.stderr()
+
+
 def _handshake_then_silence(host: str, port: int) -> socket.socket:
     """A QUIC connection whose handshake completes, from a client that then reads and
     sends nothing more (its socket is returned, to keep its port)."""
