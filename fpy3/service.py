@@ -199,14 +199,13 @@ class HTTPService:
         *,
         worker_id: int = 0,
         keys=None,
-        steer_prog: bytes | None = None,
         tls_context: ssl.SSLContext | None = None,
     ) -> None:
         """Serve every protocol on ``listeners`` (starting the clock): TLS, with
         ``tls_context`` or one made from the settings' certificate, on ``listeners.tls``; cleartext HTTP/1.1 on
         ``listeners.http``; HTTP/3 on ``listeners.udp`` (or, MsQuic under fpy3-master,
-        on the address ``listeners.udp_addr``). ``worker_id``, ``keys`` (SessionKeys) and
-        ``steer_prog`` go into HTTP/3 (see ``serve_h3``). Raises OSError when a listener
+        on the address ``listeners.udp_addr``). ``worker_id`` and ``keys`` (SessionKeys)
+        go into HTTP/3 (see ``serve_h3``). Raises OSError when a listener
         cannot be served; the caller then closes the service."""
         self.start()
         settings = self.settings
@@ -227,7 +226,6 @@ class HTTPService:
                 worker_id,
                 keys,
                 listeners.udp_addr,
-                steer_prog,
             )
 
     async def listen(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
@@ -284,11 +282,10 @@ class HTTPService:
         worker_id: int = 0,
         keys=None,
         addr: tuple | None = None,
-        steer_prog: bytes | None = None,
     ) -> None:
-        """HTTP/3 on ``sock``, or (MsQuic under fpy3-master) on ``addr`` MsQuic binds.
+        """HTTP/3 on ``sock``, or (MsQuic) on ``addr``, where MsQuic binds its own.
         ``keys``: the master's SessionKeys (reset, token and ticket keys)."""
-        h3 = H3Server(self, sock, cert, key, worker_id, keys, addr, steer_prog)
+        h3 = H3Server(self, sock, cert, key, worker_id, keys, addr)
         self.h3_servers.append(h3)
         self.endpoints.append(f"HTTP/3 on UDP {_where(h3.server_addr)} ({h3.engine_name})")
 
@@ -433,6 +430,15 @@ class HTTPService:
         if stuck:
             logger.error("%d request task(s) ignored cancellation", len(stuck))
 
+    def close_h3(self) -> None:
+        """Stop serving HTTP/3: every QUIC connection closed (CONNECTION_CLOSE), every
+        socket given back."""
+        for h3 in self.h3_servers:
+            h3.close()
+            if self.counts is not None:
+                self._h3_closed_stats.append(h3.stats())
+        self.h3_servers.clear()
+
     def close(self) -> None:
         """Close everything now: listeners, connections (QUIC ones with
         CONNECTION_CLOSE), the clock; flush the access log."""
@@ -444,11 +450,7 @@ class HTTPService:
                 server.kill()
             else:
                 server.close()
-        for h3 in self.h3_servers:
-            h3.close()
-            if self.counts is not None:
-                self._h3_closed_stats.append(h3.stats())
-        self.h3_servers.clear()
+        self.close_h3()
         self.sample_metrics()
         for conn in list(self.connections):
             conn.kill()

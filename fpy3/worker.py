@@ -58,7 +58,7 @@ class Worker:
     ):
         self.settings = settings
         self.metrics = metrics  # the master's shared counters block for this worker
-        self.quic_join = quic_join  # (lock path, program path, ack fd): MsQuic, steered
+        self.quic_join = quic_join  # (lock path, id path, ack fd): MsQuic, steered
         self.listeners = listeners
         self.ready_fd = ready_fd
         self.worker_id = worker_id  # carried in the QUIC connection ids this worker issues
@@ -139,16 +139,18 @@ class Worker:
             if self.quic_join is not None and self.listeners.udp_addr is not None:
                 from .h3.engine import GroupJoin
 
-                join = GroupJoin(*self.quic_join, self.listeners.udp_addr[1])
+                join = GroupJoin(*self.quic_join)
             await service.serve(
                 self.listeners,
                 worker_id=join.worker_id if join else self.worker_id,
                 keys=self.session_keys,
-                steer_prog=join.program if join else None,
                 tls_context=self.tls.listener,
             )
             if join is not None and not join.done(self._send):
-                logger.error("HTTP/3: the master did not adopt this worker's QUIC sockets")
+                # No packet would reach it: serve without HTTP/3 (the other workers
+                # take it), and leave the group before the next worker joins.
+                logger.error("HTTP/3: the master did not adopt this worker's QUIC socket")
+                service.close_h3()
         except OSError as exc:
             logger.error("%s", exc)
             return EXIT_STARTUP

@@ -1,7 +1,7 @@
 /* engine: the QUIC engine interface that h3.c sits on.
  *
- * An engine owns QUIC connections on one UDP socket (or, for MsQuic, on its own
- * threads, which only enqueue and wake the loop through an eventfd). It knows no
+ * An engine owns QUIC connections on one UDP socket (MsQuic binds its own, and runs
+ * on the loop thread through an epoll set it fills). It knows no
  * HTTP: per connection it hands stream bytes up and pulls stream bytes down
  * through the callbacks in fpy3_engine_app. Everything runs on the loop thread;
  * a callback never re-enters fpy3_engine_read/expire/flush.
@@ -44,13 +44,9 @@ typedef struct {
 
 typedef struct {
     int engine;            /* FPY3_ENGINE_* */
-    /* MsQuic binds its own sockets (fd is -1): the address to listen on. */
+    /* MsQuic binds its own socket (fd is -1): the address to listen on. */
     const char *listen_host; /* numeric IPv4/IPv6; "" = any */
     uint16_t listen_port;
-    /* MsQuic under fpy3-master: the reuseport cBPF program (struct sock_filter[]) to
-     * put back on the port's group at once after MsQuic attaches its own; 0 = detach. */
-    const uint8_t *steer_prog;
-    size_t steer_len;
     const char *cert_file; /* PEM chain */
     const char *key_file;  /* PEM key */
     const char *alpn;      /* the one protocol offered, e.g. "h3" */
@@ -72,6 +68,9 @@ typedef struct {
     uint8_t ticket_key[64];   /* their master key, shared by every worker */
     uint32_t ticket_lifetime; /* seconds; the derived ticket key rotates this often */
     int early_data;           /* accept 0-RTT from resumed clients */
+    /* fpy3_engine_free: the longest wait for closes to complete (MsQuic: its objects'
+     * shutdowns; past it, its state is left allocated rather than freed under it). */
+    uint64_t close_wait_ms;
 } fpy3_engine_config;
 
 #define FPY3_CLIENT_AUTH_NONE 0
@@ -119,11 +118,14 @@ typedef struct {
 fpy3_engine *fpy3_engine_new(int fd, const fpy3_engine_config *cfg, const fpy3_engine_app *cb,
                              void *app, char *err, size_t errlen);
 void fpy3_engine_free(fpy3_engine *e); /* closes every connection (conn_close called) */
-/* The fd the loop watches for reading: the UDP socket, or MsQuic's eventfd. */
+/* The fd the loop watches for reading: the UDP socket, or MsQuic's epoll set. */
 int fpy3_engine_fd(fpy3_engine *e);
 /* Loads libmsquic (FPY3_MSQUIC_LIB, then libmsquic.so.2) once per process: 0, or -1
  * with the reason in err. */
 int fpy3_msquic_load(char *err, size_t errlen);
+/* MsQuic engines whose free ran out of close_wait_ms in this process: left allocated,
+ * since MsQuic's objects still refer to them. */
+size_t fpy3_msquic_left_open(void);
 
 int fpy3_engine_read(fpy3_engine *e);   /* socket readable: receive a bounded batch, process, send */
 int fpy3_engine_expire(fpy3_engine *e); /* the timer fired */
@@ -135,7 +137,7 @@ size_t fpy3_engine_conn_count(fpy3_engine *e); /* not closing or draining */
 /* Closes every connection now with an application error (conn_close is called for
  * each) and stops accepting. The CONNECTION_CLOSE frames are on their way before it
  * returns: ngtcp2 writes them to the socket (waiting briefly if it is full); MsQuic
- * sends them from its threads, and this waits, bounded, until they are done. */
+ * runs until their shutdowns complete (bounded). */
 void fpy3_engine_close_all(fpy3_engine *e, uint64_t app_error);
 /* Visit every connection's app state (those past conn_open). */
 void fpy3_engine_each(fpy3_engine *e, void (*fn)(void *ac, void *arg), void *arg);

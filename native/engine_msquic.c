@@ -1,37 +1,53 @@
 /* engine_msquic: the QUIC server engine (engine.h) on MsQuic, loaded at run time.
  *
- * MsQuic owns the sockets and runs connections on its own threads. Its callbacks
- * never touch the app (nor Python): they queue the event under a short mutex and
- * write the eventfd when the queue was empty, so the loop wakes once per batch. On
- * the loop thread fpy3_engine_read drains the queue and runs the app callbacks, as
- * engine_ngtcp2 does from its socket.
+ * MsQuic runs on the loop thread, with no thread of its own: it is set up for
+ * application-driven execution (ExecutionCreate, MsQuic >= 2.6). Its sockets and
+ * wake-ups sit in one epoll set, which is the fd the loop watches; `pump` runs the
+ * work that is due (ExecutionPoll, then each ready entry's completion) until none is
+ * left, and leaves the time to MsQuic's next timer for fpy3_engine_next_timeout_ms.
+ * So datagrams are read, decrypted, answered and sent from the loop, in batches, as
+ * engine_ngtcp2 does, and no event crosses a thread.
  *
- * Events: each is a node inside the object it is about (connection, stream, send
- * record), there from the object's creation, one per kind of event, since MsQuic
- * reports each kind at most once per object (RECEIVE once per indication, and the
- * next comes only after StreamReceiveComplete). So queueing never allocates and
- * never fails, and no event is lost. Payloads travel in the object's fields: the
- * MsQuic thread writes them before queueing, the loop reads them after, the queue's
- * mutex ordering the two.
+ * Events: MsQuic's callbacks never call the app. They run inside `pump` and queue the
+ * event; fpy3_engine_read (and expire) hand the queue to the app afterwards, so the
+ * app's calls back into the engine never run inside MsQuic's processing. Each event is
+ * a node inside the object it is about (connection, stream, send record), there from
+ * the object's creation, one per kind of event, since MsQuic reports each kind at most
+ * once per object (RECEIVE once per indication, and the next comes only after
+ * StreamReceiveComplete). So queueing never allocates and never fails, and no event is
+ * lost.
  *
  * Receive: a RECEIVE event returns QUIC_STATUS_PENDING; its bytes are handed to
- * the app at once (nghttp3 copies or consumes them) and StreamReceiveComplete is
- * called when the app's credit (fpy3_engine_extend) covers the whole indication,
- * so MsQuic opens the peer's window only as fast as the app consumes.
+ * the app when the queue is handled (nghttp3 copies or consumes them) and
+ * StreamReceiveComplete is called when the app's credit (fpy3_engine_extend) covers
+ * the whole indication, so MsQuic opens the peer's window only as fast as the app
+ * consumes.
  *
  * Send: flush drains the app's `pull` into StreamSend calls (send buffering off:
- * zero copy); each send record keeps its buffer list until SEND_COMPLETE, which
- * becomes `acked`.
+ * zero copy), then pumps so that MsQuic sends at once; each send record keeps its
+ * buffer list until SEND_COMPLETE, which becomes `acked`.
  *
- * Handles: objects created on MsQuic threads (connections, peer streams) are freed
- * on the loop thread, when it handles their SHUTDOWN_COMPLETE event; only then are
- * ConnectionClose / StreamClose called.
+ * Handles: connections and peer streams come from MsQuic's callbacks and are freed
+ * when their SHUTDOWN_COMPLETE event is handled; only then are ConnectionClose /
+ * StreamClose called. Nothing holds a raw pointer across batches except the queue
+ * and the stop list, and freeing an object takes it off both.
+ *
+ * Sockets and steering: the listener is put on partition 0 of two, which makes MsQuic
+ * bind one SO_REUSEPORT socket (it sets the option only when it has more than one
+ * partition) and attach no reuseport program of its own, so under fpy3-master each
+ * worker adds one socket to the port's group and the master's steering program stays
+ * (fpy3/supervisor/steering/msquic_group.py). The second partition only exists for
+ * that; it is polled like the first.
+ *
+ * One engine per process drives MsQuic at a time: its executions are process-wide and
+ * live as long as the process (ExecutionCreate works only before MsQuic's first use).
+ * An engine that cannot close MsQuic's objects within its deadline at free time is
+ * left allocated (they may still refer to it), never freed under them.
  */
 #define _GNU_SOURCE
 #include "engine.h"
 
 #include <arpa/inet.h>
-#include <dirent.h>
 #include <dlfcn.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -41,7 +57,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -56,13 +72,14 @@
 #define APP_CRITICAL_STREAM 0x104
 #define APP_NO_ERROR 0x100
 #define MQ_STATUS_OUT_OF_MEMORY 12u /* ENOMEM */
-#define CLOSE_ALL_WAIT_MS 1000 /* close_all: how long to wait for MsQuic's closes */
-#ifndef SO_DETACH_REUSEPORT_BPF
-#define SO_DETACH_REUSEPORT_BPF 68
-#endif
-#ifndef SO_ATTACH_REUSEPORT_CBPF
-#define SO_ATTACH_REUSEPORT_CBPF 51
-#endif
+#define MQ_STATUS_INTERNAL_ERROR 5u /* EIO */
+#define NEXEC 2                /* partitions: see "Sockets and steering" above */
+#define CQES 64                /* epoll entries taken per epoll_wait */
+#define POLLS_PER_ROUND 1024   /* ExecutionPoll runs one connection's work per call */
+#define PUMP_ROUNDS 16         /* epoll rounds per pump: more waits for the next loop turn */
+#define CLOSE_ALL_WAIT_MS 1000 /* close_all: the longest wait for the closes */
+#define SENDS_WAIT_MS 2000     /* free: at most this much of close_wait_ms for last sends */
+#define MIN_VERSION_MINOR 6    /* 2.6: partitioned listeners, RegistrationClose2 */
 
 /* --- loading ------------------------------------------------------------------------- */
 
@@ -92,7 +109,17 @@ static int try_open(const char *path, char *why, size_t whylen)
         dlclose(h);
         return -1;
     }
-    api = table; /* kept for the life of the process */
+    const mq_api *t = table;
+    uint32_t v[4] = {0};
+    uint32_t vlen = sizeof(v);
+    st = t->GetParam(NULL, MQ_PARAM_GLOBAL_LIBRARY_VERSION, &vlen, v);
+    if (MQ_FAILED(st) || v[0] != 2 || v[1] < MIN_VERSION_MINOR) {
+        /* The table of an older release ends before the functions used here. */
+        snprintf(why, whylen, "%s is MsQuic %u.%u.%u; fpy3 needs 2.%u or later", path, v[0],
+                 v[1], v[2], MIN_VERSION_MINOR);
+        return -1; /* opened, so left loaded: MsQuicClose would be its only undo */
+    }
+    api = t; /* kept for the life of the process */
     return 0;
 }
 
@@ -142,7 +169,7 @@ struct ms_event {
     ms_event *next;
     void *obj;    /* the connection, stream or send record it is about */
     uint8_t type;
-    uint8_t queued; /* under qlock: on the queue now */
+    uint8_t queued; /* on the queue now */
 };
 
 typedef struct ms_stream ms_stream;
@@ -150,7 +177,7 @@ typedef struct ms_stream ms_stream;
 typedef struct {
     ms_stream *st;
     uint64_t len;
-    int canceled;     /* SEND_COMPLETE's, for the loop */
+    int canceled;     /* SEND_COMPLETE's */
     ms_event ev_done; /* SEND_COMPLETE */
     uint32_t n;
     mq_buffer b[]; /* MsQuic reads this list until SEND_COMPLETE */
@@ -161,7 +188,7 @@ struct ms_stream {
     mq_handle h;
     int64_t sid;
     ms_stream *hnext;
-    /* receive side, loop thread only */
+    /* receive side */
     int rx_pending;           /* an indication awaits StreamReceiveComplete */
     uint64_t rx_base, rx_len; /* that indication */
     uint64_t rx_credit;       /* bytes the app has consumed, from offset 0 */
@@ -170,7 +197,7 @@ struct ms_stream {
     uint64_t code; /* the last reset / stop code seen or sent: stream_close's code */
     ms_stream *stop_next; /* on the engine's stop list: stop_reading is due */
     int stop_queued;
-    /* Event payloads: written by MsQuic's thread before the event is queued. */
+    /* Event payloads: written by the callback that queues the event. */
     struct {
         uint64_t offset, total;
         uint32_t flags, nbuf;
@@ -199,7 +226,7 @@ struct fpy3_qconn {
     struct sockaddr_storage peer, local;
     uint32_t peerlen, locallen;
     ms_stream *buckets[NBUCKETS];
-    atomic_int failed; /* set on an MsQuic thread: the connection is being shut down */
+    int failed; /* set in a callback: the connection is being shut down */
     ms_event ev_connected, ev_shutdown, ev_done, ev_failed;
 };
 
@@ -209,19 +236,61 @@ struct fpy3_engine {
     mq_handle reg, config, listener;
     mq_buffer alpn;
     uint8_t alpnbuf[256];
-    int efd;
-    atomic_int accepting;
-    atomic_long live; /* connections MsQuic gave us and we have not freed */
+    int accepting;
+    int listener_stopped;   /* its STOP_COMPLETE came */
+    atomic_int reg_closed;  /* RegistrationClose2 finished (on MsQuic's close thread) */
+    long live;              /* connections MsQuic gave us and we have not freed */
     int freeing;
     int closed_all; /* close_all ran: connections finishing their handshake close too */
     uint64_t closed_all_code;
+    uint32_t mq_wait; /* ms to MsQuic's next timer, as of the last pump; UINT32_MAX none */
 
-    pthread_mutex_t qlock;
-    ms_event *qhead, *qtail; /* filled by MsQuic threads */
-
-    ms_stream *stops; /* loop thread: streams whose stop_reading is due */
+    ms_event *qhead, *qtail; /* queued by MsQuic's callbacks, handled by drain */
+    ms_stream *stops;        /* streams whose stop_reading is due */
     size_t nactive;
 };
+
+/* --- MsQuic's executions (process-wide) --------------------------------------------- */
+
+static int exq = -1;              /* the epoll set: MsQuic's sockets and wake-ups */
+static mq_execution *exs[NEXEC];
+static int ex_state;              /* 0 not made, 1 made, -1 failed (for the process's life) */
+static fpy3_engine *ex_driver;    /* the engine that drives them now */
+static size_t left_open;          /* engines left allocated: see ms_free */
+
+size_t fpy3_msquic_left_open(void) { return left_open; }
+
+/* Makes the executions, once per process, before MsQuic's first registration. */
+static int executions_make(char *err, size_t errlen)
+{
+    if (ex_state == 1)
+        return 0;
+    if (ex_state < 0) {
+        fpy3_seterr(err, errlen, "MsQuic execution contexts could not be made in this process");
+        return -1;
+    }
+    ex_state = -1;
+    exq = epoll_create1(EPOLL_CLOEXEC); /* kept for the life of the process */
+    if (exq < 0) {
+        fpy3_seterr(err, errlen, "epoll_create1: %s", strerror(errno));
+        return -1;
+    }
+    mq_execution_config ec[NEXEC];
+    for (int i = 0; i < NEXEC; i++) {
+        ec[i].IdealProcessor = 0;
+        ec[i].EventQ = &exq;
+    }
+    mq_status rv = api->ExecutionCreate(0, 0, NEXEC, ec, exs);
+    if (MQ_FAILED(rv)) {
+        fpy3_seterr(err, errlen,
+                    "MsQuic ExecutionCreate: status 0x%x (needs an epoll build of MsQuic, "
+                    "set up before any other use in the process)",
+                    rv);
+        return -1;
+    }
+    ex_state = 1;
+    return 0;
+}
 
 static void ms_free(fpy3_engine *e);
 
@@ -244,61 +313,57 @@ static void stream_init(ms_stream *st, fpy3_qconn *qc)
     ev_init(&st->ev_done, EV_STREAM_DONE, st);
 }
 
-/* --- the queue (any thread) --------------------------------------------------------------- */
-
 /* Queues ev: 0, or -1 when it is on the queue already (MsQuic reported the same
- * thing twice before the loop took the first). */
+ * thing twice before drain took the first). */
 static int push(fpy3_engine *e, ms_event *ev)
 {
-    pthread_mutex_lock(&e->qlock);
-    if (ev->queued) {
-        pthread_mutex_unlock(&e->qlock);
+    if (ev->queued)
         return -1;
-    }
     ev->queued = 1;
     ev->next = NULL;
-    int wake = !e->qhead;
     if (e->qtail)
         e->qtail->next = ev;
     else
         e->qhead = ev;
     e->qtail = ev;
-    pthread_mutex_unlock(&e->qlock);
-    if (wake) {
-        uint64_t one = 1;
-        ssize_t w = write(e->efd, &one, sizeof(one));
-        (void)w; /* EAGAIN only when the counter is huge: the loop is awake anyway */
-    }
     return 0;
 }
 
-/* --- MsQuic callbacks (MsQuic threads: no app, no Python) --------------------------------- */
+/* --- MsQuic callbacks (inside pump: no app calls) ------------------------------------- */
 
 /* An event could not be taken: the connection cannot go on without it, so it is shut
- * down with an error at once (MsQuic allows it from its callbacks), and the loop
- * detaches the app when it sees EV_CONN_FAILED. */
+ * down with an error at once (MsQuic allows it from its callbacks), and drain detaches
+ * the app when it sees EV_CONN_FAILED. */
 static void conn_fail_async(fpy3_qconn *qc)
 {
-    if (atomic_exchange(&qc->failed, 1))
+    if (qc->failed)
         return;
+    qc->failed = 1;
     api->ConnectionShutdown(qc->h, MQ_CONN_SHUTDOWN_FLAG_NONE, APP_INTERNAL_ERROR);
-    push(qc->b.e, &qc->ev_failed);
+    push(qc->b.e, &qc->ev_failed); /* one node, queued once: cannot be on the queue */
+}
+
+/* Queues an event MsQuic reports at most once per object; finding it queued already
+ * means that assumption broke, and the connection fails rather than lose it. */
+static void push_once(fpy3_qconn *qc, ms_event *ev)
+{
+    if (push(qc->b.e, ev) < 0)
+        conn_fail_async(qc);
 }
 
 static mq_status stream_cb(mq_handle h, void *ctx, mq_stream_event *mev)
 {
     ms_stream *st = ctx;
     fpy3_qconn *qc = st->qc;
-    fpy3_engine *e = qc->b.e;
     (void)h;
     switch (mev->Type) {
     case MQ_STREAM_EVENT_START_COMPLETE:
         st->start_id = mev->START_COMPLETE.ID;
         st->start_status = mev->START_COMPLETE.Status;
-        push(e, &st->ev_start_done);
+        push_once(qc, &st->ev_start_done);
         break;
     case MQ_STREAM_EVENT_RECEIVE: {
-        if (atomic_load(&qc->failed))
+        if (qc->failed)
             return MQ_STATUS_SUCCESS; /* the connection is closing: nobody reads on */
         uint32_t n = mev->RECEIVE.BufferCount;
         st->rx.offset = mev->RECEIVE.AbsoluteOffset;
@@ -307,7 +372,7 @@ static mq_status stream_cb(mq_handle h, void *ctx, mq_stream_event *mev)
         st->rx.nbuf = n;
         st->rx.bufs = st->rx.inl;
         /* More buffers than MsQuic gives in our mode; owned by the event, freed by
-         * on_recv on the loop thread. */
+         * on_recv. */
         if (n > RECV_BUFS && !(st->rx.bufs = malloc(n * sizeof(mq_buffer)))) {
             st->rx.bufs = st->rx.inl;
             /* MsQuic would take an error status as "all consumed" and drop the
@@ -317,7 +382,7 @@ static mq_status stream_cb(mq_handle h, void *ctx, mq_stream_event *mev)
         }
         /* The buffer list lives on MsQuic's stack; the bytes stay until completed. */
         memcpy(st->rx.bufs, mev->RECEIVE.Buffers, n * sizeof(mq_buffer));
-        if (push(e, &st->ev_recv) < 0) {
+        if (push(qc->b.e, &st->ev_recv) < 0) {
             conn_fail_async(qc); /* an indication before the last was completed: never */
             return MQ_STATUS_SUCCESS;
         }
@@ -326,22 +391,22 @@ static mq_status stream_cb(mq_handle h, void *ctx, mq_stream_event *mev)
     case MQ_STREAM_EVENT_SEND_COMPLETE: {
         ms_send *rec = mev->SEND_COMPLETE.ClientContext;
         rec->canceled = mev->SEND_COMPLETE.Canceled != 0;
-        push(e, &rec->ev_done);
+        push_once(qc, &rec->ev_done);
         break;
     }
     case MQ_STREAM_EVENT_PEER_SEND_SHUTDOWN:
-        push(e, &st->ev_peer_fin);
+        push_once(qc, &st->ev_peer_fin);
         break;
     case MQ_STREAM_EVENT_PEER_SEND_ABORTED:
         st->peer_reset_code = mev->PEER_SEND_ABORTED.ErrorCode;
-        push(e, &st->ev_peer_reset);
+        push_once(qc, &st->ev_peer_reset);
         break;
     case MQ_STREAM_EVENT_PEER_RECEIVE_ABORTED:
         st->peer_stop_code = mev->PEER_RECEIVE_ABORTED.ErrorCode;
-        push(e, &st->ev_peer_stop);
+        push_once(qc, &st->ev_peer_stop);
         break;
     case MQ_STREAM_EVENT_SHUTDOWN_COMPLETE:
-        push(e, &st->ev_done);
+        push_once(qc, &st->ev_done);
         break;
     default:
         break;
@@ -356,32 +421,35 @@ static mq_status conn_cb(mq_handle h, void *ctx, mq_connection_event *mev)
     (void)h;
     switch (mev->Type) {
     case MQ_CONN_EVENT_CONNECTED:
-        push(e, &qc->ev_connected);
+        push_once(qc, &qc->ev_connected);
         break;
     case MQ_CONN_EVENT_SHUTDOWN_INITIATED_BY_TRANSPORT:
     case MQ_CONN_EVENT_SHUTDOWN_INITIATED_BY_PEER:
         push(e, &qc->ev_shutdown); /* either, once: both only stop the counting */
         break;
     case MQ_CONN_EVENT_SHUTDOWN_COMPLETE:
-        push(e, &qc->ev_done);
+        push(e, &qc->ev_done); /* the last event: its node is never queued before */
         break;
     case MQ_CONN_EVENT_PEER_STREAM_STARTED: {
-        /* Owned by the engine: freed on the loop thread at the stream's
-         * SHUTDOWN_COMPLETE, or with its connection (conn_free). */
-        ms_stream *st = calloc(1, sizeof(*st));
-        if (!st) {
-            conn_fail_async(qc);
-            return MQ_STATUS_OUT_OF_MEMORY; /* MsQuic closes the stream itself */
-        }
         mq_handle sh = mev->PEER_STREAM_STARTED.Stream;
         uint64_t id = 0;
         uint32_t len = sizeof(id);
-        api->GetParam(sh, MQ_PARAM_STREAM_ID, &len, &id);
+        if (MQ_FAILED(api->GetParam(sh, MQ_PARAM_STREAM_ID, &len, &id)) || len != sizeof(id)) {
+            conn_fail_async(qc); /* a stream we cannot name */
+            return MQ_STATUS_INTERNAL_ERROR; /* MsQuic closes the stream itself */
+        }
+        /* Owned by the engine: freed at the stream's SHUTDOWN_COMPLETE, or with its
+         * connection (conn_free). */
+        ms_stream *st = calloc(1, sizeof(*st));
+        if (!st) {
+            conn_fail_async(qc);
+            return MQ_STATUS_OUT_OF_MEMORY;
+        }
         stream_init(st, qc);
         st->h = sh;
         st->sid = (int64_t)id;
         api->SetCallbackHandler(sh, (void *)stream_cb, st);
-        push(e, &st->ev_started);
+        push(e, &st->ev_started); /* a new node: cannot be queued */
         break;
     }
     default:
@@ -404,34 +472,74 @@ static mq_status listener_cb(mq_handle l, void *ctx, mq_listener_event *lev)
 {
     fpy3_engine *e = ctx;
     (void)l;
+    if (lev->Type == MQ_LISTENER_EVENT_STOP_COMPLETE) {
+        e->listener_stopped = 1;
+        return MQ_STATUS_SUCCESS;
+    }
     if (lev->Type != MQ_LISTENER_EVENT_NEW_CONNECTION)
         return MQ_STATUS_SUCCESS;
-    if (!atomic_load(&e->accepting))
+    if (!e->accepting)
         return MQ_STATUS_CONNECTION_REFUSED;
-    /* Owned by the engine: freed on the loop thread at SHUTDOWN_COMPLETE (conn_free).
-     * Without memory MsQuic refuses the connection. */
+    mq_handle ch = lev->NEW_CONNECTION.Connection;
+    /* Without it ConnectionClose would wait for work that only this thread runs. */
+    uint8_t one = 1;
+    if (MQ_FAILED(api->SetParam(ch, MQ_PARAM_CONN_CLOSE_ASYNC, sizeof(one), &one)))
+        return MQ_STATUS_INTERNAL_ERROR; /* refused: MsQuic closes it */
+    /* Owned by the engine: freed at SHUTDOWN_COMPLETE (conn_free). Without memory
+     * MsQuic refuses the connection. */
     fpy3_qconn *qc = calloc(1, sizeof(*qc));
     if (!qc)
         return MQ_STATUS_OUT_OF_MEMORY;
-    mq_handle ch = lev->NEW_CONNECTION.Connection;
     const mq_new_connection_info *info = lev->NEW_CONNECTION.Info;
     qc->b.e = e;
     qc->h = ch;
     qc->next_uni = 3; /* server-initiated unidirectional: 3, 7, 11, ... */
     qc->peerlen = copy_addr(&qc->peer, info->RemoteAddress);
     qc->locallen = copy_addr(&qc->local, info->LocalAddress);
-    atomic_init(&qc->failed, 0);
     ev_init(&qc->ev_connected, EV_CONNECTED, qc);
     ev_init(&qc->ev_shutdown, EV_CONN_SHUTDOWN, qc);
     ev_init(&qc->ev_done, EV_CONN_DONE, qc);
     ev_init(&qc->ev_failed, EV_CONN_FAILED, qc);
-    atomic_fetch_add(&e->live, 1);
     api->SetCallbackHandler(ch, (void *)conn_cb, qc);
-    uint8_t one = 1; /* ConnectionClose from the loop thread need not wait (MsQuic >= 2.5) */
-    api->SetParam(ch, MQ_PARAM_CONN_CLOSE_ASYNC, sizeof(one), &one);
-    mq_status st = api->ConnectionSetConfiguration(ch, e->config);
-    /* On failure MsQuic still ends the connection through conn_cb (SHUTDOWN_COMPLETE). */
-    return st;
+    mq_status rv = api->ConnectionSetConfiguration(ch, e->config);
+    if (MQ_FAILED(rv)) {
+        /* Refused: MsQuic keeps the handle and reports nothing more about it. */
+        api->SetCallbackHandler(ch, NULL, NULL);
+        free(qc);
+        return rv;
+    }
+    e->live++;
+    return MQ_STATUS_SUCCESS;
+}
+
+/* --- running MsQuic ------------------------------------------------------------------ */
+
+/* Runs MsQuic's work that is due: the operations the app queued (sends, receive
+ * completions, closes), timers, and the datagrams waiting on its socket, until none is
+ * left or PUMP_ROUNDS epoll rounds are done (then e->mq_wait is 0: more at once). */
+static void pump(fpy3_engine *e)
+{
+    for (int round = 0; round < PUMP_ROUNDS; round++) {
+        uint32_t wait = 0;
+        /* ExecutionPoll runs one connection's work per call: 0 means more is ready. */
+        for (int i = 0; i < POLLS_PER_ROUND && wait == 0; i++) {
+            wait = UINT32_MAX;
+            for (int x = 0; x < NEXEC; x++) {
+                uint32_t w = api->ExecutionPoll(exs[x]);
+                if (w < wait)
+                    wait = w;
+            }
+        }
+        struct epoll_event cqe[CQES];
+        int n = epoll_wait(exq, cqe, CQES, 0);
+        for (int k = 0; k < n; k++)
+            ((mq_sqe *)cqe[k].data.ptr)->Completion(&cqe[k]);
+        if (n <= 0 && wait) {
+            e->mq_wait = wait;
+            return;
+        }
+    }
+    e->mq_wait = 0;
 }
 
 /* --- loop-thread helpers ------------------------------------------------------------------ */
@@ -504,7 +612,7 @@ static void uncount(fpy3_qconn *qc)
     }
 }
 
-/* The app forgets the connection now; MsQuic's events for it are still drained. */
+/* The app forgets the connection now; MsQuic's events for it are still handled. */
 static void app_detach(fpy3_qconn *qc)
 {
     void *ac = qc->b.ac;
@@ -676,9 +784,9 @@ static void conn_free(fpy3_engine *e, fpy3_qconn *qc)
             stream_free(e, st);
         }
     fpy3_conn_table_remove(&e->b, qc);
-    api->ConnectionClose(qc->h);
+    api->ConnectionClose(qc->h); /* async (MQ_PARAM_CONN_CLOSE_ASYNC) */
     free(qc);
-    atomic_fetch_sub(&e->live, 1);
+    e->live--;
 }
 
 static void handle(fpy3_engine *e, ms_event *ev)
@@ -798,19 +906,14 @@ static int run_stops(fpy3_engine *e)
     return n;
 }
 
-/* Handles what the MsQuic threads queued; returns the number of events. */
+/* Hands the queued events to the app; returns their number. */
 static int drain(fpy3_engine *e)
 {
-    uint64_t cnt;
-    ssize_t r = read(e->efd, &cnt, sizeof(cnt));
-    (void)r;
-    pthread_mutex_lock(&e->qlock);
     ms_event *list = e->qhead;
     e->qhead = e->qtail = NULL;
     /* Off the queue: each may be queued again (the next RECEIVE) once handled. */
     for (ms_event *ev = list; ev; ev = ev->next)
         ev->queued = 0;
-    pthread_mutex_unlock(&e->qlock);
     int n = 0;
     while (list) {
         ms_event *ev = list;
@@ -831,79 +934,33 @@ static uint32_t pow2_at_least(uint64_t v)
     return (uint32_t)p;
 }
 
-/* MsQuic binds one SO_REUSEPORT socket per CPU and attaches a reuseport program that
- * picks one by CPU number modulo its own socket count. In a group shared by several
- * worker processes that program serves the whole group and sends every datagram to
- * the first worker's sockets. So right after it, the master's steering program goes
- * back on (any member may set it), or without one the program is detached: then the
- * kernel's 4-tuple hash spreads connections over every worker's sockets. */
-struct cbpf_insn {
-    uint16_t code;
-    uint8_t jt, jf;
-    uint32_t k;
-};
-struct cbpf_prog {
-    unsigned short len;
-    const struct cbpf_insn *filter;
-};
-
-/* prog == NULL: detach; else attach that classic BPF program to the group. */
-static void set_group_program(uint16_t port, const uint8_t *prog, size_t len)
-{
-    DIR *d = opendir("/proc/self/fd");
-    if (!d)
-        return;
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        int fd = atoi(de->d_name);
-        if (fd <= 2 || fd == dirfd(d))
-            continue;
-        int type = 0, reuse = 0;
-        socklen_t tl = sizeof(type), rl = sizeof(reuse);
-        struct sockaddr_storage ss;
-        socklen_t sl = sizeof(ss);
-        if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &tl) < 0 || type != SOCK_DGRAM ||
-            getsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &reuse, &rl) < 0 || !reuse ||
-            getsockname(fd, (struct sockaddr *)&ss, &sl) < 0)
-            continue;
-        uint16_t p = ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
-                                              : ((struct sockaddr_in *)&ss)->sin_port;
-        if (ntohs(p) != port)
-            continue;
-        int rv;
-        if (prog) {
-            struct cbpf_prog fp = {.len = (unsigned short)(len / sizeof(struct cbpf_insn)),
-                                   .filter = (const struct cbpf_insn *)prog};
-            rv = setsockopt(fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &fp, sizeof(fp));
-        } else {
-            int one = 1;
-            rv = setsockopt(fd, SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, &one, sizeof(one));
-        }
-        if (rv == 0)
-            break; /* the program belongs to the group: once is enough */
-    }
-    closedir(d);
-}
-
 static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_engine_app *cb,
                            void *app, char *err, size_t errlen)
 {
     (void)fd;
     if (fpy3_msquic_load(err, errlen) < 0)
         return NULL;
+    if (ex_driver) {
+        fpy3_seterr(err, errlen, "MsQuic serves one HTTP/3 server per process");
+        return NULL;
+    }
+    if (executions_make(err, errlen) < 0)
+        return NULL;
     fpy3_engine *e = calloc(1, sizeof(*e)); /* freed by ms_free */
     if (!e) {
         fpy3_seterr(err, errlen, "out of memory");
         return NULL;
     }
+    ex_driver = e;
     fpy3_engine_base_init(&e->b, &fpy3_engine_msquic, cb, app);
     e->cfg = *cfg;
     e->cfg.cert_file = e->cfg.key_file = e->cfg.qlog_dir = e->cfg.alpn = NULL;
     e->cfg.listen_host = NULL;
-    e->efd = -1;
-    atomic_init(&e->accepting, 1);
-    atomic_init(&e->live, 0);
-    pthread_mutex_init(&e->qlock, NULL);
+    e->accepting = 1;
+    e->mq_wait = UINT32_MAX;
+    if (!e->cfg.close_wait_ms)
+        e->cfg.close_wait_ms = 3000;
+    atomic_init(&e->reg_closed, 0);
     if (!e->cfg.max_streams_bidi)
         e->cfg.max_streams_bidi = 100;
     const char *alpn = cfg->alpn ? cfg->alpn : "h3";
@@ -915,24 +972,16 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
     memcpy(e->alpnbuf, alpn, alen);
     e->alpn.Buffer = e->alpnbuf;
     e->alpn.Length = (uint32_t)alen;
-    e->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (e->efd < 0) {
-        fpy3_seterr(err, errlen, "eventfd: %s", strerror(errno));
-        goto fail;
-    }
 
     /* Process-wide: a worker is a process, so these are per worker. */
-    /* A key per worker: while a new worker's MsQuic has its own reuseport program on
-     * the group (until the steering program is back), a packet may reach the wrong
-     * worker, and that worker's stateless reset must not be valid for the client. */
-    uint8_t key[32];
-    memcpy(key, cfg->static_secret, sizeof(key));
-    for (int i = 0; i < 4; i++)
-        key[i] ^= (uint8_t)(cfg->worker_id >> (8 * i));
-    api->SetParam(NULL, MQ_PARAM_GLOBAL_STATELESS_RESET_KEY, sizeof(key), key);
+    mq_status rv;
     if (cfg->retry) {
         uint16_t pct = 0; /* Retry for every new connection */
-        api->SetParam(NULL, MQ_PARAM_GLOBAL_RETRY_MEMORY_PERCENT, sizeof(pct), &pct);
+        rv = api->SetParam(NULL, MQ_PARAM_GLOBAL_RETRY_MEMORY_PERCENT, sizeof(pct), &pct);
+        if (MQ_FAILED(rv)) {
+            fpy3_seterr(err, errlen, "MsQuic retry: status 0x%x", rv);
+            goto fail;
+        }
     }
     if (cfg->worker_id) {
         /* The worker id in bytes 1-4 of MsQuic's connection ids, as ngtcp2's. */
@@ -941,7 +990,7 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
             .LoadBalancingMode = MQ_LOAD_BALANCING_SERVER_ID_FIXED,
             .FixedServerID = htonl(cfg->worker_id),
         };
-        mq_status rv = api->SetParam(NULL, MQ_PARAM_GLOBAL_GLOBAL_SETTINGS, sizeof(gs), &gs);
+        rv = api->SetParam(NULL, MQ_PARAM_GLOBAL_GLOBAL_SETTINGS, sizeof(gs), &gs);
         if (MQ_FAILED(rv)) {
             fpy3_seterr(err, errlen, "MsQuic load-balancing mode: status 0x%x", rv);
             goto fail;
@@ -949,10 +998,19 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
     }
 
     mq_registration_config rc = {.AppName = "fpy3", .ExecutionProfile = 0};
-    mq_status rv = api->RegistrationOpen(&rc, &e->reg);
+    rv = api->RegistrationOpen(&rc, &e->reg);
     if (MQ_FAILED(rv)) {
         e->reg = NULL;
         fpy3_seterr(err, errlen, "MsQuic RegistrationOpen: status 0x%x", rv);
+        goto fail;
+    }
+    /* The master's key, shared by its workers: a datagram for a worker that is gone
+     * reaches another one, whose stateless reset the client then accepts. MsQuic takes
+     * it only once it is set up, that is after the first RegistrationOpen. */
+    rv = api->SetParam(NULL, MQ_PARAM_GLOBAL_STATELESS_RESET_KEY, sizeof(cfg->static_secret),
+                       cfg->static_secret);
+    if (MQ_FAILED(rv)) {
+        fpy3_seterr(err, errlen, "MsQuic stateless reset key: status 0x%x", rv);
         goto fail;
     }
     mq_settings s;
@@ -1012,15 +1070,26 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
         fpy3_seterr(err, errlen, "MsQuic ListenerOpen: status 0x%x", rv);
         goto fail;
     }
+    uint16_t partition = 0; /* one socket, no reuseport program: see the top */
+    rv = api->SetParam(e->listener, MQ_PARAM_LISTENER_PARTITION_INDEX, sizeof(partition),
+                       &partition);
+    if (MQ_FAILED(rv)) {
+        fpy3_seterr(err, errlen,
+                    "MsQuic listener partition: status 0x%x (an io_uring build of MsQuic "
+                    "cannot do it; fpy3 needs the epoll one)",
+                    rv);
+        goto fail;
+    }
     rv = api->ListenerStart(e->listener, &e->alpn, 1, &addr);
     if (MQ_FAILED(rv)) {
         fpy3_seterr(err, errlen, "MsQuic cannot listen on [%s]:%u (UDP): %s", host[0] ? host : "*",
                cfg->listen_port, rv < 4096 ? strerror((int)rv) : "error");
         goto fail;
     }
-    set_group_program(cfg->listen_port, cfg->steer_len ? cfg->steer_prog : NULL, cfg->steer_len);
+    pump(e); /* MsQuic's start-up work */
     return e;
 fail:
+    e->listener_stopped = 1; /* never started: closing it waits for nothing */
     ms_free(e);
     return NULL;
 }
@@ -1032,23 +1101,29 @@ static int64_t mono_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Handles events until done(e) or timeout_ms passed; 0 when done. */
-static int drain_until(fpy3_engine *e, int (*done)(fpy3_engine *e), int timeout_ms)
+/* Runs MsQuic and hands its events on until done(e) or the deadline (mono_ms) passed;
+ * 0 when done. */
+static int run_until(fpy3_engine *e, int (*done)(fpy3_engine *e), int64_t deadline)
 {
-    int64_t deadline = mono_ms() + timeout_ms;
     for (;;) {
+        pump(e);
+        drain(e);
         if (done(e))
             return 0;
         int64_t left = deadline - mono_ms();
         if (left <= 0)
             return -1;
-        struct pollfd p = {.fd = e->efd, .events = POLLIN};
-        poll(&p, 1, left < 100 ? (int)left : 100);
-        drain(e);
+        int64_t wait = left < 100 ? left : 100;
+        if (e->mq_wait < wait)
+            wait = e->mq_wait;
+        struct pollfd p = {.fd = exq, .events = POLLIN};
+        poll(&p, 1, (int)wait);
     }
 }
 
-static int none_live(fpy3_engine *e) { return atomic_load(&e->live) == 0; }
+static int none_live(fpy3_engine *e) { return e->live == 0; }
+static int listener_done(fpy3_engine *e) { return e->listener_stopped; }
+static int registration_done(fpy3_engine *e) { return atomic_load(&e->reg_closed); }
 
 static int none_waiting_for_sends(fpy3_engine *e)
 {
@@ -1060,39 +1135,78 @@ static int none_waiting_for_sends(fpy3_engine *e)
     return 1;
 }
 
+/* RegistrationClose2's callback, on MsQuic's registration-close thread. */
+static void registration_closed(void *ctx)
+{
+    fpy3_engine *e = ctx;
+    atomic_store(&e->reg_closed, 1);
+}
+
+/* Closes MsQuic's objects in order while this thread keeps MsQuic running, all within
+ * cfg.close_wait_ms; 0 when all of them are closed. Past the deadline it stops: what is
+ * left still refers to the engine, so the engine must then stay allocated. */
+static int close_msquic(fpy3_engine *e)
+{
+    int64_t deadline = mono_ms() + (int64_t)e->cfg.close_wait_ms;
+    int clean = 1;
+    if (e->listener) {
+        if (!e->listener_stopped) {
+            api->ListenerStop(e->listener);
+            run_until(e, listener_done, deadline);
+        }
+        if (e->listener_stopped)
+            api->ListenerClose(e->listener); /* stopped: returns at once */
+        else
+            clean = 0;
+    }
+    if (e->reg) {
+        /* Clean closes still waiting for their last sends (GOAWAY): give them a moment. */
+        int64_t sends = mono_ms() + SENDS_WAIT_MS;
+        run_until(e, none_waiting_for_sends, sends < deadline ? sends : deadline);
+        /* Not silent: connections closed just before (a drain) still send their
+         * CONNECTION_CLOSE, so clients learn at once instead of at their idle timeout. */
+        api->RegistrationShutdown(e->reg, MQ_CONN_SHUTDOWN_FLAG_NONE, APP_NO_ERROR);
+        if (run_until(e, none_live, deadline) < 0)
+            clean = 0;
+    }
+    if (e->config)
+        api->ConfigurationClose(e->config); /* the connections' references keep it */
+    if (e->reg && clean) {
+        /* It completes on MsQuic's thread for it once this thread has run MsQuic's
+         * last work (its workers stop inside ExecutionPoll). */
+        api->RegistrationClose2(e->reg, registration_closed, e);
+        if (run_until(e, registration_done, deadline) < 0)
+            clean = 0;
+    }
+    return clean ? 0 : -1;
+}
+
 static void ms_free(fpy3_engine *e)
 {
     if (!e)
         return;
-    atomic_store(&e->accepting, 0);
+    e->accepting = 0;
     e->freeing = 1;
-    if (e->listener)
-        api->ListenerClose(e->listener); /* waits until it is stopped */
     for (uint32_t i = 0; i < e->b.nslots; i++)
         if (e->b.slots[i])
             app_detach(e->b.slots[i]);
-    if (e->reg) {
-        /* Clean closes still waiting for their last sends (GOAWAY): give them a moment. */
-        drain_until(e, none_waiting_for_sends, 2000);
-        /* Not silent: connections closed just before (a drain) still send their
-         * CONNECTION_CLOSE, so clients learn at once instead of at their idle timeout. */
-        api->RegistrationShutdown(e->reg, MQ_CONN_SHUTDOWN_FLAG_NONE, APP_NO_ERROR);
-        /* Every connection ends with SHUTDOWN_COMPLETE; close the handles as they do.
-         * Bounded: never seen to hang, but a worker's exit must not. */
-        drain_until(e, none_live, 10000);
+    int clean = close_msquic(e);
+    if (ex_driver == e)
+        ex_driver = NULL;
+    if (clean < 0) {
+        /* Left allocated, never freed under MsQuic: its objects may still call back. */
+        left_open++;
+        return;
     }
-    if (e->config)
-        api->ConfigurationClose(e->config);
-    if (e->reg && atomic_load(&e->live) == 0)
-        api->RegistrationClose(e->reg); /* waits for every handle to be closed */
-    if (e->efd >= 0)
-        close(e->efd);
-    pthread_mutex_destroy(&e->qlock);
     fpy3_engine_base_free(&e->b);
     free(e);
 }
 
-static int ms_fd(fpy3_engine *e) { return e->efd; }
+static int ms_fd(fpy3_engine *e)
+{
+    (void)e;
+    return exq;
+}
 
 static void write_dirty(fpy3_engine *e, int honor_defer)
 {
@@ -1101,6 +1215,7 @@ static void write_dirty(fpy3_engine *e, int honor_defer)
 
 static int ms_read(fpy3_engine *e)
 {
+    pump(e);
     int n = drain(e);
     write_dirty(e, 1);
     return n;
@@ -1108,7 +1223,8 @@ static int ms_read(fpy3_engine *e)
 
 static int ms_expire(fpy3_engine *e)
 {
-    int n = run_stops(e);
+    pump(e);
+    int n = drain(e);
     write_dirty(e, 0);
     return n;
 }
@@ -1116,10 +1232,16 @@ static int ms_expire(fpy3_engine *e)
 static int ms_flush(fpy3_engine *e)
 {
     write_dirty(e, 0);
+    pump(e); /* send now: what it raises waits for the next read/expire */
     return 0;
 }
 
-static int64_t ms_next_timeout_ms(fpy3_engine *e) { return e->b.dirty || e->stops ? 0 : -1; }
+static int64_t ms_next_timeout_ms(fpy3_engine *e)
+{
+    if (e->qhead || e->b.dirty || e->stops)
+        return 0;
+    return e->mq_wait == UINT32_MAX ? -1 : (int64_t)e->mq_wait;
+}
 
 static int ms_want_write(fpy3_engine *e)
 {
@@ -1127,17 +1249,16 @@ static int ms_want_write(fpy3_engine *e)
     return 0;
 }
 
-static void ms_stop_accepting(fpy3_engine *e) { atomic_store(&e->accepting, 0); }
+static void ms_stop_accepting(fpy3_engine *e) { e->accepting = 0; }
 static size_t ms_conn_count(fpy3_engine *e) { return e->nactive; }
 
 /* ConnectionShutdown with app_error on every connection the app has, the registration's
  * shutdown for those MsQuic still handshakes, and a bounded wait for SHUTDOWN_COMPLETE:
- * MsQuic sends CONNECTION_CLOSE from its threads and has no event for "sent", but a
- * connection whose shutdown completed has sent it. Objects are freed only as their
- * SHUTDOWN_COMPLETE comes, so MsQuic never calls back into freed memory. */
+ * MsQuic has no event for "CONNECTION_CLOSE sent", but a connection whose shutdown
+ * completed has sent it. Objects are freed only as their SHUTDOWN_COMPLETE comes. */
 static void ms_close_all(fpy3_engine *e, uint64_t app_error)
 {
-    atomic_store(&e->accepting, 0);
+    e->accepting = 0;
     e->closed_all = 1;
     e->closed_all_code = app_error;
     for (uint32_t i = 0; i < e->b.nslots; i++) {
@@ -1153,7 +1274,9 @@ static void ms_close_all(fpy3_engine *e, uint64_t app_error)
     }
     if (e->reg)
         api->RegistrationShutdown(e->reg, MQ_CONN_SHUTDOWN_FLAG_NONE, app_error);
-    drain_until(e, none_live, CLOSE_ALL_WAIT_MS);
+    uint64_t wait = e->cfg.close_wait_ms < CLOSE_ALL_WAIT_MS ? e->cfg.close_wait_ms
+                                                             : CLOSE_ALL_WAIT_MS;
+    run_until(e, none_live, mono_ms() + (int64_t)wait);
 }
 
 static const struct sockaddr *ms_conn_peer(fpy3_qconn *qc, uint32_t *len)
@@ -1181,8 +1304,8 @@ static int ms_open_uni(fpy3_qconn *qc, int64_t *sid)
     if (!st)
         return -1;
     stream_init(st, qc);
-    /* StreamStart from this thread is queued, so the id comes later; ids are given
-     * in start order, and START_COMPLETE checks the guess. */
+    /* StreamStart from outside MsQuic's processing is queued, so the id comes later;
+     * ids are given in start order, and START_COMPLETE checks the guess. */
     st->sid = qc->next_uni;
     mq_status rv = api->StreamOpen(qc->h, MQ_STREAM_OPEN_FLAG_UNIDIRECTIONAL, stream_cb, st, &st->h);
     if (MQ_FAILED(rv)) {

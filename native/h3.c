@@ -1084,8 +1084,6 @@ fpy3_h3_server *fpy3_h3_server_new(int fd, const fpy3_h3_config *cfg, char *err,
         .engine = cfg->engine,
         .listen_host = cfg->listen_host,
         .listen_port = (uint16_t)cfg->listen_port,
-        .steer_prog = cfg->steer_prog,
-        .steer_len = cfg->steer_len,
         .cert_file = cfg->cert_file,
         .key_file = cfg->key_file,
         .alpn = "h3",
@@ -1105,6 +1103,7 @@ fpy3_h3_server *fpy3_h3_server_new(int fd, const fpy3_h3_config *cfg, char *err,
         .session_tickets = cfg->session_tickets,
         .ticket_lifetime = cfg->ticket_lifetime,
         .early_data = cfg->early_data,
+        .close_wait_ms = cfg->close_wait_ms ? cfg->close_wait_ms : 3000,
     };
     memcpy(ec.static_secret, cfg->static_secret, sizeof(ec.static_secret));
     memcpy(ec.ticket_key, cfg->ticket_key, sizeof(ec.ticket_key));

@@ -38,8 +38,6 @@ typedef struct {
     int engine; /* FPY3_ENGINE_NGTCP2 or FPY3_ENGINE_MSQUIC */
     const char *listen_host; /* MsQuic: numeric address to listen on ("" = any) */
     int listen_port;
-    const uint8_t *steer_prog; /* MsQuic under fpy3-master: see engine.h */
-    size_t steer_len;
     const char *cert_file;
     const char *key_file;
     uint32_t worker_id;
@@ -63,6 +61,7 @@ typedef struct {
     uint8_t ticket_key[64];
     uint32_t ticket_lifetime;
     int early_data;
+    uint64_t close_wait_ms; /* server_free: longest wait for the engine's closes; 0 = 3 s */
 } fpy3_h3_config;
 
 typedef struct {

@@ -1,7 +1,8 @@
 /* msquic_api: the subset of the MsQuic v2 C ABI (Linux) that engine_msquic.c uses.
  *
- * Declared here from MsQuic's documented API (its API reference, API version 2) so that
- * fpy3 builds without MsQuic's headers and loads libmsquic.so.2 at run time. Only
+ * Declared here from MsQuic's documented API (its API reference and msquic.h, API
+ * version 2) so that fpy3 builds without MsQuic's headers and loads libmsquic.so.2 at
+ * run time. Only
  * what we call or read is named; the rest of each table or struct is padding of
  * the documented size. Layouts are the x86-64 / aarch64 LP64 ones.
  */
@@ -10,6 +11,7 @@
 
 #include <netinet/in.h>
 #include <stdint.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 
 typedef struct mq_handle_s *mq_handle;
@@ -127,11 +129,28 @@ typedef struct {
 #define MQ_PARAM_GLOBAL_LIBRARY_VERSION 0x01000004u         /* uint32_t[4] */
 #define MQ_PARAM_GLOBAL_GLOBAL_SETTINGS 0x01000006u         /* mq_global_settings */
 #define MQ_PARAM_GLOBAL_STATELESS_RESET_KEY 0x0100000Bu     /* uint8_t[32] */
+#define MQ_PARAM_LISTENER_PARTITION_INDEX 0x04000005u       /* uint16_t (v2.6+) */
 #define MQ_PARAM_CONN_CLOSE_ASYNC 0x0500001Au               /* uint8_t (v2.5+, preview) */
 #define MQ_PARAM_STREAM_ID 0x08000000u                      /* uint64_t */
 
+/* Application-driven execution (v2.5+, preview; Linux epoll builds). The app makes the
+ * event queue (an epoll fd), MsQuic adds its sockets and wake-ups to it, and the app
+ * runs MsQuic's work: ExecutionPoll, then each ready epoll entry's completion. */
+typedef struct {
+    int fd;
+    void (*Completion)(struct epoll_event *cqe);
+} mq_sqe; /* QUIC_SQE: what an epoll entry's data.ptr points at */
+
+typedef struct {
+    uint32_t IdealProcessor;
+    int *EventQ; /* QUIC_EVENTQ *: the epoll fd */
+} mq_execution_config; /* QUIC_EXECUTION_CONFIG */
+
+typedef struct mq_execution_s mq_execution;
+
 /* Listener events */
 #define MQ_LISTENER_EVENT_NEW_CONNECTION 0
+#define MQ_LISTENER_EVENT_STOP_COMPLETE 1
 
 typedef struct {
     uint32_t QuicVersion;
@@ -263,6 +282,19 @@ typedef struct {
     mq_status (*StreamSend)(mq_handle, const mq_buffer *, uint32_t n, int flags, void *ctx);
     void (*StreamReceiveComplete)(mq_handle, uint64_t len);
     mq_status (*StreamReceiveSetEnabled)(mq_handle, mq_bool);
+    void *DatagramSend;
+    void *ConnectionResumptionTicketValidationComplete; /* v2.2 */
+    void *ConnectionCertificateValidationComplete;      /* v2.2 */
+    void *ConnectionOpenInPartition;                    /* v2.5 */
+    /* preview features, in the table of every build */
+    void *StreamProvideReceiveBuffers;                  /* v2.5 */
+    void *ConnectionPoolCreate;                         /* v2.5 */
+    mq_status (*ExecutionCreate)(int flags, uint32_t polling_idle_us, uint32_t count,
+                                 mq_execution_config *configs,
+                                 mq_execution **executions); /* v2.5 */
+    void (*ExecutionDelete)(uint32_t count, mq_execution **executions); /* v2.5 */
+    uint32_t (*ExecutionPoll)(mq_execution *execution); /* v2.5: ms to its next timer */
+    void (*RegistrationClose2)(mq_handle, void (*done)(void *ctx), void *ctx); /* v2.6 */
 } mq_api;
 
 typedef mq_status (*mq_open_version_fn)(uint32_t version, const void **api);

@@ -48,34 +48,33 @@ def udp_inodes(port: int) -> set[str]:
 
 class GroupJoin:
     """A worker joining the master's steered MsQuic port group (MsQuicGroup in
-    fpy3/supervisor/steering/msquic_group.py): under the master's lock, its sockets go
-    at the end of the group."""
+    fpy3/supervisor/steering/msquic_group.py): under the master's lock, it takes the
+    worker id the master offers (its socket's place in the group), binds, and asks the
+    master to adopt the socket."""
 
-    def __init__(self, lock_path: str, prog_path: str, ack_fd: int, port: int) -> None:
+    def __init__(self, lock_path: str, id_path: str, ack_fd: int) -> None:
         self._lock = open(lock_path, "a")  # noqa: SIM115 (held across join() and done())
         fcntl.flock(self._lock, fcntl.LOCK_EX)  # other workers join one at a time
         self.ack_fd = ack_fd
-        # Its sockets' first index; the generation bits keep the id non-zero.
-        self.worker_id = 1 << 16 | len(udp_inodes(port))
         try:
-            with open(prog_path, "rb") as f:
-                self.program = f.read()
-        except OSError:
-            self.program = b""
+            with open(id_path) as f:
+                self.worker_id = int(f.read())
+        except (OSError, ValueError) as exc:
+            self.close()
+            raise OSError(f"HTTP/3: no worker id from the master ({id_path}: {exc})") from None
 
     def done(self, send, timeout: float = 10.0) -> bool:
-        """Ask the master to adopt our sockets (``send`` writes a line to it), wait for
-        its answer, let the next worker join."""
-        try:
-            send(b"quic %d\n" % self.worker_id)
-            poller = select.poll()  # not select(): the fd may be past FD_SETSIZE
-            poller.register(self.ack_fd, select.POLLIN)
-            if not poller.poll(timeout * 1000):
-                return False
-            return os.read(self.ack_fd, 1) == b"1"
-        finally:
-            self.close()
+        """Ask the master to adopt our socket (``send`` writes a line to it) and wait for
+        its answer. The lock stays held: see ``close``."""
+        send(b"quic %d\n" % self.worker_id)
+        poller = select.poll()  # not select(): the fd may be past FD_SETSIZE
+        poller.register(self.ack_fd, select.POLLIN)
+        if not poller.poll(timeout * 1000):
+            return False
+        return os.read(self.ack_fd, 1) == b"1"
 
     def close(self) -> None:
+        """Let the next worker join. A socket the master did not adopt must be closed
+        first: it is the group's last, so closing it then moves no other socket."""
         if not self._lock.closed:
             self._lock.close()  # releases the lock

@@ -48,7 +48,6 @@ class H3Server:
         worker_id: int = 0,
         keys=None,
         addr: tuple | None = None,
-        steer_prog: bytes | None = None,
     ):
         """``keys``: the master's SessionKeys (fpy3.keys); None = random per worker."""
         self.svc = service
@@ -99,14 +98,10 @@ class H3Server:
         self.engine_name = "msquic" if cfg.engine == lib.FPY3_ENGINE_MSQUIC else "ngtcp2"
         fd = sock.fileno() if sock is not None else -1
         if cfg.engine == lib.FPY3_ENGINE_MSQUIC:
-            # MsQuic binds its own sockets: hand it the address and free the port.
+            # MsQuic binds its own socket: hand it the address and free the port.
             self._strings.append(ffi.new("char[]", addr[0].encode()))
             cfg.listen_host = self._strings[-1]
             cfg.listen_port = addr[1]
-            if steer_prog:  # the master's program, back on the group after MsQuic's
-                self._strings.append(ffi.new("char[]", steer_prog))
-                cfg.steer_prog = ffi.cast("uint8_t *", self._strings[-1])
-                cfg.steer_len = len(steer_prog)
             if sock is not None:
                 sock.close()
             fd = -1
@@ -131,7 +126,7 @@ class H3Server:
         self._tls: dict[int, dict] = {}  # connection handle -> the scope's TLS extension
         self._tls_info = ffi.new("fpy3_h3_tls_info *")
         self.refresh(service.clock)
-        self.fd = lib.fpy3_h3_fd(self.srv)  # the UDP socket, or MsQuic's eventfd
+        self.fd = lib.fpy3_h3_fd(self.srv)  # the UDP socket, or MsQuic's epoll set
         self.loop.add_reader(self.fd, self._on_readable)
 
     # -- rounds ---------------------------------------------------------------------------
@@ -400,7 +395,13 @@ class H3Server:
         self.streams.clear()
         self._final_stats = self.stats()  # the connections just closed included
         srv, self.srv = self.srv, None
+        left_open = lib.fpy3_msquic_left_open()
         ffi.release(srv)  # fpy3_h3_server_free, now rather than at garbage collection
+        if lib.fpy3_msquic_left_open() != left_open:
+            logger.error(
+                "HTTP/3: MsQuic did not finish closing its connections in time; "
+                "its state stays allocated until the process exits"
+            )
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 

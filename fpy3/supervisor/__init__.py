@@ -5,7 +5,7 @@
 - ``workers``: a worker process as the master sees it, its fork and its pipe protocol.
 - ``steering``: HTTP/3 packets to the worker that owns their connection.
 - ``systemd``, ``pidfile``, ``privileges``, ``reloader``: notify, the pidfile, the
-  workers' user and the master's limits, ``--reload``.
+  workers' user, ``--reload``.
 
 Modules here import only those below them: none of them imports ``arbiter``.
 """

@@ -75,7 +75,7 @@ from fpy3.sockets import BindError, Listeners, bind_tcp
 from .acme import AcmeManager
 from .exporter import MetricsEndpoint
 from .pidfile import Pidfile
-from .privileges import UserIds, raise_open_files_limit, resolve_ids
+from .privileges import UserIds, resolve_ids
 from .reloader import FileWatcher
 from .steering.msquic_group import MsQuicGroup
 from .steering.reuseport import MAX_SOCKETS, QuicGroups, SteeringUnavailable
@@ -144,6 +144,7 @@ class Arbiter:
         self.steering_stale = False  # the last steer() failed: retried every round
         self.totals = Totals()  # metrics of the workers that exited, and master events
         self.exporter: MetricsEndpoint | None = None  # metrics.port
+        self.msquic_id_stale = False  # the MsQuic group's tidy() failed: retried every round
 
     # -- signals: queue and wake ------------------------------------------------------------
 
@@ -212,6 +213,8 @@ class Arbiter:
                 self._reap()
                 self._check_tls()
                 self._check_heartbeats()
+                if self.msquic is not None:
+                    self._tidy_msquic()
                 if self.steering_stale:
                     self._steer()
                 if self.stopping:
@@ -330,7 +333,7 @@ class Arbiter:
             self.session_keys,
             limit,
             self.ids,
-            (self.msquic.lock_path, self.msquic.prog_path) if self.msquic is not None else None,
+            (self.msquic.lock_path, self.msquic.id_path) if self.msquic is not None else None,
         )
         block = None
         try:
@@ -617,10 +620,10 @@ class Arbiter:
                     'UDP sockets set http3.engine = "ngtcp2"'
                 )
             udp = udps[0]
-            # MsQuic binds its own per-CPU SO_REUSEPORT sockets in each worker: they
-            # join the group one worker at a time and the master keeps copies, so
-            # their indexes stay put and the program can steer (MsQuicGroup).
-            # Without pidfd_getfd the kernel hashes each 4-tuple to a worker.
+            # MsQuic binds its own SO_REUSEPORT socket in each worker: they join the
+            # group one worker at a time and the master keeps copies, so their indexes
+            # stay put and the program can steer (MsQuicGroup). Without pidfd_getfd
+            # the kernel hashes each 4-tuple to a worker.
             addr = udp.getsockname()
             udp.close()
             self.listeners = dataclasses.replace(self.listeners, udp=[], udp_addr=addr)
@@ -628,7 +631,6 @@ class Arbiter:
                 from fpy3.devcert import default_state_dir
 
                 state = self.settings.server.state_dir or default_state_dir()
-                raise_open_files_limit()
                 try:
                     self.msquic = MsQuicGroup(addr[1], state)
                 except OSError as exc:
@@ -651,13 +653,12 @@ class Arbiter:
         self.listeners = dataclasses.replace(self.listeners, udp=[])
 
     def _on_join(self, worker: WorkerProcess, quic_id: int) -> None:
-        """A worker's MsQuic has bound its sockets: keep copies in the group, steer to them.
+        """A worker's MsQuic has bound its socket: keep a copy in the group, steer to it.
 
-        If they cannot be adopted (the worker is gone, no fd left, ...) the worker is
-        told no and serves on without HTTP/3 packets: the other workers take them.
-        Its sockets stay in the group until it exits; then the kernel moves the last
-        sockets into their places, and the next reload puts every new worker on an
-        index it owns again.
+        If it cannot be adopted (the worker is gone, no fd left, ...) the worker is
+        told no: it closes its HTTP/3 side before it lets the next worker join (its
+        socket is the group's last, so that moves no other), and serves on without
+        HTTP/3; the other workers take the packets.
         """
         if self.msquic is None or worker.quic_ack is None:
             logger.warning("worker %d asked to join a QUIC port group; there is none", worker.pid)
@@ -676,6 +677,26 @@ class Arbiter:
         worker.quic_id = quic_id
         worker.answer_join(True)
         self._steer()
+
+    def _tidy_msquic(self) -> None:
+        """Let the sockets of gone MsQuic workers leave the port group where that moves
+        no other, and offer the next worker id. A failure is logged once and tried again
+        every round."""
+        assert self.msquic is not None
+        try:
+            self.msquic.tidy()
+        except Exception as exc:  # whatever it is, the master must go on
+            if not self.msquic_id_stale:
+                _log_steering_error(
+                    f"QUIC port group: no worker id offered in {self.msquic.id_path}, so "
+                    "starting workers get no HTTP/3 packets; retrying every round",
+                    exc,
+                )
+            self.msquic_id_stale = True
+            return
+        if self.msquic_id_stale:
+            logger.info("QUIC port group: worker ids offered again")
+            self.msquic_id_stale = False
 
     def _steering_group(self) -> QuicGroups | MsQuicGroup | None:
         return self.quic if self.quic is not None else self.msquic

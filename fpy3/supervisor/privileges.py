@@ -1,4 +1,4 @@
-"""Who the workers run as, and the master's resource limits.
+"""Who the workers run as.
 
 As root, the master binds the sockets (ports below 1024 too) and each worker switches
 to ``server.user`` / ``server.group`` right after the fork, so the app never has the
@@ -11,7 +11,6 @@ import grp
 import logging
 import os
 import pwd
-import resource
 from typing import NamedTuple
 
 from fpy3 import config
@@ -52,11 +51,3 @@ def drop_privileges(ids: UserIds) -> None:
     os.initgroups(ids.user, ids.gid)
     os.setgid(ids.gid)
     os.setuid(ids.uid)
-
-
-def raise_open_files_limit() -> None:
-    """The soft RLIMIT_NOFILE up to the hard one, as nginx's worker_rlimit_nofile does
-    (the MsQuic port group keeps a few fds of every worker ever started)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -129,7 +129,7 @@ class Launch:
     session_keys: SessionKeys  # reset, token and ticket keys, shared by every worker
     request_limit: int = 0
     ids: UserIds | None = None  # switch to these after the fork
-    msquic_join: tuple[str, str] | None = None  # (lock path, program path) of the group
+    msquic_join: tuple[str, str] | None = None  # (lock path, id path) of the port group
 
 
 def spawn(
@@ -171,8 +171,8 @@ def spawn(
         join = None
         if ack is not None and launch.msquic_join is not None:
             os.close(ack[1])
-            lock_path, prog_path = launch.msquic_join
-            join = (lock_path, prog_path, ack[0])
+            lock_path, id_path = launch.msquic_join
+            join = (lock_path, id_path, ack[0])
         _worker_main(launch, detach, mask, write_fd, join, metrics)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.close(write_fd)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes.util
+import os
+import shutil
 
 import h3clients as kit
 import pytest
@@ -56,3 +58,18 @@ def test_auto_with_the_library_serves_on_msquic_and_says_so(start_server):
     assert "HTTP/3 engine: msquic" in srv.stderr(), srv.stderr()
     r = kit.aioquic_request(srv.host, srv.port, "GET", "/hello", cafile=str(srv.cafile))
     assert (r.status, r.body) == (200, b"Hello, world!")
+
+
+def test_msquic_older_than_2_6_is_refused_with_the_reason(run_cli, tmp_path):
+    if reason := msquic_unavailable():
+        pytest.skip(reason)
+    if system_msquic() or not os.environ.get("FPY3_MSQUIC_LIB"):
+        pytest.skip("needs libmsquic from FPY3_MSQUIC_LIB alone")
+    # A copy named as MsQuic 2.4's file: the name is all the check reads before a worker.
+    old = tmp_path / "libmsquic.so.2.4.0"
+    shutil.copyfile(os.path.realpath(os.environ["FPY3_MSQUIC_LIB"]), old)
+    cfg = tmp_path / "fpy3.toml"
+    cfg.write_text('[http3]\nengine = "msquic"\n')
+    p = run_cli(["run", "apps:app", "--config", str(cfg)], env={"FPY3_MSQUIC_LIB": str(old)})
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "is MsQuic 2.4; fpy3 needs 2.6 or later" in p.stderr, p.stderr

@@ -230,6 +230,16 @@ def test_malformed_request_reset_with_message_error(echo, headers):
     assert echo.alive()
 
 
+def test_malformed_request_racing_the_peers_close(echo):
+    # The C side stops reading the stream (STOP_SENDING) and the connection's end comes
+    # in the same batch: nothing may touch the stream or the connection afterwards.
+    bad = [*BASE, (b":path", b"/hello"), (b"X-Upper", b"1")]
+    for _ in range(30):
+        h3c.aioquic_headers_then_close(echo.host, echo.port, bad, echo.cafile, timeout=10)
+    assert aioquic(echo, "GET", "/hello").status == 200
+    assert echo.alive()
+
+
 def test_header_section_too_large_gets_431(echo):
     headers = [*BASE, (b":path", b"/hello"), (b"x-big", b"a" * 20000)]
     kind, r = h3c.aioquic_raw_headers(echo.host, echo.port, headers, echo.cafile, timeout=10)
@@ -470,6 +480,62 @@ def test_server_free_closes_connections(start_echo):
     )
     assert (code, by_peer, transport) == (h3c.H3_NO_ERROR, True, False), took
     assert srv.proc.wait(15) == 0, srv.stderr()
+
+
+@pytest.mark.parametrize("quic_engine", ["msquic"], indirect=True)
+def test_msquic_server_free_gives_its_socket_back(start_echo, quic_engine):
+    # A worker whose HTTP/3 side is closed while it runs on (a join the master
+    # refused) must have left the port's socket group by then.
+    from fpy3.supervisor.steering.msquic_group import udp_fds
+
+    srv = start_echo(args=["--after-free-ms", "1500"])
+    assert aioquic(srv, "GET", "/hello").status == 200
+    assert len(udp_fds(srv.proc.pid, srv.port)) == 1
+    srv.proc.send_signal(signal.SIGUSR2)
+    assert srv.line("LEFT_OPEN") == "LEFT_OPEN 0", srv.stderr()
+    assert srv.proc.poll() is None  # still running, without the socket
+    assert udp_fds(srv.proc.pid, srv.port) == []
+    assert srv.proc.wait(15) == 0, srv.stderr()
+
+
+def _handshake_then_silence(host: str, port: int) -> socket.socket:
+    """A QUIC connection whose handshake completes, from a client that then reads and
+    sends nothing more (its socket is returned, to keep its port)."""
+    pytest.importorskip("aioquic")
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.events import HandshakeCompleted
+
+    conn = QuicConnection(
+        configuration=QuicConfiguration(is_client=True, alpn_protocols=["h3"], verify_mode=0)
+    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(5)
+    conn.connect((host, port), now=time.time())
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for data, _ in conn.datagrams_to_send(now=time.time()):
+            sock.sendto(data, (host, port))
+        conn.receive_datagram(sock.recv(65536), (host, port), now=time.time())
+        while event := conn.next_event():
+            if isinstance(event, HandshakeCompleted):
+                for data, _ in conn.datagrams_to_send(now=time.time()):
+                    sock.sendto(data, (host, port))  # its last flight: the server is done
+                return sock
+    raise AssertionError("no QUIC handshake")
+
+
+@pytest.mark.parametrize("quic_engine", ["msquic"], indirect=True)
+def test_msquic_close_past_its_deadline_leaves_the_engine_allocated(start_echo, quic_engine):
+    # A connection whose client went silent is still closing when the engine's close
+    # deadline (1 ms here) has passed: the engine is then left allocated, since MsQuic's
+    # objects still refer to it, and the process, which runs on, must not crash when
+    # the closing ends.
+    srv = start_echo(args=["--close-wait-ms", "1", "--after-free-ms", "1000"])
+    with _handshake_then_silence(srv.host, srv.port):
+        srv.proc.send_signal(signal.SIGUSR2)
+        assert srv.line("LEFT_OPEN") == "LEFT_OPEN 1", srv.stderr()
+        assert srv.proc.wait(15) == 0, srv.stderr()
 
 
 # --- the C API without a network -----------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import json
 import operator
 import os
@@ -361,6 +362,109 @@ def test_freed_socket_is_emptied(group, wire):
         group.socket_for(wid)
     with pytest.raises(ValueError):
         group.steer([wid])
+
+
+# --- MsQuic: the workers' own sockets in the master's group ------------------------------
+
+
+class SocketOwner:
+    """A process with one SO_REUSEPORT socket on ``port``, as a MsQuic worker has."""
+
+    SCRIPT = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n"
+        "s.bind((sys.argv[1], int(sys.argv[2])))\n"
+        "print(s.fileno(), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+
+    def __init__(self, port: int):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", self.SCRIPT, HOST, str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        fd = int(self.proc.stdout.readline())
+        self.inode = os.readlink(f"/proc/{self.proc.pid}/fd/{fd}")
+
+    def exit(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(10)
+        self.proc.stdout.close()
+
+
+def msquic_cid(wid: int) -> bytes:
+    return os.urandom(1) + wid.to_bytes(4, "big") + os.urandom(9)  # MsQuic's 14 bytes
+
+
+@needs_kernel
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="no pidfd_open")
+def test_msquic_group_gives_places_of_gone_workers_to_new_ones(tmp_path):
+    from fpy3.h3.engine import udp_inodes
+    from fpy3.supervisor.steering.msquic_group import MsQuicGroup
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((HOST, 0))
+        port = probe.getsockname()[1]
+    group = MsQuicGroup(port, str(tmp_path))
+    owners: dict[int, SocketOwner] = {}
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind((HOST, 0))
+
+    def join() -> int:
+        with open(group.id_path) as f:
+            wid = int(f.read())
+        owner = SocketOwner(port)
+        group.adopt(owner.proc.pid, wid)
+        owners[wid] = owner
+        return wid
+
+    def leave(wid: int) -> None:
+        owners.pop(wid).exit()
+        group.release(wid)
+        group.tidy()
+
+    def assert_steered(active: list[int]) -> None:
+        """Each live id's packets reach the very socket of the worker holding it."""
+        group.steer(active)
+        for wid, owner in owners.items():
+            client.sendto(short_packet(msquic_cid(wid)), (HOST, port))
+            readable = select.select(group.sockets, [], [], 5)[0]
+            assert len(readable) == 1, hex(wid)
+            readable[0].recv(2048)
+            inode = f"socket:[{os.fstat(readable[0].fileno()).st_ino}]"
+            assert inode == owner.inode, (hex(wid), group.sockets.index(readable[0]))
+
+    try:
+        gen1 = [join(), join()]
+        assert [w & 0xFFFF for w in gen1] == [0, 1]
+        assert_steered(gen1)
+        gen2 = [join(), join()]  # a reload: both generations for a while
+        assert [w & 0xFFFF for w in gen2] == [2, 3]
+        assert_steered(gen2)
+        for wid in gen1:
+            leave(wid)  # in front of gen2's: their places wait for the next join
+        assert len(group.sockets) == 4
+        assert_steered(gen2)
+        gen3 = [join(), join()]  # each lands at the end, then moves into a gone place
+        assert [w & 0xFFFF for w in gen3] == [0, 1] and not set(gen3) & set(gen1)
+        assert_steered(gen3)
+        with open(group.lock_path) as held:
+            fcntl.flock(held, fcntl.LOCK_EX)  # a join under way: nothing may leave
+            for wid in gen2:
+                leave(wid)
+            assert len(group.sockets) == 4
+        group.tidy()  # the next round: the gone end of the group leaves
+        assert len(group.sockets) == 2 and len(udp_inodes(port)) == 2
+        assert_steered(gen3)
+        with open(group.id_path) as f:
+            assert int(f.read()) & 0xFFFF == 2
+    finally:
+        for owner in owners.values():
+            owner.exit()
+        client.close()
+        group.close()
 
 
 @needs_kernel

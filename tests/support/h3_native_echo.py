@@ -15,7 +15,8 @@ one flush after each batch. Prints "READY <port>" once serving; SIGTERM drains
 
 SIGUSR1 closes every connection at once (fpy3_h3_close_all, H3_NO_ERROR) and prints
 "CLOSED_ALL"; the server then refuses new connections. SIGUSR2 exits at once, without
-draining: fpy3_h3_server_free closes what is left.
+draining: fpy3_h3_server_free closes what is left (MsQuic: then "LEFT_OPEN n", the engines
+whose close ran out of --close-wait-ms; --after-free-ms keeps the process going after).
 """
 
 from __future__ import annotations
@@ -287,6 +288,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-stream-data", type=int, default=0, help="per-stream window")
     ap.add_argument("--log-requests", action="store_true")
     ap.add_argument("--engine", choices=("ngtcp2", "msquic"), default="ngtcp2")
+    ap.add_argument("--close-wait-ms", type=int, default=0, help="engine close deadline")
+    ap.add_argument(
+        "--after-free-ms", type=int, default=0, help="run the loop on after the server is freed"
+    )
     args = ap.parse_args(argv)
 
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -306,11 +311,12 @@ def main(argv=None) -> int:
     cfg.max_header_count = args.max_header_count
     cfg.initial_max_stream_data = args.max_stream_data
     cfg.send_high_water = HIGH_WATER
+    cfg.close_wait_ms = args.close_wait_ms
     err = ffi.new("char[256]")
     port = sock.getsockname()[1]
     fd = sock.fileno()
     if args.engine == "msquic":
-        # MsQuic binds its own sockets: it gets the address, the port is freed for it.
+        # MsQuic binds its own socket: it gets the address, the port is freed for it.
         cfg.engine = lib.FPY3_ENGINE_MSQUIC
         keep.append(ffi.new("char[]", args.host.encode()))
         cfg.listen_host, cfg.listen_port = keep[-1], port
@@ -323,7 +329,7 @@ def main(argv=None) -> int:
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    fd = lib.fpy3_h3_fd(srv)  # the UDP socket, or MsQuic's eventfd
+    fd = lib.fpy3_h3_fd(srv)  # the UDP socket, or MsQuic's epoll set
     echo = Echo(loop, srv, fd, args.log_requests)
     loop.add_reader(fd, echo.on_readable)
     loop.add_signal_handler(signal.SIGTERM, echo.drain)
@@ -338,6 +344,11 @@ def main(argv=None) -> int:
         if echo.timer:
             echo.timer.cancel()
         lib.fpy3_h3_server_free(srv)
+        if args.engine == "msquic":
+            print("LEFT_OPEN", lib.fpy3_msquic_left_open(), flush=True)
+        if args.after_free_ms:
+            # A process that lives on after its HTTP/3 server (a worker serving on).
+            loop.run_until_complete(asyncio.sleep(args.after_free_ms / 1000))
         loop.close()
         sock.close()
     print("DRAINED", flush=True)

@@ -39,12 +39,14 @@ __all__ = [
     "Response",
     "StreamReset",
     "aioquic_abort_upload",
+    "aioquic_headers_then_close",
     "aioquic_many",
     "aioquic_raw_headers",
     "aioquic_request",
     "chromium_fetch",
     "curl_altsvc_sequence",
     "curl_request",
+    "curl_session",
     "gtlsclient_request",
     "h3_error_name",
 ]
@@ -631,6 +633,25 @@ def aioquic_raw_headers(
     return _run(go, timeout, "aioquic_raw_headers", progress)
 
 
+def aioquic_headers_then_close(
+    host: str,
+    port: int,
+    headers: list[tuple[bytes, bytes]],
+    cafile: str | None,
+    timeout: float = 10,
+) -> None:
+    """Send ``headers`` exactly as given, ending the stream, then close the connection
+    at once (CONNECTION_CLOSE right behind the request, without waiting for an answer)."""
+
+    async def go():
+        async with _h3_connection(host, port, cafile, timeout) as proto:
+            sid = proto.new_request().stream_id
+            proto.h3.send_headers(sid, list(headers), end_stream=True)
+            proto.transmit()
+
+    _run(go, timeout, "aioquic_headers_then_close")
+
+
 def aioquic_abort_upload(
     host: str,
     port: int,
@@ -724,6 +745,7 @@ _CURLOPT_ALTSVC_CTRL = 286
 _CURLOPT_ALTSVC = 10287
 _CURLINFO_RESPONSE_CODE = 0x200000 + 2
 _CURLINFO_HTTP_VERSION = 0x200000 + 46
+_CURLINFO_NUM_CONNECTS = 0x200000 + 26
 _CURL_HTTP_VERSION_NONE = 0  # unlike the default 2TLS, lets alt-svc pick h3
 _CURL_HTTP_VERSION_3 = 30
 _CURL_HTTP_VERSION_3ONLY = 31
@@ -953,6 +975,39 @@ def curl_request(
         return easy.perform(f"{method} {url}")
     finally:
         easy.close()
+
+
+class CurlSession:
+    """Requests on one libcurl easy handle: libcurl keeps the HTTP/3 connection between
+    them and reuses it (see ``curl_session``)."""
+
+    def __init__(self, cafile: str | None, timeout: float):
+        self.cafile = cafile
+        self.timeout = timeout
+        self.easy = _CurlEasy()
+
+    def get(self, url: str) -> tuple[Response, int]:
+        """GET url: the response and how many new connections libcurl opened for it
+        (0 when it reused the previous request's)."""
+        easy = self.easy
+        _curl_setup(
+            easy, url, "GET", b"", [], self.cafile, _CURL_HTTP_VERSION_3ONLY, None, self.timeout
+        )
+        response = easy.perform(f"GET {url}")
+        return response, easy.getinfo_long(_CURLINFO_NUM_CONNECTS)
+
+    def close(self) -> None:
+        self.easy.close()
+
+
+@contextlib.contextmanager
+def curl_session(cafile: str | None = None, timeout: float = 10):
+    """A ``CurlSession``: HTTP/3 only, each request bounded by ``timeout``."""
+    session = CurlSession(cafile, timeout)
+    try:
+        yield session
+    finally:
+        session.close()
 
 
 def curl_altsvc_sequence(

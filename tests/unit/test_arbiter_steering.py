@@ -3,9 +3,9 @@
 The arbiter runs in this process with a real steering group on a free UDP port. Its
 workers are small forked processes that do what an fpy3 worker does towards the
 master: write lines on their pipe and, on MsQuic, join the port group with the real
-``GroupJoin`` (lock, SO_REUSEPORT socket, ``quic ID``, wait for the answer). The
-failures are real too: no fd left (a lowered RLIMIT_NOFILE), a worker or a socket
-gone, a program file that cannot be replaced.
+``GroupJoin`` (lock, worker id, SO_REUSEPORT socket, ``quic ID``, wait for the answer).
+The failures are real too: no fd left (a lowered RLIMIT_NOFILE), a worker or a socket
+gone, an id file that cannot be replaced.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from fpy3.config import HTTP3Settings, ServerSettings, Settings, WorkersSettings
 from fpy3.h3.engine import GroupJoin
 from fpy3.sockets import Listeners
 from fpy3.supervisor.arbiter import Arbiter
-from fpy3.supervisor.steering.bpf import build_program, program_bytes
-from fpy3.supervisor.steering.msquic_group import MSQUIC_CID_LEN
 from fpy3.supervisor.workers import WorkerProcess
 
 HOST = "127.0.0.1"
@@ -104,13 +102,18 @@ def child_worker(arbiter: Arbiter, number: int, join: bool = False):
         try:
             for fd in (send_r, ack_w, result_r, hold_w):  # the master's ends
                 os.close(fd)
+            if arbiter.msquic is not None:
+                arbiter.msquic.forget_in_child()  # as the master's fork does
             if join:
                 group = arbiter.msquic
-                joining = GroupJoin(group.lock_path, group.prog_path, ack_r, group.port)
+                joining = GroupJoin(group.lock_path, group.id_path, ack_r)
                 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind((HOST, group.port))
                 adopted = joining.done(lambda line: os.write(send_w, line))
+                if not adopted:
+                    sock.close()  # as a worker does: out of the group before the next joins
+                joining.close()
                 os.write(result_w, b"1" if adopted else b"0")
             os.read(hold_r, 1)  # serve until the test lets go
             code = 0
@@ -224,32 +227,34 @@ def test_a_join_from_a_worker_gone_is_refused(tmp_path, arbiters, caplog):
 
 
 @needs_pidfd
-def test_a_program_that_cannot_be_written_is_retried(tmp_path, arbiters, caplog):
-    arbiter = make_arbiter(tmp_path, "msquic")
+def test_an_id_that_cannot_be_offered_is_retried(tmp_path, arbiters, caplog):
+    arbiter = make_arbiter(tmp_path, "msquic", workers=2)
     arbiters.append(arbiter)
     group = arbiter.msquic
-    blocker = group.prog_path + ".tmp"
-    os.mkdir(blocker)  # the program file cannot be replaced
+    assert group is not None
+    blocker = group.id_path + ".tmp"
+    os.mkdir(blocker)  # the id file cannot be replaced
     with (
-        child_worker(arbiter, 1, join=True) as worker,
+        child_worker(arbiter, 1, join=True) as first,
         caplog.at_level(logging.INFO, logger="fpy3.error"),
     ):
-        run_loop_until(arbiter, lambda: readable(worker.result_r))
-        assert worker.join_answer() == b"1"  # its sockets are kept, whatever the program
-        wid = worker.record.quic_id
-        assert group.live == {wid} and arbiter.steering_stale
-        assert caplog.text.count("QUIC steering not updated for 1 active worker") == 1
-        assert "Is a directory" in caplog.text
-        worker.send(b"ready")  # the generation is complete: steer to it (fails again)
-        run_loop_until(arbiter, lambda: arbiter.announced)
-        assert caplog.text.count("QUIC steering not updated") == 1  # logged once only
+        run_loop_until(arbiter, lambda: readable(first.result_r))
+        assert first.join_answer() == b"1"  # adopted, whatever the id file
+        assert group.live == {first.record.quic_id}
+        arbiter._tidy_msquic()  # the loop's step after the messages
+        assert arbiter.msquic_id_stale and "Is a directory" in caplog.text
+        arbiter._tidy_msquic()  # the next round: logged once only
+        assert caplog.text.count("no worker id offered") == 1
         os.rmdir(blocker)
-        arbiter._steer()  # the loop's retry
-        assert "QUIC steering updated again (1 active worker(s))" in caplog.text
-        assert not arbiter.steering_stale
-        with open(group.prog_path, "rb") as f:
-            assert f.read() == program_bytes(build_program({wid}, [wid], MSQUIC_CID_LEN))
-        assert arbiter.stopping is None and alive(worker.record.pid)
+        arbiter._tidy_msquic()  # the loop's retry
+        assert "QUIC port group: worker ids offered again" in caplog.text
+        assert not arbiter.msquic_id_stale
+        with child_worker(arbiter, 2, join=True) as second:
+            run_loop_until(arbiter, lambda: readable(second.result_r))
+            assert second.join_answer() == b"1"  # the fresh id was the right one
+            assert group.live == {first.record.quic_id, second.record.quic_id}
+            assert [sock.getsockname()[1] for sock in group.sockets] == [group.port] * 2
+        assert arbiter.stopping is None and alive(first.record.pid)
 
 
 # --- ngtcp2: the master's socket group ---------------------------------------------------

@@ -9,10 +9,10 @@ socket whose index in the group it returns.
 - ``bpf``: the program, built from the live and the active worker ids.
 - ``reuseport``: ngtcp2 workers. The master binds the group and hands each new
   worker a socket of it (``QuicSockets``).
-- ``msquic_group``: MsQuic workers bind their own sockets; they join the master's
+- ``msquic_group``: MsQuic workers bind their own socket; they join the master's
   group one worker at a time and the master keeps copies (``MsQuicGroup``).
 
 Group membership is by index in join order, and the kernel moves the last socket into
-the hole when one leaves, so the master keeps every socket open until it exits;
-workers only hold copies.
+the hole when one leaves, so the master holds every socket and decides when one may
+leave: a free one is reused (ngtcp2) or given to the next worker that joins (MsQuic).
 """
