@@ -25,6 +25,7 @@ from .core.flow import Waiter
 from .h1.connection import H1Connection, H1Listener
 from .h3.server import H3Server
 from .logs import AccessLog
+from .memory import HeapTrimmer
 
 logger = logging.getLogger("fpy3.error")
 
@@ -98,6 +99,7 @@ class HTTPService:
             0.1, min(1.0, self.header_timeout / 4, self.keepalive_timeout / 4)
         )
         self._ticker: asyncio.TimerHandle | None = None
+        self._trimmer = HeapTrimmer()  # freed memory back to the OS after large releases
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -239,6 +241,7 @@ class HTTPService:
                 listener.refresh(self.clock)
             for h3 in self.h3_servers:
                 h3.refresh(self.clock)
+            self._trimmer.tick()
         if self.access_log is not None:
             self.access_log.flush()
         mono = self.loop.time()
