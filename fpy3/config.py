@@ -90,6 +90,7 @@ class HTTP3Settings:
     max_stream_window: int = 6 * 1024 * 1024  # a stream window grows up to this
     unread_body_budget: int = 64 * 1024 * 1024  # unread request body bytes; past it no growth
     max_connections: int = 10000  # QUIC connections per worker; 0 = unlimited
+    max_idle_connections: int = 768  # without a request; past it the longest idle close
     max_handshakes: int = 256  # connections in their handshake before Retry is required
     handshake_memory: int = 16 * 1024 * 1024  # bytes of handshakes before Retry is required
     retry: bool = False  # address validation with Retry before accepting any connection
@@ -298,6 +299,7 @@ _CHECKS: dict[str, Callable[[typing.Any], None]] = {
     "http3.max_stream_window": _between(16384, 1 << 40),
     "http3.unread_body_budget": _between(1 << 20, 1 << 40),
     "http3.max_connections": _at_least(0),
+    "http3.max_idle_connections": _at_least(0),
     "http3.max_handshakes": _between(0, 1 << 20),
     "http3.handshake_memory": _between(0, 1 << 40),
     "http3.engine": _engine,

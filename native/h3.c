@@ -117,6 +117,9 @@ struct h3conn {
     char peer[INET6_ADDRSTRLEN];
     char local[INET6_ADDRSTRLEN];
     rwin win; /* the connection's flow-control window */
+    /* On the server's idle list (no request stream open), oldest first. */
+    h3conn *iprev, *inext;
+    int idle;
 };
 
 typedef struct ablock {
@@ -167,6 +170,11 @@ struct fpy3_h3_server {
     uint64_t now; /* at the start of the current read/expire */
     size_t nlive; /* streams of all connections */
     uint64_t body_timeouts, send_timeouts, malformed;
+    /* Connections without a request stream, longest idle first: past max_idle the
+     * first go (an abandoned connection is one, until its idle timeout). */
+    h3conn *idle_head, *idle_tail;
+    size_t nidle, max_idle;
+    uint64_t idle_closed;
 };
 
 static uint64_t mono_ns(void)
@@ -714,6 +722,56 @@ static nghttp3_ssize read_data(nghttp3_conn *h3, int64_t sid, nghttp3_vec *vec, 
 
 static const nghttp3_data_reader body_reader = {.read_data = read_data};
 
+/* --- idle connections -------------------------------------------------------------- */
+
+static void conn_close_later(h3conn *c, uint64_t code);
+static void send_goaway(h3conn *c, int phase);
+
+static void idle_del(h3conn *c)
+{
+    fpy3_h3_server *s = c->s;
+    if (!c->idle)
+        return;
+    if (c->iprev)
+        c->iprev->inext = c->inext;
+    else
+        s->idle_head = c->inext;
+    if (c->inext)
+        c->inext->iprev = c->iprev;
+    else
+        s->idle_tail = c->iprev;
+    c->iprev = c->inext = NULL;
+    c->idle = 0;
+    s->nidle--;
+}
+
+/* c has no request stream open any more. Past max_idle such connections, the one idle
+ * longest is closed as a graceful shutdown would (final GOAWAY, then CONNECTION_CLOSE
+ * with H3_NO_ERROR): a client that vanished holds nothing for long, a live one
+ * reconnects. */
+static void idle_push(h3conn *c)
+{
+    fpy3_h3_server *s = c->s;
+    if (c->idle || !c->qc || c->close_pending)
+        return;
+    c->idle = 1;
+    c->inext = NULL;
+    c->iprev = s->idle_tail;
+    if (s->idle_tail)
+        s->idle_tail->inext = c;
+    else
+        s->idle_head = c;
+    s->idle_tail = c;
+    s->nidle++;
+    while (s->max_idle && s->nidle > s->max_idle) {
+        h3conn *old = s->idle_head;
+        idle_del(old);
+        s->idle_closed++;
+        send_goaway(old, 2);
+        conn_close_later(old, FPY3_H3_NO_ERROR);
+    }
+}
+
 /* --- stream lifecycle -------------------------------------------------------------- */
 
 static void stream_unlink(h3conn *c, stream *st)
@@ -752,6 +810,8 @@ static void stream_release(h3conn *c, stream *st, uint64_t code)
     stream_unlink(c, st);
     st->next = s->zombie_streams;
     s->zombie_streams = st;
+    if (!c->live)
+        idle_push(c);
 }
 
 static h3conn *conn_of(fpy3_h3_server *s, uint64_t handle)
@@ -826,6 +886,8 @@ static stream *stream_open(h3conn *c, int64_t sid)
     st->next = c->live;
     if (c->live)
         c->live->prev = st;
+    else
+        idle_del(c);
     c->live = st;
     s->nlive++;
     st->win.size = s->init_stream_window;
@@ -1164,6 +1226,7 @@ static void *e_conn_open(void *app, fpy3_qconn *qc)
     }
     if (s->shutting_down)
         send_goaway(c, s->shutting_down);
+    idle_push(c); /* no request yet */
     return c;
 }
 
@@ -1171,9 +1234,10 @@ static void e_conn_close(void *ac)
 {
     h3conn *c = ac;
     fpy3_h3_server *s = c->s;
+    c->qc = NULL; /* first: releasing its streams must not put it on the idle list */
+    idle_del(c);
     while (c->live)
         stream_release(c, c->live, FPY3_H3_REQUEST_CANCELLED);
-    c->qc = NULL;
     nghttp3_conn_del(c->h3);
     c->h3 = NULL;
     if (c->close_pending) {
@@ -1395,6 +1459,7 @@ fpy3_h3_server *fpy3_h3_server_new(int fd, const fpy3_h3_config *cfg, char *err,
     if (s->sweep_every < 50000000u)
         s->sweep_every = 50000000u;
     s->now = mono_ns();
+    s->max_idle = cfg->max_idle_connections;
 
     fpy3_engine_config ec = {
         .engine = cfg->engine,
@@ -1707,6 +1772,7 @@ void fpy3_h3_stats_get(fpy3_h3_server *s, fpy3_h3_stats *out)
     out->body_timeouts = s->body_timeouts;
     out->send_timeouts = s->send_timeouts;
     out->malformed = s->malformed;
+    out->idle_closed = s->idle_closed;
 }
 
 int fpy3_h3_reset(fpy3_h3_server *s, uint64_t conn, int64_t sid, uint64_t h3_error)

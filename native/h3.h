@@ -23,6 +23,10 @@
  * while the app reads faster than a window per two round trips, and only while the
  * body bytes handed over and not yet consumed, worker-wide, are within unread_budget.
  *
+ * Idle connections (no request stream open) past max_idle_connections are closed,
+ * longest idle first, with a final GOAWAY and CONNECTION_CLOSE H3_NO_ERROR: a client
+ * that vanished without closing costs memory only until then or its idle timeout.
+ *
  * Deadlines: a request stream whose body (or head) makes no progress for
  * body_timeout while nothing of it waits for the app, or whose response makes no
  * progress (acknowledged bytes) for send_timeout while bytes wait for the client, is
@@ -62,6 +66,7 @@ typedef struct {
     uint64_t handshake_memory;     /* or past this many bytes in handshakes; 0 = none */
     uint64_t handshake_timeout_ms; /* 0 = 10 s */
     uint64_t max_connections;      /* more are refused (CONNECTION_REFUSED); 0 = no limit */
+    uint64_t max_idle_connections; /* past it the longest idle ones are closed; 0 = no limit */
     uint64_t idle_timeout_ms;
     uint64_t max_streams_bidi;
     size_t max_udp_payload;
@@ -106,6 +111,7 @@ typedef struct {
     uint64_t body_timeouts;   /* streams reset: no request progress within body_timeout */
     uint64_t send_timeouts;   /* streams reset: no response progress within send_timeout */
     uint64_t malformed;       /* requests reset with H3_MESSAGE_ERROR by fpy3's own checks */
+    uint64_t idle_closed;     /* idle connections closed past max_idle_connections */
 } fpy3_h3_stats;
 
 fpy3_h3_server *fpy3_h3_server_new(int fd, const fpy3_h3_config *cfg, char *err, size_t errlen);

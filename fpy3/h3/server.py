@@ -62,6 +62,7 @@ class H3Server:
         cfg.handshake_memory = h3.handshake_memory
         cfg.handshake_timeout_ms = int(h3.handshake_timeout * 1000)
         cfg.max_connections = h3.max_connections
+        cfg.max_idle_connections = h3.max_idle_connections
         cfg.idle_timeout_ms = int(h3.idle_timeout * 1000)
         cfg.max_streams_bidi = h3.max_concurrent_streams
         cfg.max_udp_payload = h3.max_udp_payload
@@ -289,6 +290,13 @@ class H3Server:
                 h3.max_connections,
             )
             seen.refused = st.refused
+        if st.idle_closed != seen.idle_closed:
+            logger.info(
+                "HTTP/3: closed %d idle connection(s): http3.max_idle_connections (%d) reached",
+                st.idle_closed - seen.idle_closed,
+                h3.max_idle_connections,
+            )
+            seen.idle_closed = st.idle_closed
         for what, count, last, key, limit in (
             ("request", st.body_timeouts, seen.body_timeouts, "body_timeout", h3.body_timeout),
             ("response", st.send_timeouts, seen.send_timeouts, "send_timeout", h3.send_timeout),
@@ -367,11 +375,12 @@ class H3Server:
 class _Seen:
     """The counters as last reported."""
 
-    __slots__ = ("pressure", "refused", "body_timeouts", "send_timeouts")
+    __slots__ = ("pressure", "refused", "idle_closed", "body_timeouts", "send_timeouts")
 
     def __init__(self) -> None:
         self.pressure = 0
         self.refused = 0
+        self.idle_closed = 0
         self.body_timeouts = 0
         self.send_timeouts = 0
 

@@ -10,6 +10,7 @@ handshakes that never finish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
@@ -229,6 +230,34 @@ def test_max_connections_refuses_with_connection_refused(start_server, quic_engi
         srv.wait_stderr("refused 1 new connection(s): http3.max_connections (2)", offset)
     # The held connections are gone: a new one is served.
     wait_until(lambda: _served(srv), 10, message="no connection served after the others left")
+
+
+def test_idle_connections_past_the_limit_are_closed_longest_idle_first(start_server):
+    srv = start_server(app=APP, config=h3_config(max_idle_connections=2))
+    offset = srv.stderr_size()
+
+    async def go():
+        async with contextlib.AsyncExitStack() as stack:
+            protos = []
+            for _ in range(3):  # each makes a request, then stays open and idle
+                proto = await stack.enter_async_context(
+                    kit._h3_connection(srv.host, srv.port, str(srv.cafile), 15)
+                )
+                assert (await get(proto, srv, "/hello")).status == 200
+                protos.append(proto)
+            deadline = time.monotonic() + 10
+            while protos[0].terminated is None:
+                assert time.monotonic() < deadline, "the longest idle connection is still open"
+                await asyncio.sleep(0.01)
+            # The others still serve.
+            assert (await get(protos[2], srv, "/hello")).status == 200
+            return [p.terminated for p in protos]
+
+    first, second, third = call(kit._run, go, 30, "three idle connections")
+    code, _reason, by_peer, transport = first
+    assert (code, by_peer, transport) == (kit.H3_NO_ERROR, True, False)
+    assert second is None and third is None
+    srv.wait_stderr("closed 1 idle connection(s): http3.max_idle_connections (2)", offset)
 
 
 def _served(srv) -> bool:
