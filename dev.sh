@@ -129,8 +129,8 @@ sanitize)
     asan=$(gcc -print-file-name=libasan.so)
     [ -f "$asan" ] || { log "libasan not found (gcc -print-file-name=libasan.so)"; exit 1; }
     suites=(tests/e2e/test_h3_native.py tests/e2e/test_h3_asgi.py tests/e2e/test_h3_server.py
-        tests/e2e/test_ws_h1.py tests/e2e/test_ws_h3.py tests/e2e/test_response_rules.py
-        tests/e2e/test_drain.py tests/unit)
+        tests/e2e/test_h3_hostile.py tests/e2e/test_ws_h1.py tests/e2e/test_ws_h3.py
+        tests/e2e/test_response_rules.py tests/e2e/test_drain.py tests/unit)
     [ $# -gt 0 ] && suites=("$@")
     cd "$copy"
     # Python itself is not instrumented: the ASan runtime must be loaded first. Leak

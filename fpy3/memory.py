@@ -9,7 +9,8 @@ inside the heaps back (``MADV_DONTNEED``), wherever it is.
 Trimming costs time in proportion to the free memory, so it runs only once a large
 amount was released: the service's clock asks once a second (``HeapTrimmer.tick``), and
 the trimmer compares the heaps' free bytes (``mallinfo2``) with what they were after the
-last trim. Without glibc (no ``mallinfo2``/``malloc_trim``) it does nothing.
+last trim. Without glibc's malloc (no ``mallinfo2``/``malloc_trim``, or another
+allocator in its place) it does nothing.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def _libc():
     mallinfo2.argtypes = []
     malloc_trim.restype = ctypes.c_int
     malloc_trim.argtypes = [ctypes.c_size_t]
+    if mallinfo2().arena == 0:
+        return None  # another allocator serves malloc (a sanitizer's, jemalloc...)
     return mallinfo2, malloc_trim
 
 

@@ -120,6 +120,8 @@ struct h3conn {
     /* On the server's idle list (no request stream open), oldest first. */
     h3conn *iprev, *inext;
     int idle;
+    h3conn *enext; /* on the evicted list: GOAWAY sent, CONNECTION_CLOSE next batch */
+    int evicted;
 };
 
 typedef struct ablock {
@@ -175,6 +177,7 @@ struct fpy3_h3_server {
     h3conn *idle_head, *idle_tail;
     size_t nidle, max_idle;
     uint64_t idle_closed;
+    h3conn *evicted;
 };
 
 static uint64_t mono_ns(void)
@@ -746,13 +749,14 @@ static void idle_del(h3conn *c)
 }
 
 /* c has no request stream open any more. Past max_idle such connections, the one idle
- * longest is closed as a graceful shutdown would (final GOAWAY, then CONNECTION_CLOSE
- * with H3_NO_ERROR): a client that vanished holds nothing for long, a live one
- * reconnects. */
+ * longest is closed as a graceful shutdown would: the final GOAWAY goes out with the
+ * next flush (a request the client sent meanwhile is one it may retry), and
+ * CONNECTION_CLOSE with H3_NO_ERROR at the start of the next batch (evicted_close). A
+ * client that vanished holds nothing for long; a live one reconnects. */
 static void idle_push(h3conn *c)
 {
     fpy3_h3_server *s = c->s;
-    if (c->idle || !c->qc || c->close_pending)
+    if (c->idle || !c->qc || c->close_pending || c->evicted)
         return;
     c->idle = 1;
     c->inext = NULL;
@@ -768,7 +772,32 @@ static void idle_push(h3conn *c)
         idle_del(old);
         s->idle_closed++;
         send_goaway(old, 2);
-        conn_close_later(old, FPY3_H3_NO_ERROR);
+        old->evicted = 1;
+        old->enext = s->evicted;
+        s->evicted = old;
+    }
+}
+
+static void evicted_del(h3conn *c)
+{
+    if (!c->evicted)
+        return;
+    for (h3conn **p = &c->s->evicted; *p; p = &(*p)->enext)
+        if (*p == c) {
+            *p = c->enext;
+            break;
+        }
+    c->evicted = 0;
+}
+
+/* Their GOAWAY went out with the last flush: now the CONNECTION_CLOSE. */
+static void evicted_close(fpy3_h3_server *s)
+{
+    while (s->evicted) {
+        h3conn *c = s->evicted;
+        s->evicted = c->enext;
+        c->evicted = 0;
+        conn_close_later(c, FPY3_H3_NO_ERROR);
     }
 }
 
@@ -887,7 +916,7 @@ static stream *stream_open(h3conn *c, int64_t sid)
     if (c->live)
         c->live->prev = st;
     else
-        idle_del(c);
+        idle_del(c); /* an evicted one still closes: its GOAWAY refused this stream */
     c->live = st;
     s->nlive++;
     st->win.size = s->init_stream_window;
@@ -1236,6 +1265,7 @@ static void e_conn_close(void *ac)
     fpy3_h3_server *s = c->s;
     c->qc = NULL; /* first: releasing its streams must not put it on the idle list */
     idle_del(c);
+    evicted_del(c);
     while (c->live)
         stream_release(c, c->live, FPY3_H3_REQUEST_CANCELLED);
     nghttp3_conn_del(c->h3);
@@ -1552,6 +1582,7 @@ int fpy3_h3_fd(fpy3_h3_server *s) { return fpy3_engine_fd(s->e); }
 int fpy3_h3_read(fpy3_h3_server *s)
 {
     batch_begin(s);
+    evicted_close(s);
     fpy3_engine_read(s->e);
     if (s->pending_close || s->shutting_down) {
         close_pending(s);
@@ -1613,6 +1644,7 @@ static int sweep_due(const fpy3_h3_server *s)
 int fpy3_h3_expire(fpy3_h3_server *s)
 {
     batch_begin(s);
+    evicted_close(s);
     fpy3_engine_expire(s->e);
     if (sweep_due(s) && s->now >= s->next_sweep) {
         fpy3_engine_each(s->e, sweep_conn, s);
@@ -1637,8 +1669,8 @@ int fpy3_h3_flush(fpy3_h3_server *s)
 
 int64_t fpy3_h3_next_timeout_ms(fpy3_h3_server *s)
 {
-    if (s->pending_close || s->npend)
-        return 0; /* expire() delivers them */
+    if (s->pending_close || s->npend || s->evicted)
+        return 0; /* expire() delivers them, or closes the evicted */
     int64_t ms = fpy3_engine_next_timeout_ms(s->e);
     if (sweep_due(s)) {
         uint64_t now = mono_ns();

@@ -30,6 +30,7 @@ H3_REQUEST_CANCELLED = 0x10C
 H3_MESSAGE_ERROR = 0x10E
 CONNECTION_REFUSED = 0x2
 QUIC_V1, QUIC_V2 = 0x00000001, 0x6B3343CF
+GOAWAY = 0x7  # HTTP/3 frame type
 
 
 def h3_config(**http3) -> dict:
@@ -232,7 +233,7 @@ def test_max_connections_refuses_with_connection_refused(start_server, quic_engi
     wait_until(lambda: _served(srv), 10, message="no connection served after the others left")
 
 
-def test_idle_connections_past_the_limit_are_closed_longest_idle_first(start_server):
+def test_idle_connections_past_the_limit_are_closed_longest_idle_first(start_server, quic_engine):
     srv = start_server(app=APP, config=h3_config(max_idle_connections=2))
     offset = srv.stderr_size()
 
@@ -243,6 +244,15 @@ def test_idle_connections_past_the_limit_are_closed_longest_idle_first(start_ser
                 proto = await stack.enter_async_context(
                     kit._h3_connection(srv.host, srv.port, str(srv.cafile), 15)
                 )
+                # The frame types on the server's control stream (aioquic checks each).
+                proto.control_frames = frames = []
+                check = proto.h3._check_control_frame_type
+
+                def record(frame_type, frames=frames, check=check):
+                    frames.append(frame_type)
+                    return check(frame_type)
+
+                proto.h3._check_control_frame_type = record
                 assert (await get(proto, srv, "/hello")).status == 200
                 protos.append(proto)
             deadline = time.monotonic() + 10
@@ -251,9 +261,12 @@ def test_idle_connections_past_the_limit_are_closed_longest_idle_first(start_ser
                 await asyncio.sleep(0.01)
             # The others still serve.
             assert (await get(protos[2], srv, "/hello")).status == 200
-            return [p.terminated for p in protos]
+            goaway = [GOAWAY in p.control_frames for p in protos]
+            return [p.terminated for p in protos], goaway
 
-    first, second, third = call(kit._run, go, 30, "three idle connections")
+    (first, second, third), goaway = call(kit._run, go, 30, "three idle connections")
+    if quic_engine == "ngtcp2":  # MsQuic's close may overtake the GOAWAY it was sending
+        assert goaway == [True, False, False]  # the final GOAWAY came before the close
     code, _reason, by_peer, transport = first
     assert (code, by_peer, transport) == (kit.H3_NO_ERROR, True, False)
     assert second is None and third is None
