@@ -47,7 +47,8 @@ _Static_assert(sizeof(ngtcp2_socklen) == sizeof(socklen_t), "ngtcp2_socklen is s
 #define SR_PER_SEC 100      /* stateless resets sent per second at most */
 #define CLOSE_ALL_WAIT_MS 200 /* close_all: how long a full socket may hold the closes */
 /* What a connection in its handshake holds besides ngtcp2's counted allocations: its
- * struct and its GnuTLS session (measured: some 9 KiB with a P-256 certificate). */
+ * struct and its GnuTLS session, which cannot be counted (an estimate: the session
+ * alone is some 9 KiB once the handshake is done, more during it). */
 #define HS_FIXED_BYTES (sizeof(struct fpy3_qconn) + 12 * 1024)
 
 enum { QC_ACTIVE, QC_CLOSING, QC_DRAINING };
