@@ -142,7 +142,7 @@ sanitize)
     # The HTTP/3 suites run each case on both engines (MsQuic's when FPY3_MSQUIC_LIB or
     # the system has libmsquic; else they skip with the reason).
     suites=(tests/e2e/test_h3_native.py tests/e2e/test_h3_asgi.py tests/e2e/test_h3_server.py
-        tests/e2e/test_h2.py tests/e2e/test_h2_limits.py
+        tests/e2e/test_h2.py tests/e2e/test_h2_limits.py tests/e2e/test_h3_hostile.py
         tests/e2e/test_ws_h1.py tests/e2e/test_ws_h3.py tests/e2e/test_response_rules.py
         tests/e2e/test_drain.py tests/e2e/test_master_h3.py tests/e2e/test_tls_sessions.py
         tests/e2e/test_mtls.py tests/e2e/test_cert_reload.py tests/unit)

@@ -98,10 +98,20 @@ class HTTP3Settings:
     port: int = 0  # UDP port; 0 = server.port
     max_concurrent_streams: int = 100  # request streams a client may open at once
     idle_timeout: float = 30.0  # seconds without packets before a connection is dropped
+    handshake_timeout: float = 20.0  # seconds a QUIC handshake may take, else it is dropped
+    body_timeout: float = 60.0  # seconds a request stream may make no progress, else reset
+    send_timeout: float = 60.0  # seconds a response may make no progress, else reset
     max_udp_payload: int = 1452  # bytes per UDP datagram we send
-    initial_max_data: int = 8 * 1024 * 1024  # connection flow-control window, bytes
-    initial_max_stream_data: int = 1024 * 1024  # per-stream flow-control window, bytes
-    retry: bool = False  # address validation with Retry before accepting a connection
+    initial_max_data: int = 1024 * 1024  # connection flow-control window at first, bytes
+    initial_max_stream_data: int = 256 * 1024  # per-stream window at first, bytes
+    max_window: int = 16 * 1024 * 1024  # the connection window grows up to this
+    max_stream_window: int = 6 * 1024 * 1024  # a stream window grows up to this
+    unread_body_budget: int = 64 * 1024 * 1024  # unread request body bytes; past it no growth
+    max_connections: int = 10000  # QUIC connections per worker; 0 = unlimited
+    max_idle_connections: int = 768  # without a request; past it the longest idle close
+    max_handshakes: int = 256  # connections in their handshake before Retry is required
+    handshake_memory: int = 16 * 1024 * 1024  # bytes of handshakes before Retry is required
+    retry: bool = False  # address validation with Retry before accepting any connection
     qlog_dir: str = ""  # write a qlog file per connection here; "" = off
     engine: str = "auto"  # auto | msquic | ngtcp2; auto = msquic when libmsquic.so.2 loads
     early_data: bool = False  # accept 0-RTT requests (safe methods only; others get 425)
@@ -566,9 +576,19 @@ _CHECKS: dict[str, Callable[[typing.Any], None]] = {
     "http3.port": _between(0, 65535),
     "http3.max_concurrent_streams": _between(1, 100000),
     "http3.idle_timeout": _positive,
+    "http3.handshake_timeout": _positive,
+    "http3.body_timeout": _at_least(0),
+    "http3.send_timeout": _at_least(0),
     "http3.max_udp_payload": _between(1200, 65527),
-    "http3.initial_max_data": _at_least(65536),
-    "http3.initial_max_stream_data": _at_least(16384),
+    "http3.initial_max_data": _between(65536, 1 << 40),
+    "http3.initial_max_stream_data": _between(16384, 1 << 40),
+    "http3.max_window": _between(65536, 1 << 40),
+    "http3.max_stream_window": _between(16384, 1 << 40),
+    "http3.unread_body_budget": _between(1 << 20, 1 << 40),
+    "http3.max_connections": _at_least(0),
+    "http3.max_idle_connections": _at_least(0),
+    "http3.max_handshakes": _between(0, 1 << 20),
+    "http3.handshake_memory": _between(0, 1 << 40),
     "http3.engine": _engine,
     "http3.alt_svc_port": _between(0, 65535),
     "http3.alt_svc_host": _alt_svc_host,
@@ -878,6 +898,16 @@ def _check_together(draft: _Draft) -> None:
                 f"{draft.blame('acme.enabled')}: acme.enabled: needs the 'acme' package "
                 "(pip install 'fpy3[acme]')"
             ) from None
+    for small, large in (
+        ("http3.initial_max_data", "http3.max_window"),
+        ("http3.initial_max_stream_data", "http3.max_stream_window"),
+    ):
+        if draft.get(small) > draft.get(large):
+            name = large if draft.rank(large) >= draft.rank(small) else small
+            raise ConfigError(
+                f"{draft.blame(small, large)}: {name}: {large} ({draft.get(large)}) must be at "
+                f"least {small} ({draft.get(small)})"
+            )
     port, http_port = draft.get("server.port"), draft.get("server.http_port")
     if http_port and http_port == port:
         # Name whichever of the two was set last: that is the one to fix.

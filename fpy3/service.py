@@ -38,7 +38,7 @@ from .h1.connection import H1Connection, H1Listener
 from .h2.connection import H2Connection, H2Listener
 from .h3.server import H3Server
 from .logs import AccessLog
-from .memory import Reclaimer
+from .memory import HeapTrimmer
 from .proxyproto import ProxyProtocolServer
 from .sockets import Listeners
 from .tls import server_context, tls_protocols
@@ -184,8 +184,7 @@ class HTTPService:
             ),
         )
         self._ticker: asyncio.TimerHandle | None = None
-        # Gives memory back to the OS once the connections of a flood are gone.
-        self.reclaimer = Reclaimer()
+        self._trimmer = HeapTrimmer()  # freed memory back to the OS after large releases
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -467,6 +466,7 @@ class HTTPService:
                 listener.refresh(self.clock)
             for h3 in self.h3_servers:
                 h3.refresh(self.clock)
+            self._trimmer.tick()  # once a second: after a flood, its memory goes back
         if self.access_log is not None:
             self.access_log.flush()
         mono = self.loop.time()
@@ -477,10 +477,6 @@ class HTTPService:
         ]
         for conn in late:
             conn.on_timeout()
-        load = len(self.connections)
-        for h3 in self.h3_servers:
-            load += h3.connection_count()
-        self.reclaimer.tick(load, mono)
         self._ticker = self.loop.call_later(self._tick_interval, self._tick)
 
 

@@ -58,6 +58,23 @@ void fpy3_engine_extend(fpy3_qconn *qc, int64_t sid, uint64_t n)
     QOPS(qc)->extend(qc, sid, n);
 }
 
+void fpy3_engine_grow(fpy3_qconn *qc, int64_t sid, uint64_t n)
+{
+    if (QOPS(qc)->grow)
+        QOPS(qc)->grow(qc, sid, n);
+}
+
+uint64_t fpy3_engine_rtt_ns(fpy3_qconn *qc) { return QOPS(qc)->rtt_ns ? QOPS(qc)->rtt_ns(qc) : 0; }
+
+void fpy3_engine_stats_get(fpy3_engine *e, fpy3_engine_stats *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (OPS(e)->stats)
+        OPS(e)->stats(e, out);
+    else
+        out->connections = OPS(e)->conn_count(e);
+}
+
 void fpy3_engine_extend_streams_bidi(fpy3_qconn *qc, uint64_t n)
 {
     QOPS(qc)->extend_streams_bidi(qc, n);

@@ -53,12 +53,22 @@ typedef struct {
     const char *qlog_dir;  /* NULL or "" = no qlog */
     uint32_t worker_id;    /* bytes 1-4 of every server connection id */
     uint8_t static_secret[32];
-    int retry;             /* address validation with Retry before any state */
+    int retry;             /* address validation with Retry before any state, always */
+    /* Handshake pressure: while more connections than max_handshakes are in their
+     * handshake, or they hold more than handshake_memory bytes, new clients must
+     * validate their address with a Retry first (0 = no bound). */
+    uint32_t max_handshakes;
+    uint64_t handshake_memory;
+    uint64_t handshake_timeout_ms; /* a handshake not done by then is dropped */
+    uint64_t max_connections;      /* more are refused with CONNECTION_REFUSED (0 = no limit) */
     uint64_t idle_timeout_ms;
     uint64_t max_streams_bidi;
     uint64_t max_streams_uni;
     uint64_t initial_max_data;
     uint64_t initial_max_stream_data;
+    /* The app grows the connection window up to this (fpy3_engine_grow); an engine that
+     * cannot grow it (MsQuic) opens it this wide from the start. */
+    uint64_t max_window;
     size_t max_udp_payload;
     /* TLS beyond the certificate (ngtcp2; MsQuic ignores them). */
     const char *key_password; /* passphrase of an encrypted key_file; NULL or "" = none */
@@ -142,6 +152,18 @@ void fpy3_engine_close_all(fpy3_engine *e, uint64_t app_error);
 /* Visit every connection's app state (those past conn_open). */
 void fpy3_engine_each(fpy3_engine *e, void (*fn)(void *ac, void *arg), void *arg);
 
+/* What an engine reports on itself (fields an engine does not track stay 0). */
+typedef struct {
+    uint64_t connections;     /* active (not closing or draining) */
+    uint64_t handshakes;      /* of those, still in their handshake */
+    uint64_t handshake_bytes; /* what connections in their handshake hold */
+    uint64_t quic_bytes;      /* what the QUIC library holds for all connections */
+    uint64_t retries;         /* Retry packets sent, since the start */
+    uint64_t refused;         /* new connections refused at max_connections, since the start */
+    int pressure;             /* handshake pressure now: new clients get a Retry */
+} fpy3_engine_stats;
+void fpy3_engine_stats_get(fpy3_engine *e, fpy3_engine_stats *out);
+
 /* Connections. A handle is a 64-bit counter value, unique for the engine's life. */
 uint64_t fpy3_engine_conn_handle(fpy3_qconn *qc);
 void *fpy3_engine_conn_find(fpy3_engine *e, uint64_t handle); /* app state or NULL */
@@ -155,6 +177,11 @@ void fpy3_engine_defer(fpy3_qconn *qc);
 int fpy3_engine_open_uni(fpy3_qconn *qc, int64_t *sid);
 /* Flow-control credit for n consumed bytes: the stream's (sid >= 0) and the connection's. */
 void fpy3_engine_extend(fpy3_qconn *qc, int64_t sid, uint64_t n);
+/* Window growth (auto-tuning) on top of consumed credit: n more bytes for the stream
+ * alone (sid >= 0) or the connection alone (sid < 0). A no-op on an engine that tunes
+ * its windows itself (MsQuic), which also reports no RTT. */
+void fpy3_engine_grow(fpy3_qconn *qc, int64_t sid, uint64_t n);
+uint64_t fpy3_engine_rtt_ns(fpy3_qconn *qc); /* smoothed RTT; 0 = unknown */
 void fpy3_engine_extend_streams_bidi(fpy3_qconn *qc, uint64_t n);
 uint64_t fpy3_engine_max_streams_bidi(fpy3_qconn *qc);
 int fpy3_engine_shutdown_stream(fpy3_qconn *qc, int64_t sid, uint64_t app_error, int how);
@@ -204,6 +231,10 @@ typedef struct {
     void (*defer)(fpy3_qconn *qc);
     int (*open_uni)(fpy3_qconn *qc, int64_t *sid);
     void (*extend)(fpy3_qconn *qc, int64_t sid, uint64_t n);
+    /* Optional (NULL: a no-op, zeros). */
+    void (*grow)(fpy3_qconn *qc, int64_t sid, uint64_t n);
+    uint64_t (*rtt_ns)(fpy3_qconn *qc);
+    void (*stats)(fpy3_engine *e, fpy3_engine_stats *out);
     void (*extend_streams_bidi)(fpy3_qconn *qc, uint64_t n);
     uint64_t (*max_streams_bidi)(fpy3_qconn *qc);
     int (*shutdown_stream)(fpy3_qconn *qc, int64_t sid, uint64_t app_error, int how);

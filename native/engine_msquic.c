@@ -480,6 +480,8 @@ static mq_status listener_cb(mq_handle l, void *ctx, mq_listener_event *lev)
         return MQ_STATUS_SUCCESS;
     if (!e->accepting)
         return MQ_STATUS_CONNECTION_REFUSED;
+    if (e->cfg.max_connections && (uint64_t)e->live >= e->cfg.max_connections)
+        return MQ_STATUS_CONNECTION_REFUSED; /* http3.max_connections */
     mq_handle ch = lev->NEW_CONNECTION.Connection;
     /* Without it ConnectionClose would wait for work that only this thread runs. */
     uint8_t one = 1;
@@ -975,9 +977,17 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
 
     /* Process-wide: a worker is a process, so these are per worker. */
     mq_status rv;
-    if (cfg->retry) {
-        uint16_t pct = 0; /* Retry for every new connection */
-        rv = api->SetParam(NULL, MQ_PARAM_GLOBAL_RETRY_MEMORY_PERCENT, sizeof(pct), &pct);
+    if (cfg->retry || cfg->handshake_memory) {
+        /* Retry for every new connection, or once handshakes hold more than
+         * handshake_memory (MsQuic's limit is a share of the machine's memory, in
+         * 65535ths; MsQuic has no bound on their number). */
+        uint16_t share = 0;
+        uint64_t ram = (uint64_t)sysconf(_SC_PHYS_PAGES) * (uint64_t)sysconf(_SC_PAGESIZE);
+        if (!cfg->retry && ram) {
+            uint64_t v = cfg->handshake_memory * 65535u / ram;
+            share = (uint16_t)(v < 1 ? 1 : v > 65535 ? 65535 : v);
+        }
+        rv = api->SetParam(NULL, MQ_PARAM_GLOBAL_RETRY_MEMORY_PERCENT, sizeof(share), &share);
         if (MQ_FAILED(rv)) {
             fpy3_seterr(err, errlen, "MsQuic retry: status 0x%x", rv);
             goto fail;
@@ -1018,12 +1028,14 @@ static fpy3_engine *ms_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
     s.IsSetFlags = MQ_SET_IDLE_TIMEOUT | MQ_SET_STREAM_RECV_WINDOW |
                    MQ_SET_STREAM_RECV_WINDOW_BIDI_REMOTE | MQ_SET_CONN_FLOW_CONTROL_WINDOW |
                    MQ_SET_PEER_BIDI_STREAM_COUNT | MQ_SET_PEER_UNIDI_STREAM_COUNT |
-                   MQ_SET_SEND_BUFFERING | MQ_SET_MAXIMUM_MTU;
+                   MQ_SET_SEND_BUFFERING | MQ_SET_MAXIMUM_MTU | MQ_SET_HANDSHAKE_IDLE_TIMEOUT;
     s.IdleTimeoutMs = cfg->idle_timeout_ms;
+    s.HandshakeIdleTimeoutMs = cfg->handshake_timeout_ms ? cfg->handshake_timeout_ms : 10000;
     s.StreamRecvWindowDefault = pow2_at_least(cfg->initial_max_stream_data);
     s.StreamRecvWindowBidiRemoteDefault = s.StreamRecvWindowDefault;
-    s.ConnFlowControlWindow =
-        (uint32_t)(cfg->initial_max_data > 0xffffffffu ? 0xffffffffu : cfg->initial_max_data);
+    /* MsQuic grows stream windows itself, never the connection's: open it fully. */
+    uint64_t conn_window = cfg->max_window ? cfg->max_window : cfg->initial_max_data;
+    s.ConnFlowControlWindow = (uint32_t)(conn_window > 0xffffffffu ? 0xffffffffu : conn_window);
     s.PeerBidiStreamCount =
         (uint16_t)(e->cfg.max_streams_bidi > 65535 ? 65535 : e->cfg.max_streams_bidi);
     s.PeerUnidiStreamCount = (uint16_t)(cfg->max_streams_uni ? cfg->max_streams_uni : 3);

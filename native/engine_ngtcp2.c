@@ -7,6 +7,13 @@
  *
  * Server connection ids are SCID_LEN bytes: [0] random, [1..4] the worker id
  * (big-endian), the rest random, so a reuseport BPF program can steer on them.
+ *
+ * Floods: a connection in its handshake costs memory before its client has proved
+ * its address. ngtcp2's allocations are counted per connection (a counting ngtcp2_mem),
+ * and while too many connections are in their handshake, or they hold too much,
+ * new clients get a Retry (stateless) before any state is made for them. Past
+ * max_connections an Initial gets CONNECTION_REFUSED, statelessly too. Flow-control
+ * windows are not auto-tuned by ngtcp2: the app (h3.c) grows them (fpy3_engine_grow).
  */
 #define _GNU_SOURCE
 #include "engine.h"
@@ -15,6 +22,7 @@
 #include <gnutls/crypto.h>
 #include <gnutls/gnutls.h>
 #include <gnutls/x509.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <ngtcp2/ngtcp2.h>
 #include <ngtcp2/ngtcp2_crypto.h>
@@ -60,6 +68,15 @@ typedef struct {
     uint8_t key[REPLAY_KEY_MAX];
 } replay_slot;
 
+/* What a connection in its handshake holds besides ngtcp2's counted allocations: its
+ * struct and its GnuTLS session, which cannot be counted (an estimate: the session
+ * alone is some 9 KiB once the handshake is done, more during it). */
+#define HS_FIXED_BYTES (sizeof(struct fpy3_qconn) + 12 * 1024)
+
+/* The versions we speak, preferred first: what Version Negotiation lists, and what
+ * compatible version negotiation (RFC 9368) picks from the client's offer. */
+static const uint32_t versions[] = {NGTCP2_PROTO_VER_V2, NGTCP2_PROTO_VER_V1};
+
 /* --- state ------------------------------------------------------------------------- */
 
 struct fpy3_qconn {
@@ -83,6 +100,10 @@ struct fpy3_qconn {
     uint8_t *peer_certs;   /* the client's chain for fpy3_tls_info; owned, freed in conn_delete */
     size_t peer_certs_len;
     char *peer_name;       /* owned, freed in conn_delete */
+    ngtcp2_mem mem;     /* ngtcp2's allocator for this connection: counts mem_bytes */
+    uint64_t mem_bytes; /* what ngtcp2 holds for it */
+    int in_hs;          /* counted in the engine's handshakes (nhandshake, hs_mem) */
+    int hs_done;        /* the handshake completed: the TLS session can go */
 };
 
 struct fpy3_engine {
@@ -105,6 +126,10 @@ struct fpy3_engine {
     fpy3_timer_heap timers;
     size_t nconns;  /* all, closing and draining ones included */
     size_t nactive; /* those that can still carry data */
+    size_t nhandshake; /* connections in their handshake */
+    uint64_t hs_mem;   /* what they hold */
+    uint64_t ng_mem;   /* what ngtcp2 holds for all connections */
+    uint64_t retries, refused;
     uint32_t sr_tokens;
     ngtcp2_tstamp sr_refill;
 };
@@ -252,6 +277,71 @@ static void make_cid(fpy3_engine *e, ngtcp2_cid *cid)
     memcpy(cid->data + 1, &w, 4);
 }
 
+/* --- memory per connection -------------------------------------------------------- */
+
+static void mem_count(fpy3_qconn *qc, int64_t delta)
+{
+    qc->mem_bytes += (uint64_t)delta;
+    qc->b.e->ng_mem += (uint64_t)delta;
+    if (qc->in_hs)
+        qc->b.e->hs_mem += (uint64_t)delta;
+}
+
+static void *mem_malloc(size_t size, void *ud)
+{
+    void *p = malloc(size); /* ngtcp2's, until mem_free */
+    if (p)
+        mem_count(ud, (int64_t)malloc_usable_size(p));
+    return p;
+}
+
+static void mem_free(void *p, void *ud)
+{
+    if (!p)
+        return;
+    mem_count(ud, -(int64_t)malloc_usable_size(p));
+    free(p);
+}
+
+static void *mem_calloc(size_t nmemb, size_t size, void *ud)
+{
+    void *p = calloc(nmemb, size); /* ngtcp2's, until mem_free */
+    if (p)
+        mem_count(ud, (int64_t)malloc_usable_size(p));
+    return p;
+}
+
+static void *mem_realloc(void *p, size_t size, void *ud)
+{
+    size_t old = p ? malloc_usable_size(p) : 0;
+    void *np = realloc(p, size); /* ngtcp2's, until mem_free */
+    if (np)
+        mem_count(ud, (int64_t)malloc_usable_size(np) - (int64_t)old);
+    else if (size == 0)
+        mem_count(ud, -(int64_t)old);
+    return np;
+}
+
+/* The connection's handshake is over (done, or the connection is going): it no longer
+ * counts toward the handshake pressure. */
+static void hs_leave(fpy3_qconn *qc)
+{
+    fpy3_engine *e = qc->b.e;
+    if (!qc->in_hs)
+        return;
+    qc->in_hs = 0;
+    e->nhandshake--;
+    e->hs_mem -= qc->mem_bytes + HS_FIXED_BYTES;
+}
+
+/* New clients must prove their address first (Retry): too many handshakes, or too
+ * much memory in them. */
+static int hs_pressure(const fpy3_engine *e)
+{
+    return (e->cfg.max_handshakes && e->nhandshake >= e->cfg.max_handshakes) ||
+           (e->cfg.handshake_memory && e->hs_mem >= e->cfg.handshake_memory);
+}
+
 /* --- ngtcp2 callbacks -------------------------------------------------------------- */
 
 static ngtcp2_conn *get_conn(ngtcp2_crypto_conn_ref *ref)
@@ -306,6 +396,38 @@ static int cb_recv_tx_key(ngtcp2_conn *conn, ngtcp2_encryption_level level, void
     fpy3_engine *e = qc->b.e;
     qc->b.ac = e->b.cb.conn_open(e->b.app, qc);
     return qc->b.ac ? 0 : app_fail(qc);
+}
+
+static int cb_handshake_completed(ngtcp2_conn *conn, void *ud)
+{
+    fpy3_qconn *qc = ud;
+    (void)conn;
+    hs_leave(qc);
+    qc->hs_done = 1;
+    return 0;
+}
+
+/* The handshake is over: its TLS session (some 20 KiB) is not needed any more, as QUIC
+ * has no TLS messages after it that a server must read (RFC 9001 6: no KeyUpdate; we
+ * ask for no client certificate and issue no tickets) and key updates use ngtcp2's
+ * own crypto context. Freed after the packet that completed it was processed, never
+ * from inside a TLS callback. */
+static void tls_release(fpy3_qconn *qc)
+{
+    if (!qc->tls || !qc->hs_done)
+        return;
+    ngtcp2_conn_set_tls_native_handle(qc->conn, NULL);
+    gnutls_deinit(qc->tls);
+    qc->tls = NULL;
+}
+
+static int cb_recv_crypto_data(ngtcp2_conn *conn, ngtcp2_encryption_level level, uint64_t offset,
+                               const uint8_t *data, size_t datalen, void *ud)
+{
+    fpy3_qconn *qc = ud;
+    if (!qc->tls)
+        return 0; /* after the handshake: a post-handshake message, not read (see above) */
+    return ngtcp2_crypto_recv_crypto_data_cb(conn, level, offset, data, datalen, ud);
 }
 
 static int cb_recv_stream_data(ngtcp2_conn *conn, uint32_t flags, int64_t sid, uint64_t offset,
@@ -443,7 +565,7 @@ static int cb_handshake_completed(ngtcp2_conn *conn, void *ud)
 
 static const ngtcp2_callbacks callbacks = {
     .recv_client_initial = ngtcp2_crypto_recv_client_initial_cb,
-    .recv_crypto_data = ngtcp2_crypto_recv_crypto_data_cb,
+    .recv_crypto_data = cb_recv_crypto_data,
     .encrypt = ngtcp2_crypto_encrypt_cb,
     .decrypt = ngtcp2_crypto_decrypt_cb,
     .hp_mask = ngtcp2_crypto_hp_mask_cb,
@@ -485,6 +607,7 @@ static void conn_delete(fpy3_qconn *qc)
     fpy3_dirty_del(qc);
     if (qc->odcid.datalen)
         fpy3_cid_del(&e->map, &qc->odcid, qc);
+    hs_leave(qc);
     if (qc->conn) {
         size_t n = ngtcp2_conn_get_scid(qc->conn, NULL);
         ngtcp2_cid ids[16], *p = n <= 16 ? ids : malloc(n * sizeof(*p)); /* freed here */
@@ -616,6 +739,11 @@ static fpy3_qconn *conn_new(fpy3_engine *e, const ngtcp2_pkt_hd *hd, const ngtcp
     fpy3_timer_init(&qc->timer);
     qc->ref.get_conn = get_conn;
     qc->ref.user_data = qc;
+    qc->mem = (ngtcp2_mem){.user_data = qc,
+                           .malloc = mem_malloc,
+                           .free = mem_free,
+                           .calloc = mem_calloc,
+                           .realloc = mem_realloc};
     ngtcp2_ccerr_default(&qc->ccerr);
     if (fpy3_conn_table_add(&e->b, qc) < 0) {
         free(qc);
@@ -623,6 +751,9 @@ static fpy3_qconn *conn_new(fpy3_engine *e, const ngtcp2_pkt_hd *hd, const ngtcp
     }
     e->nconns++;
     e->nactive++;
+    qc->in_hs = 1;
+    e->nhandshake++;
+    e->hs_mem += HS_FIXED_BYTES;
 
     ngtcp2_cid scid;
     do
@@ -636,7 +767,12 @@ static fpy3_qconn *conn_new(fpy3_engine *e, const ngtcp2_pkt_hd *hd, const ngtcp
     settings.token = hd->token;
     settings.tokenlen = hd->tokenlen;
     settings.token_type = token_type;
-    settings.handshake_timeout = 10 * NGTCP2_SECONDS;
+    settings.handshake_timeout = e->cfg.handshake_timeout_ms * NGTCP2_MILLISECONDS;
+    /* Compatible version negotiation (RFC 9368): a v1 client offering v2 gets v2. */
+    settings.preferred_versions = versions;
+    settings.preferred_versionslen = sizeof(versions) / sizeof(versions[0]);
+    settings.available_versions = versions;
+    settings.available_versionslen = sizeof(versions) / sizeof(versions[0]);
     if (e->qlog_dir) {
         char path_buf[4096];
         int off = snprintf(path_buf, sizeof(path_buf), "%s/", e->qlog_dir);
@@ -676,7 +812,7 @@ static fpy3_qconn *conn_new(fpy3_engine *e, const ngtcp2_pkt_hd *hd, const ngtcp
         goto fail;
 
     if (ngtcp2_conn_server_new(&qc->conn, &hd->scid, &scid, path, hd->version, &callbacks,
-                               &settings, &params, NULL, qc) != 0)
+                               &settings, &params, &qc->mem, qc) != 0)
         goto fail;
 
     unsigned flags = GNUTLS_SERVER | GNUTLS_NO_END_OF_EARLY_DATA;
@@ -736,14 +872,15 @@ static void send_version_negotiation(fpy3_engine *e, const ngtcp2_version_cid *v
         return;
     uint8_t unused;
     rand_bytes(&unused, 1);
-    /* A reserved version first (greasing), then the one we speak. */
-    uint32_t sv[2];
+    /* A reserved version first (greasing), then the ones we speak. */
+    uint32_t sv[3];
     rand_bytes(&sv[0], sizeof(sv[0]));
     sv[0] = (sv[0] & 0xf0f0f0f0u) | 0x0a0a0a0au;
-    sv[1] = NGTCP2_PROTO_VER_V1;
+    sv[1] = versions[0];
+    sv[2] = versions[1];
     ngtcp2_ssize n = ngtcp2_pkt_write_version_negotiation(buf, ONEOFF_MAX, unused, vc->scid,
                                                           vc->scidlen, vc->dcid, vc->dcidlen,
-                                                          sv, 2);
+                                                          sv, 3);
     if (n > 0)
         oneoff_send(e, (size_t)n, path);
 }
@@ -766,8 +903,10 @@ static void send_retry(fpy3_engine *e, const ngtcp2_pkt_hd *hd, const ngtcp2_pat
     size_t max = pktlen * 3 < ONEOFF_MAX ? pktlen * 3 : ONEOFF_MAX;
     ngtcp2_ssize n = ngtcp2_crypto_write_retry(buf, max, hd->version, &hd->scid, &scid, &hd->dcid,
                                                token, (size_t)tlen);
-    if (n > 0)
+    if (n > 0) {
         oneoff_send(e, (size_t)n, path);
+        e->retries++;
+    }
 }
 
 static void send_stateless_close(fpy3_engine *e, const ngtcp2_pkt_hd *hd,
@@ -818,6 +957,7 @@ static void conn_read(fpy3_qconn *qc, const ngtcp2_path *path, const ngtcp2_pkt_
 {
     int rv = ngtcp2_conn_read_pkt(qc->conn, path, pi, pkt, len, qc->b.e->now);
     if (rv == 0) {
+        tls_release(qc);
         fpy3_dirty_add(qc);
         update_timer(qc);
         return;
@@ -844,6 +984,11 @@ static void accept_conn(fpy3_engine *e, const uint8_t *pkt, size_t len, const ng
         send_stateless_close(e, &hd, path, NGTCP2_CONNECTION_REFUSED);
         return;
     }
+    if (e->cfg.max_connections && e->nactive >= e->cfg.max_connections) {
+        e->refused++;
+        send_stateless_close(e, &hd, path, NGTCP2_CONNECTION_REFUSED);
+        return;
+    }
     ngtcp2_cid ocid, *pocid = NULL;
     ngtcp2_token_type ttype = NGTCP2_TOKEN_TYPE_UNKNOWN;
     if (hd.tokenlen && hd.token[0] == NGTCP2_CRYPTO_TOKEN_MAGIC_RETRY2) {
@@ -863,7 +1008,7 @@ static void accept_conn(fpy3_engine *e, const uint8_t *pkt, size_t len, const ng
         /* We never send NEW_TOKEN, so any other token is unknown to us: ignore it. */
         hd.token = NULL;
         hd.tokenlen = 0;
-        if (e->cfg.retry) {
+        if (e->cfg.retry || hs_pressure(e)) {
             send_retry(e, &hd, path, len);
             return;
         }
@@ -1070,6 +1215,8 @@ static fpy3_engine *ng_new(int fd, const fpy3_engine_config *cfg, const fpy3_eng
         e->cfg.max_udp_payload = FPY3_UDP_RX_BUFSZ;
     if (!e->cfg.max_streams_uni)
         e->cfg.max_streams_uni = 3;
+    if (!e->cfg.handshake_timeout_ms)
+        e->cfg.handshake_timeout_ms = 10000;
     const char *alpn = cfg->alpn ? cfg->alpn : "h3";
     e->alpnlen = strlen(alpn);
     if (e->alpnlen == 0 || e->alpnlen > 255) {
@@ -1194,7 +1341,8 @@ static int ng_expire(fpy3_engine *e)
             continue;
         }
         int rv = ngtcp2_conn_handle_expiry(qc->conn, e->now);
-        if (rv == NGTCP2_ERR_IDLE_CLOSE) {
+        if (rv == NGTCP2_ERR_IDLE_CLOSE || rv == NGTCP2_ERR_HANDSHAKE_TIMEOUT) {
+            /* Silent, as for an idle timeout: a flood's spoofed sources get nothing. */
             conn_delete(qc);
             continue;
         }
@@ -1298,6 +1446,36 @@ static void ng_extend(fpy3_qconn *qc, int64_t sid, uint64_t n)
     if (sid >= 0)
         ngtcp2_conn_extend_max_stream_offset(qc->conn, sid, n);
     ngtcp2_conn_extend_max_offset(qc->conn, n);
+}
+
+static void ng_grow(fpy3_qconn *qc, int64_t sid, uint64_t n)
+{
+    if (qc->state != QC_ACTIVE || n == 0)
+        return;
+    if (sid >= 0)
+        ngtcp2_conn_extend_max_stream_offset(qc->conn, sid, n);
+    else
+        ngtcp2_conn_extend_max_offset(qc->conn, n);
+}
+
+static uint64_t ng_rtt_ns(fpy3_qconn *qc)
+{
+    if (qc->state != QC_ACTIVE)
+        return 0;
+    ngtcp2_conn_info ci;
+    ngtcp2_conn_get_conn_info(qc->conn, &ci);
+    return ci.smoothed_rtt;
+}
+
+static void ng_stats(fpy3_engine *e, fpy3_engine_stats *out)
+{
+    out->connections = e->nactive;
+    out->handshakes = e->nhandshake;
+    out->handshake_bytes = e->hs_mem;
+    out->quic_bytes = e->ng_mem;
+    out->retries = e->retries;
+    out->refused = e->refused;
+    out->pressure = !e->cfg.retry && hs_pressure(e);
 }
 
 static void ng_extend_streams_bidi(fpy3_qconn *qc, uint64_t n)
@@ -1456,6 +1634,9 @@ const fpy3_engine_ops fpy3_engine_ngtcp2 = {
     .defer = fpy3_common_defer,
     .open_uni = ng_open_uni,
     .extend = ng_extend,
+    .grow = ng_grow,
+    .rtt_ns = ng_rtt_ns,
+    .stats = ng_stats,
     .extend_streams_bidi = ng_extend_streams_bidi,
     .max_streams_bidi = ng_max_streams_bidi,
     .shutdown_stream = ng_shutdown_stream,

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 
 _Static_assert(sizeof(fpy3_vec) == sizeof(nghttp3_vec), "fpy3_vec must match nghttp3_vec");
 
@@ -31,6 +32,31 @@ _Static_assert(sizeof(fpy3_vec) == sizeof(nghttp3_vec), "fpy3_vec must match ngh
 #define S_WANT_WRITABLE 0x20
 #define S_RESET_DONE 0x40 /* RESET emitted, or Python reset it itself: no RESET event */
 #define S_WR_SHUT 0x80    /* the write side is gone (peer STOP_SENDING or reset) */
+#define S_BODY_DONE 0x100 /* the request ended (FIN): nothing more to wait for */
+#define S_CONNECT 0x200   /* CONNECT (a websocket): its body never ends */
+#define S_SCANNED 0x400   /* the first HEADERS frame's field lines are counted */
+
+/* An auto-tuned receive window (a stream's or a connection's). */
+typedef struct {
+    uint64_t size;   /* the window the peer has, bytes */
+    uint64_t credit; /* given back since the last window update */
+    uint64_t ts;     /* that update's time (ns); 0 = none yet */
+} rwin;
+
+/* Counts the field lines of a request's first HEADERS frame on the wire (RFC 9114 7.2,
+ * RFC 9204 4.5) without decoding them (no table needed): nghttp3 passes up only the
+ * fields it accepts and silently drops some that make a request malformed (a name
+ * with a space or a colon, a value with CR, LF or NUL, RFC 9114 4.1.2 and 10.3).
+ * Fewer fields passed up than lines on the wire means one was dropped. */
+typedef struct {
+    uint8_t state, after, skip_then, vlen, vgot;
+    uint32_t shift;
+    uint32_t lines;
+    uint64_t val;  /* the integer being read */
+    uint64_t type; /* the frame's type */
+    uint64_t left; /* payload bytes left in the frame */
+    uint64_t skip; /* string bytes left to skip */
+} fscan;
 
 /* A unit of response body: owned by one stream's chain (or the free pool). */
 typedef struct chunk {
@@ -65,6 +91,11 @@ typedef struct stream {
      * until submitted (read_data) or the stream is released. */
     uint8_t *trailers;
     size_t tlen;
+    rwin win;          /* the request's flow-control window */
+    uint64_t rx_ts;    /* the request's last progress (bytes in, or window given), ns */
+    uint64_t tx_ts;    /* the response's last progress (bytes acked, or queued), ns */
+    uint32_t nfields;  /* head fields nghttp3 passed up */
+    fscan scan;        /* head field lines on the wire */
 } stream;
 
 typedef struct {
@@ -89,6 +120,12 @@ struct h3conn {
     int peer_port, local_port;
     char peer[INET6_ADDRSTRLEN];
     char local[INET6_ADDRSTRLEN];
+    rwin win; /* the connection's flow-control window */
+    /* On the server's idle list (no request stream open), oldest first. */
+    h3conn *iprev, *inext;
+    int idle;
+    h3conn *enext; /* on the evicted list: GOAWAY sent, CONNECTION_CLOSE next batch */
+    int evicted;
 };
 
 typedef struct ablock {
@@ -133,6 +170,31 @@ struct fpy3_h3_server {
 
 const uint32_t fpy3_h3_rtt_bounds_us[10] = {1000,   5000,   10000,  25000,   50000,
                                             100000, 250000, 500000, 1000000, 2500000};
+
+    /* Request bodies: windows and what waits for the app, worker-wide. */
+    uint64_t init_window, init_stream_window, max_window, max_stream_window;
+    uint64_t unread;        /* body bytes handed to Python and not consumed */
+    uint64_t unread_budget; /* past it, windows stop growing */
+    /* Deadlines (ns; 0 = off), checked by a sweep while streams are live. */
+    uint64_t body_timeout, send_timeout;
+    uint64_t sweep_every, next_sweep;
+    uint64_t now; /* at the start of the current read/expire */
+    size_t nlive; /* streams of all connections */
+    uint64_t body_timeouts, send_timeouts, malformed;
+    /* Connections without a request stream, longest idle first: past max_idle the
+     * first go (an abandoned connection is one, until its idle timeout). */
+    h3conn *idle_head, *idle_tail;
+    size_t nidle, max_idle;
+    uint64_t idle_closed;
+    h3conn *evicted;
+};
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 /* --- pools ------------------------------------------------------------------------- */
 
@@ -260,6 +322,152 @@ static void smap_del(smap *m, const stream *st)
     }
 }
 
+/* --- head field lines on the wire (fscan) -------------------------------------------- */
+
+enum { FS_TYPE, FS_LEN, FS_SKIPFRAME, FS_RIC, FS_BASE, FS_LINE, FS_INT, FS_STR, FS_SKIP,
+       FS_DONE, FS_BAD };
+/* What an integer of the field section is for. */
+enum { FA_RIC, FA_BASE, FA_LINE_END, FA_VALUE, FA_NAME_LEN, FA_VALUE_LEN };
+
+static void fscan_skip(fscan *f, uint64_t n, uint8_t then)
+{
+    f->skip = n;
+    f->skip_then = then;
+    f->state = n ? FS_SKIP : then;
+}
+
+static void fscan_int_done(fscan *f, uint64_t v)
+{
+    switch (f->after) {
+    case FA_RIC:
+        f->state = FS_BASE;
+        break;
+    case FA_BASE:
+    case FA_LINE_END:
+        f->state = FS_LINE;
+        break;
+    case FA_VALUE:
+        f->state = FS_STR;
+        break;
+    case FA_NAME_LEN:
+        fscan_skip(f, v, FS_STR);
+        break;
+    default: /* FA_VALUE_LEN */
+        fscan_skip(f, v, FS_LINE);
+        break;
+    }
+}
+
+/* A prefix integer (RFC 7541 5.1) starting in b's low nbits. */
+static void fscan_int(fscan *f, uint8_t b, unsigned nbits, uint8_t after)
+{
+    uint8_t mask = (uint8_t)((1u << nbits) - 1);
+    f->after = after;
+    if ((b & mask) < mask) {
+        fscan_int_done(f, b & mask);
+        return;
+    }
+    f->val = mask;
+    f->shift = 0;
+    f->state = FS_INT;
+}
+
+static void fscan_byte(fscan *f, uint8_t b)
+{
+    switch (f->state) {
+    case FS_RIC:
+        fscan_int(f, b, 8, FA_RIC);
+        break;
+    case FS_BASE:
+        fscan_int(f, b, 7, FA_BASE); /* the sign bit above */
+        break;
+    case FS_LINE: /* RFC 9204 4.5.2-4.5.6 */
+        f->lines++;
+        if (b & 0x80)
+            fscan_int(f, b, 6, FA_LINE_END); /* indexed */
+        else if (b & 0x40)
+            fscan_int(f, b, 4, FA_VALUE); /* literal, name reference */
+        else if (b & 0x20)
+            fscan_int(f, b, 3, FA_NAME_LEN); /* literal, literal name */
+        else if (b & 0x10)
+            fscan_int(f, b, 4, FA_LINE_END); /* indexed, post-base */
+        else
+            fscan_int(f, b, 3, FA_VALUE); /* literal, post-base name reference */
+        break;
+    case FS_STR:
+        fscan_int(f, b, 7, FA_VALUE_LEN); /* the Huffman bit above */
+        break;
+    case FS_INT:
+        if (f->shift > 56) {
+            f->state = FS_BAD;
+            break;
+        }
+        f->val += (uint64_t)(b & 0x7f) << f->shift;
+        f->shift += 7;
+        if (!(b & 0x80))
+            fscan_int_done(f, f->val);
+        break;
+    default:
+        f->state = FS_BAD;
+    }
+}
+
+/* Stream bytes as they arrive, up to the end of the first HEADERS frame (FS_DONE with
+ * f->lines set, or FS_BAD when it cannot be counted: nghttp3 then judges alone). */
+static void fscan_feed(fscan *f, const uint8_t *p, size_t n)
+{
+    while (n && f->state != FS_DONE && f->state != FS_BAD) {
+        if (f->state == FS_TYPE || f->state == FS_LEN) { /* QUIC varints (RFC 9000 16) */
+            uint8_t b = *p++;
+            n--;
+            if (f->vgot == 0) {
+                f->vlen = (uint8_t)(1u << (b >> 6));
+                f->val = b & 0x3f;
+            } else {
+                f->val = f->val << 8 | b;
+            }
+            if (++f->vgot < f->vlen)
+                continue;
+            f->vgot = 0;
+            if (f->state == FS_TYPE) {
+                f->type = f->val;
+                f->state = FS_LEN;
+            } else {
+                f->left = f->val;
+                /* Frames before the head (reserved types) are skipped. */
+                f->state = f->type != 0x01 ? FS_SKIPFRAME : f->left ? FS_RIC : FS_BAD;
+                if (f->state == FS_SKIPFRAME && !f->left)
+                    f->state = FS_TYPE;
+            }
+            continue;
+        }
+        size_t k = n < f->left ? n : (size_t)f->left;
+        if (f->state == FS_SKIPFRAME) {
+            f->left -= k;
+            p += k;
+            n -= k;
+            if (!f->left)
+                f->state = FS_TYPE;
+            continue;
+        }
+        if (f->state == FS_SKIP) {
+            if (k > f->skip)
+                k = (size_t)f->skip;
+            f->skip -= k;
+            if (!f->skip)
+                f->state = f->skip_then;
+        } else {
+            k = 1;
+            fscan_byte(f, *p);
+        }
+        f->left -= k;
+        p += k;
+        n -= k;
+        if (!f->left && f->state != FS_BAD) /* the section ends between two lines */
+            f->state = f->state == FS_LINE ? FS_DONE : FS_BAD;
+    }
+}
+
 /* --- event batch ------------------------------------------------------------------- */
 
 static int ev_reserve(fpy3_h3_event **arr, size_t *cap, size_t need)
@@ -357,6 +565,7 @@ static uint8_t *arena_alloc(fpy3_h3_server *s, size_t n)
 /* Start of read/expire: the last batch is done with; events a flush raised lead. */
 static void batch_begin(fpy3_h3_server *s)
 {
+    s->now = mono_ns();
     /* ev has room for all of pend (ev_room): nothing is dropped here. */
     if (s->npend)
         memcpy(s->ev, s->pend, s->npend * sizeof(*s->ev));
@@ -539,10 +748,87 @@ static nghttp3_ssize read_data(nghttp3_conn *h3, int64_t sid, nghttp3_vec *vec, 
 
 static const nghttp3_data_reader body_reader = {.read_data = read_data};
 
+/* --- idle connections -------------------------------------------------------------- */
+
+static void conn_close_later(h3conn *c, uint64_t code);
+static void send_goaway(h3conn *c, int phase);
+
+static void idle_del(h3conn *c)
+{
+    fpy3_h3_server *s = c->s;
+    if (!c->idle)
+        return;
+    if (c->iprev)
+        c->iprev->inext = c->inext;
+    else
+        s->idle_head = c->inext;
+    if (c->inext)
+        c->inext->iprev = c->iprev;
+    else
+        s->idle_tail = c->iprev;
+    c->iprev = c->inext = NULL;
+    c->idle = 0;
+    s->nidle--;
+}
+
+/* c has no request stream open any more. Past max_idle such connections, the one idle
+ * longest is closed as a graceful shutdown would: the final GOAWAY goes out with the
+ * next flush (a request the client sent meanwhile is one it may retry), and
+ * CONNECTION_CLOSE with H3_NO_ERROR at the start of the next batch (evicted_close). A
+ * client that vanished holds nothing for long; a live one reconnects. */
+static void idle_push(h3conn *c)
+{
+    fpy3_h3_server *s = c->s;
+    if (c->idle || !c->qc || c->close_pending || c->evicted)
+        return;
+    c->idle = 1;
+    c->inext = NULL;
+    c->iprev = s->idle_tail;
+    if (s->idle_tail)
+        s->idle_tail->inext = c;
+    else
+        s->idle_head = c;
+    s->idle_tail = c;
+    s->nidle++;
+    while (s->max_idle && s->nidle > s->max_idle) {
+        h3conn *old = s->idle_head;
+        idle_del(old);
+        s->idle_closed++;
+        send_goaway(old, 2);
+        old->evicted = 1;
+        old->enext = s->evicted;
+        s->evicted = old;
+    }
+}
+
+static void evicted_del(h3conn *c)
+{
+    if (!c->evicted)
+        return;
+    for (h3conn **p = &c->s->evicted; *p; p = &(*p)->enext)
+        if (*p == c) {
+            *p = c->enext;
+            break;
+        }
+    c->evicted = 0;
+}
+
+/* Their GOAWAY went out with the last flush: now the CONNECTION_CLOSE. */
+static void evicted_close(fpy3_h3_server *s)
+{
+    while (s->evicted) {
+        h3conn *c = s->evicted;
+        s->evicted = c->enext;
+        c->evicted = 0;
+        conn_close_later(c, FPY3_H3_NO_ERROR);
+    }
+}
+
 /* --- stream lifecycle -------------------------------------------------------------- */
 
 static void stream_unlink(h3conn *c, stream *st)
 {
+    c->s->nlive--;
     if (st->prev)
         st->prev->next = st->next;
     else
@@ -570,10 +856,14 @@ static void stream_release(h3conn *c, stream *st, uint64_t code)
     }
     if (c->qc && st->unconsumed)
         fpy3_engine_extend(c->qc, -1, st->unconsumed); /* connection window only */
+    s->unread -= st->unconsumed;
+    st->unconsumed = 0;
     chain_free(s, st);
     stream_unlink(c, st);
     st->next = s->zombie_streams;
     s->zombie_streams = st;
+    if (!c->live)
+        idle_push(c);
 }
 
 static h3conn *conn_of(fpy3_h3_server *s, uint64_t handle)
@@ -632,23 +922,38 @@ static int oom(h3conn *c)
     return NGHTTP3_ERR_CALLBACK_FAILURE;
 }
 
-static int h_begin_headers(nghttp3_conn *h3, int64_t sid, void *cud, void *sud)
+/* A request stream's object, made when its first bytes arrive: NULL without memory. */
+static stream *stream_open(h3conn *c, int64_t sid)
 {
-    h3conn *c = cud;
-    (void)sud;
-    stream *st = stream_get(c->s);
+    fpy3_h3_server *s = c->s;
+    stream *st = stream_get(s);
     if (!st)
-        return oom(c);
+        return NULL;
     st->id = sid;
     st->c = c;
     if (smap_put(&c->streams, st) < 0) {
-        stream_free_now(c->s, st);
-        return oom(c);
+        stream_free_now(s, st);
+        return NULL;
     }
     st->next = c->live;
     if (c->live)
         c->live->prev = st;
+    else
+        idle_del(c); /* an evicted one still closes: its GOAWAY refused this stream */
     c->live = st;
+    s->nlive++;
+    st->win.size = s->init_stream_window;
+    st->rx_ts = s->now;
+    return st;
+}
+
+static int h_begin_headers(nghttp3_conn *h3, int64_t sid, void *cud, void *sud)
+{
+    h3conn *c = cud;
+    (void)sud;
+    stream *st = smap_find(&c->streams, sid);
+    if (!st && !(st = stream_open(c, sid)))
+        return oom(c);
     nghttp3_conn_set_stream_user_data(h3, sid, st);
     return 0;
 }
@@ -680,7 +985,10 @@ static int h_recv_header(nghttp3_conn *h3, int64_t sid, int32_t token, nghttp3_r
     (void)sid;
     (void)token;
     (void)flags;
-    if (!st || (st->flags & S_TOO_LARGE))
+    if (!st)
+        return 0;
+    st->nfields++;
+    if (st->flags & S_TOO_LARGE)
         return 0;
     nghttp3_vec n = nghttp3_rcbuf_get_buf(name), v = nghttp3_rcbuf_get_buf(value);
     st->hcount++;
@@ -694,12 +1002,73 @@ static int h_recv_header(nghttp3_conn *h3, int64_t sid, int32_t token, nghttp3_r
     return 0;
 }
 
+/* A request nghttp3 accepted that RFC 9114 still makes malformed (4.1.2): reset with
+ * H3_MESSAGE_ERROR, as nghttp3 does its own; Python never sees it. */
+static void malformed(h3conn *c, stream *st)
+{
+    c->s->malformed++;
+    st->flags |= S_DISCARD | S_WR_SHUT;
+    fpy3_engine_shutdown_stream(c->qc, st->id, FPY3_H3_MESSAGE_ERROR, FPY3_SHUT_RD | FPY3_SHUT_WR);
+}
+
+static int ascii_caseeq(const uint8_t *a, const uint8_t *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint8_t x = a[i], y = b[i];
+        if (x >= 'A' && x <= 'Z')
+            x = (uint8_t)(x + 32);
+        if (y >= 'A' && y <= 'Z')
+            y = (uint8_t)(y + 32);
+        if (x != y)
+            return 0;
+    }
+    return 1;
+}
+
+/* What nghttp3 leaves to the server: a fragment in :path (a request target has none,
+ * RFC 9114 4.3.1), and a Host other than :authority (4.3.1: they MUST agree). Also
+ * marks CONNECT streams. 0: well-formed. */
+static int head_check(stream *st)
+{
+    const uint8_t *auth = NULL, *host = NULL;
+    size_t alen = 0, hlen = 0;
+    const uint8_t *p = st->hbuf, *end = st->hbuf + st->hlen;
+    while (p < end) {
+        const uint8_t *name = p;
+        size_t nl = strlen((const char *)name);
+        const uint8_t *value = name + nl + 1;
+        size_t vl = strlen((const char *)value);
+        p = value + vl + 1;
+        if (nl == 5 && !memcmp(name, ":path", 5)) {
+            if (memchr(value, '#', vl))
+                return -1;
+        } else if (nl == 10 && !memcmp(name, ":authority", 10)) {
+            auth = value;
+            alen = vl;
+        } else if (nl == 4 && !memcmp(name, "host", 4)) {
+            host = value;
+            hlen = vl;
+        } else if (nl == 7 && !memcmp(name, ":method", 7) && vl == 7 &&
+                   !memcmp(value, "CONNECT", 7)) {
+            st->flags |= S_CONNECT;
+        }
+    }
+    if (auth && host && (alen != hlen || !ascii_caseeq(auth, host, alen)))
+        return -1;
+    return 0;
+}
+
 static int h_end_headers(nghttp3_conn *h3, int64_t sid, int fin, void *cud, void *sud)
 {
     h3conn *c = cud;
     stream *st = sud;
     if (!st || (st->flags & S_DISCARD))
         return 0;
+    /* A field nghttp3 dropped: fewer passed up than the frame carried. */
+    if ((st->flags & S_SCANNED) && st->nfields != st->scan.lines) {
+        malformed(c, st);
+        return 0;
+    }
     if (st->flags & S_TOO_LARGE) {
         /* Answered here; Python never sees it. */
         static const nghttp3_nv nv[] = {
@@ -715,6 +1084,12 @@ static int h_end_headers(nghttp3_conn *h3, int64_t sid, int fin, void *cud, void
         fpy3_engine_mark(c->qc);
         return 0;
     }
+    if (head_check(st) < 0) {
+        malformed(c, st);
+        return 0;
+    }
+    if (fin)
+        st->flags |= S_BODY_DONE;
     if (ev_promise(c->s, st) < 0)
         return oom(c);
     fpy3_h3_event *ev = ev_push(c->s, FPY3_H3_REQUEST, c, sid); /* room: promised */
@@ -742,6 +1117,8 @@ static int h_recv_data(nghttp3_conn *h3, int64_t sid, const uint8_t *data, size_
     if (emit_data(c->s, c, st, data, len) < 0)
         return oom(c);
     st->unconsumed += len;
+    c->s->unread += len;
+    st->rx_ts = c->s->now;
     return 0;
 }
 
@@ -759,6 +1136,8 @@ static int h_end_stream(nghttp3_conn *h3, int64_t sid, void *cud, void *sud)
     h3conn *c = cud;
     stream *st = sud;
     (void)h3;
+    if (st)
+        st->flags |= S_BODY_DONE;
     if (st && (st->flags & S_SURFACED) && !ev_push(c->s, FPY3_H3_END, c, sid))
         return oom(c);
     return 0;
@@ -772,6 +1151,7 @@ static int h_acked(nghttp3_conn *h3, int64_t sid, uint64_t n, void *cud, void *s
     if (!st)
         return 0;
     chain_ack(c->s, st, n);
+    st->tx_ts = c->s->now;
     if ((st->flags & S_WANT_WRITABLE) && st->buffered <= c->s->low_water) {
         if (!ev_push(c->s, FPY3_H3_WRITABLE, c, sid))
             return oom(c);
@@ -783,7 +1163,7 @@ static int h_acked(nghttp3_conn *h3, int64_t sid, uint64_t n, void *cud, void *s
 static int h_stream_close(nghttp3_conn *h3, int64_t sid, uint64_t code, void *cud, void *sud)
 {
     h3conn *c = cud;
-    stream *st = sud;
+    stream *st = sud ? sud : smap_find(&c->streams, sid); /* or its head never began */
     (void)h3;
     if (st)
         stream_release(c, st, code);
@@ -872,6 +1252,7 @@ static void *e_conn_open(void *app, fpy3_qconn *qc)
     c->s = s;
     c->qc = qc;
     c->handle = fpy3_engine_conn_handle(qc);
+    c->win.size = s->init_window;
     uint32_t len;
     addr_text(fpy3_engine_conn_peer(qc, &len), c->peer, sizeof(c->peer), &c->peer_port);
     addr_text(fpy3_engine_conn_local(qc, &len), c->local, sizeof(c->local), &c->local_port);
@@ -899,6 +1280,7 @@ static void *e_conn_open(void *app, fpy3_qconn *qc)
     if (s->shutting_down)
         send_goaway(c, s->shutting_down);
     s->stats.handshakes++;
+    idle_push(c); /* no request yet */
     return c;
 }
 
@@ -906,10 +1288,13 @@ static void e_conn_close(void *ac)
 {
     h3conn *c = ac;
     fpy3_h3_server *s = c->s;
+    fpy3_conn_stats cs;
+    fpy3_engine_conn_stats(c->qc, &cs); /* while the connection is there to ask */
+    c->qc = NULL; /* first: releasing its streams must not put it on the idle list */
+    idle_del(c);
+    evicted_del(c);
     while (c->live)
         stream_release(c, c->live, FPY3_H3_REQUEST_CANCELLED);
-    fpy3_conn_stats cs;
-    fpy3_engine_conn_stats(c->qc, &cs);
     s->stats.lost_packets += cs.lost_packets;
     if (cs.smoothed_rtt_ns) {
         uint64_t us = cs.smoothed_rtt_ns / 1000;
@@ -944,6 +1329,18 @@ static int fail(h3conn *c, long rv)
 static int e_recv(void *ac, int64_t sid, const uint8_t *data, size_t len, int fin)
 {
     h3conn *c = ac;
+    if ((sid & 0x3) == 0) { /* a request stream: count its head's lines before nghttp3 */
+        stream *st = smap_find(&c->streams, sid);
+        if (!st && !(st = stream_open(c, sid))) {
+            fpy3_engine_conn_error(c->qc, FPY3_H3_INTERNAL_ERROR);
+            return -1;
+        }
+        if (!(st->flags & S_SCANNED) && st->scan.state != FS_BAD) {
+            fscan_feed(&st->scan, data, len);
+            if (st->scan.state == FS_DONE)
+                st->flags |= S_SCANNED;
+        }
+    }
     nghttp3_ssize n = nghttp3_conn_read_stream(c->h3, sid, data, len, fin);
     if (n < 0)
         return fail(c, n);
@@ -963,8 +1360,12 @@ static int e_stream_close(void *ac, int64_t sid, uint64_t code)
     h3conn *c = ac;
     int rv = nghttp3_conn_close_stream(c->h3, sid, code ? code : NGHTTP3_H3_NO_ERROR);
     if (rv == NGHTTP3_ERR_STREAM_NOT_FOUND) {
-        if ((sid & 0x3) == 0) /* a request stream nghttp3 never saw */
+        if ((sid & 0x3) == 0) { /* a request stream nghttp3 never saw */
+            stream *st = smap_find(&c->streams, sid);
+            if (st)
+                stream_release(c, st, code);
             fpy3_engine_extend_streams_bidi(c->qc, 1);
+        }
         return 0;
     }
     return rv ? fail(c, rv) : 0;
@@ -977,6 +1378,8 @@ static int e_peer_reset(void *ac, int64_t sid, uint64_t code)
     if (rv)
         return fail(c, rv);
     stream *st = smap_find(&c->streams, sid);
+    if (st)
+        st->flags |= S_BODY_DONE; /* no more request bytes will come */
     if (st && (st->flags & S_SURFACED) && !(st->flags & S_RESET_DONE)) {
         st->flags |= S_RESET_DONE;
         fpy3_h3_event *ev = ev_push_final(c->s, FPY3_H3_RESET, c, st);
@@ -1063,6 +1466,33 @@ static const fpy3_engine_app engine_app = {
     .shut_wr = e_shut_wr,
 };
 
+/* --- flow control ------------------------------------------------------------------ */
+
+/* n body bytes consumed under window w: returns how much the window grows on top of
+ * the credit (auto-tuning, as ngtcp2 and browsers do). An update goes out once a
+ * quarter of the window is credited; if the last one was less than two round trips
+ * ago, the app reads as fast as the window lets the peer send, so the window doubles,
+ * up to max, unless the worker's unread bodies are past their budget. */
+static uint64_t rwin_credit(fpy3_h3_server *s, h3conn *c, rwin *w, uint64_t n, uint64_t max,
+                            uint64_t now)
+{
+    w->credit += n;
+    if (w->credit * 4 < w->size)
+        return 0;
+    uint64_t grow = 0;
+    if (w->size < max && w->ts && s->unread <= s->unread_budget) {
+        uint64_t rtt = fpy3_engine_rtt_ns(c->qc); /* 0: the engine tunes its own windows */
+        if (rtt && now - w->ts < 2 * rtt) {
+            uint64_t size = w->size * 2 < max ? w->size * 2 : max;
+            grow = size - w->size;
+            w->size = size;
+        }
+    }
+    w->ts = now;
+    w->credit = 0;
+    return grow;
+}
+
 /* --- public API -------------------------------------------------------------------- */
 
 fpy3_h3_server *fpy3_h3_server_new(int fd, const fpy3_h3_config *cfg, char *err, size_t errlen)
@@ -1079,6 +1509,25 @@ fpy3_h3_server *fpy3_h3_server_new(int fd, const fpy3_h3_config *cfg, char *err,
     s->max_streams_bidi = cfg->max_streams_bidi ? cfg->max_streams_bidi : 100;
     s->high_water = cfg->send_high_water ? cfg->send_high_water : 256 * 1024;
     s->low_water = s->high_water / 4;
+    s->init_window = cfg->initial_max_data ? cfg->initial_max_data : 1024 * 1024;
+    s->init_stream_window =
+        cfg->initial_max_stream_data ? cfg->initial_max_stream_data : 256 * 1024;
+    s->max_window = cfg->max_window > s->init_window ? cfg->max_window : s->init_window;
+    s->max_stream_window = cfg->max_stream_window > s->init_stream_window
+                               ? cfg->max_stream_window
+                               : s->init_stream_window;
+    s->unread_budget = cfg->unread_budget ? cfg->unread_budget : 64u * 1024 * 1024;
+    s->body_timeout = cfg->body_timeout_ms * 1000000u;
+    s->send_timeout = cfg->send_timeout_ms * 1000000u;
+    /* Deadlines hold to a quarter of the shorter one (at most a second late). */
+    uint64_t shortest = s->body_timeout && (!s->send_timeout || s->body_timeout < s->send_timeout)
+                            ? s->body_timeout
+                            : s->send_timeout;
+    s->sweep_every = shortest / 4 < 1000000000u ? shortest / 4 : 1000000000u;
+    if (s->sweep_every < 50000000u)
+        s->sweep_every = 50000000u;
+    s->now = mono_ns();
+    s->max_idle = cfg->max_idle_connections;
 
     fpy3_engine_config ec = {
         .engine = cfg->engine,
@@ -1090,12 +1539,16 @@ fpy3_h3_server *fpy3_h3_server_new(int fd, const fpy3_h3_config *cfg, char *err,
         .qlog_dir = cfg->qlog_dir,
         .worker_id = cfg->worker_id,
         .retry = cfg->retry,
+        .max_handshakes = cfg->max_handshakes,
+        .handshake_memory = cfg->handshake_memory,
+        .handshake_timeout_ms = cfg->handshake_timeout_ms ? cfg->handshake_timeout_ms : 10000,
+        .max_connections = cfg->max_connections,
         .idle_timeout_ms = cfg->idle_timeout_ms ? cfg->idle_timeout_ms : 30000,
         .max_streams_bidi = s->max_streams_bidi,
         .max_streams_uni = 3,
-        .initial_max_data = cfg->initial_max_data ? cfg->initial_max_data : 4 * 1024 * 1024,
-        .initial_max_stream_data =
-            cfg->initial_max_stream_data ? cfg->initial_max_stream_data : 1024 * 1024,
+        .initial_max_data = s->init_window,
+        .max_window = s->max_window,
+        .initial_max_stream_data = s->init_stream_window,
         .max_udp_payload = cfg->max_udp_payload,
         .key_password = cfg->key_password,
         .client_ca = cfg->client_ca,
@@ -1173,6 +1626,7 @@ int fpy3_h3_fd(fpy3_h3_server *s) { return fpy3_engine_fd(s->e); }
 int fpy3_h3_read(fpy3_h3_server *s)
 {
     batch_begin(s);
+    evicted_close(s);
     fpy3_engine_read(s->e);
     if (s->pending_close || s->shutting_down) {
         close_pending(s);
@@ -1181,10 +1635,66 @@ int fpy3_h3_read(fpy3_h3_server *s)
     return (int)s->nev;
 }
 
+/* A stream past a deadline: reset with H3_REQUEST_CANCELLED, as Python's own reset
+ * does, and Python (if it knows the stream) gets a RESET event. */
+static void stream_expired(h3conn *c, stream *st)
+{
+    fpy3_h3_server *s = c->s;
+    if ((st->flags & S_SURFACED) && !(st->flags & S_RESET_DONE)) {
+        fpy3_h3_event *ev = ev_push_final(s, FPY3_H3_RESET, c, st);
+        if (ev)
+            ev->code = FPY3_H3_REQUEST_CANCELLED;
+    }
+    st->flags |= S_RESET_DONE | S_WR_SHUT | S_BODY_DONE;
+    if (nghttp3_conn_shutdown_stream_read(c->h3, st->id) != 0)
+        conn_close_later(c, FPY3_H3_INTERNAL_ERROR);
+    nghttp3_conn_shutdown_stream_write(c->h3, st->id);
+    fpy3_engine_shutdown_stream(c->qc, st->id, FPY3_H3_REQUEST_CANCELLED,
+                                FPY3_SHUT_RD | FPY3_SHUT_WR);
+}
+
+/* The deadlines of one connection's streams (the connection itself may be busy: a
+ * PING keeps it alive, not its streams). */
+static void sweep_conn(void *ac, void *arg)
+{
+    h3conn *c = ac;
+    fpy3_h3_server *s = arg;
+    if (!c->qc || !c->h3)
+        return;
+    for (stream *st = c->live; st; st = st->next) {
+        if (st->flags & (S_RESET_DONE | S_WR_SHUT))
+            continue; /* ending already */
+        /* The client does not take the response: bytes wait, none acknowledged. */
+        if (s->send_timeout && st->buffered && s->now - st->tx_ts > s->send_timeout) {
+            s->send_timeouts++;
+            stream_expired(c, st);
+            continue;
+        }
+        /* The client does not send the request (head or body) while nothing of it
+         * waits for the app, so its windows are open. A websocket's body never ends. */
+        if (s->body_timeout && !(st->flags & (S_BODY_DONE | S_CONNECT)) && !st->unconsumed &&
+            s->now - st->rx_ts > s->body_timeout) {
+            s->body_timeouts++;
+            stream_expired(c, st);
+        }
+    }
+}
+
+static int sweep_due(const fpy3_h3_server *s)
+{
+    return s->nlive && (s->body_timeout || s->send_timeout);
+}
+
 int fpy3_h3_expire(fpy3_h3_server *s)
 {
     batch_begin(s);
+    evicted_close(s);
     fpy3_engine_expire(s->e);
+    if (sweep_due(s) && s->now >= s->next_sweep) {
+        fpy3_engine_each(s->e, sweep_conn, s);
+        s->next_sweep = s->now + s->sweep_every;
+        fpy3_engine_flush(s->e);
+    }
     if (s->pending_close || s->shutting_down) {
         close_pending(s);
         fpy3_engine_flush(s->e);
@@ -1203,9 +1713,17 @@ int fpy3_h3_flush(fpy3_h3_server *s)
 
 int64_t fpy3_h3_next_timeout_ms(fpy3_h3_server *s)
 {
-    if (s->pending_close || s->npend)
-        return 0; /* expire() delivers them */
-    return fpy3_engine_next_timeout_ms(s->e);
+    if (s->pending_close || s->npend || s->evicted)
+        return 0; /* expire() delivers them, or closes the evicted */
+    int64_t ms = fpy3_engine_next_timeout_ms(s->e);
+    if (sweep_due(s)) {
+        uint64_t now = mono_ns();
+        int64_t sweep =
+            s->next_sweep <= now ? 0 : (int64_t)((s->next_sweep - now + 999999) / 1000000);
+        if (ms < 0 || sweep < ms)
+            ms = sweep;
+    }
+    return ms;
 }
 
 const fpy3_h3_event *fpy3_h3_events(fpy3_h3_server *s, size_t *count)
@@ -1303,6 +1821,8 @@ int64_t fpy3_h3_send(fpy3_h3_server *s, uint64_t conn, int64_t sid, const uint8_
     stream *st = stream_of(s, conn, sid, &c);
     if (!st || !(st->flags & S_RESPONDED) || (st->flags & (S_FIN | S_WR_SHUT)))
         return -1;
+    if (!st->buffered && len)
+        st->tx_ts = mono_ns(); /* the response's deadline starts with bytes to send */
     if (len && chain_append(s, st, data, len) < 0) {
         conn_close_later(c, FPY3_H3_INTERNAL_ERROR);
         return -1;
@@ -1330,9 +1850,37 @@ int fpy3_h3_consume(fpy3_h3_server *s, uint64_t conn, int64_t sid, size_t n)
     if (!n)
         return 0;
     st->unconsumed -= n;
+    s->unread -= n;
+    uint64_t now = mono_ns();
+    st->rx_ts = now; /* the window opens: the request's deadline starts again */
     fpy3_engine_extend(c->qc, sid, n);
+    uint64_t grow = rwin_credit(s, c, &st->win, n, s->max_stream_window, now);
+    if (grow)
+        fpy3_engine_grow(c->qc, sid, grow);
+    grow = rwin_credit(s, c, &c->win, n, s->max_window, now);
+    if (grow)
+        fpy3_engine_grow(c->qc, -1, grow);
     fpy3_engine_mark(c->qc);
     return 0;
+}
+
+void fpy3_h3_guard_get(fpy3_h3_server *s, fpy3_h3_guard *out)
+{
+    fpy3_engine_stats es;
+    fpy3_engine_stats_get(s->e, &es);
+    memset(out, 0, sizeof(*out));
+    out->connections = es.connections;
+    out->handshakes = es.handshakes;
+    out->handshake_bytes = es.handshake_bytes;
+    out->quic_bytes = es.quic_bytes;
+    out->retries = es.retries;
+    out->refused = es.refused;
+    out->pressure = es.pressure;
+    out->unread = s->unread;
+    out->body_timeouts = s->body_timeouts;
+    out->send_timeouts = s->send_timeouts;
+    out->malformed = s->malformed;
+    out->idle_closed = s->idle_closed;
 }
 
 int fpy3_h3_reset(fpy3_h3_server *s, uint64_t conn, int64_t sid, uint64_t h3_error)

@@ -13,7 +13,24 @@
  * Request heads over max_header_size (sum of name + value + 32 per field, as
  * SETTINGS_MAX_FIELD_SECTION_SIZE counts) or max_header_count fields get a 431
  * response from C (and STOP_SENDING H3_NO_ERROR for any body); Python never sees
- * them. Malformed requests (nghttp3's checks) are reset with H3_MESSAGE_ERROR.
+ * them. Malformed requests are reset with H3_MESSAGE_ERROR (RFC 9114 4.1.2): nghttp3's
+ * checks, and what it would let through with a field dropped (a name or value with a
+ * character fields may not carry), a `:path` with a fragment, a `host` other than
+ * `:authority`.
+ *
+ * Request bodies wait in QUIC: windows start at initial_max_stream_data and
+ * initial_max_data and grow (doubling, up to max_stream_window and max_window) only
+ * while the app reads faster than a window per two round trips, and only while the
+ * body bytes handed over and not yet consumed, worker-wide, are within unread_budget.
+ *
+ * Idle connections (no request stream open) past max_idle_connections are closed,
+ * longest idle first, with a final GOAWAY and CONNECTION_CLOSE H3_NO_ERROR: a client
+ * that vanished without closing costs memory only until then or its idle timeout.
+ *
+ * Deadlines: a request stream whose body (or head) makes no progress for
+ * body_timeout while nothing of it waits for the app, or whose response makes no
+ * progress (acknowledged bytes) for send_timeout while bytes wait for the client, is
+ * reset with H3_REQUEST_CANCELLED (a RESET event tells Python).
  */
 #ifndef FPY3_H3_H
 #define FPY3_H3_H
@@ -42,12 +59,22 @@ typedef struct {
     const char *key_file;
     uint32_t worker_id;
     uint8_t static_secret[32];
-    int retry;
+    int retry;                     /* Retry always */
+    uint32_t max_handshakes;       /* handshake pressure (Retry) past this many; 0 = none */
+    uint64_t handshake_memory;     /* or past this many bytes in handshakes; 0 = none */
+    uint64_t handshake_timeout_ms; /* 0 = 10 s */
+    uint64_t max_connections;      /* more are refused (CONNECTION_REFUSED); 0 = no limit */
+    uint64_t max_idle_connections; /* past it the longest idle ones are closed; 0 = no limit */
     uint64_t idle_timeout_ms;
     uint64_t max_streams_bidi;
     size_t max_udp_payload;
     uint64_t initial_max_data;
     uint64_t initial_max_stream_data;
+    uint64_t max_window;        /* connection window growth limit; 0 = initial_max_data */
+    uint64_t max_stream_window; /* stream window growth limit; 0 = initial_max_stream_data */
+    uint64_t unread_budget;     /* windows stop growing past it; 0 = 64 MiB */
+    uint64_t body_timeout_ms;   /* 0 = off */
+    uint64_t send_timeout_ms;   /* 0 = off */
     size_t max_header_size;
     size_t max_header_count;
     const char *qlog_dir;   /* NULL or "" = off */
@@ -89,6 +116,21 @@ typedef struct {
 } fpy3_h3_tls_info;
 
 typedef struct fpy3_h3_server fpy3_h3_server;
+
+typedef struct {
+    uint64_t connections;     /* active QUIC connections */
+    uint64_t handshakes;      /* of those, in their handshake */
+    uint64_t handshake_bytes; /* what those hold */
+    uint64_t quic_bytes;      /* what the QUIC library holds for all connections */
+    uint64_t retries;         /* Retry packets sent (since the start, as all totals below) */
+    uint64_t refused;         /* connections refused at max_connections */
+    int pressure;             /* handshake pressure now: new clients get a Retry */
+    uint64_t unread;          /* request body bytes handed to Python, not yet consumed */
+    uint64_t body_timeouts;   /* streams reset: no request progress within body_timeout */
+    uint64_t send_timeouts;   /* streams reset: no response progress within send_timeout */
+    uint64_t malformed;       /* requests reset with H3_MESSAGE_ERROR by fpy3's own checks */
+    uint64_t idle_closed;     /* idle connections closed past max_idle_connections */
+} fpy3_h3_guard;
 
 fpy3_h3_server *fpy3_h3_server_new(int fd, const fpy3_h3_config *cfg, char *err, size_t errlen);
 void fpy3_h3_server_free(fpy3_h3_server *s);
@@ -143,5 +185,6 @@ typedef struct {
 } fpy3_h3_stats;
 extern const uint32_t fpy3_h3_rtt_bounds_us[10];
 void fpy3_h3_get_stats(fpy3_h3_server *s, fpy3_h3_stats *out);
+void fpy3_h3_guard_get(fpy3_h3_server *s, fpy3_h3_guard *out);
 
 #endif

@@ -61,6 +61,7 @@ typedef struct {
 } mq_credential_config; /* QUIC_CREDENTIAL_CONFIG */
 
 /* QUIC_SETTINGS: IsSetFlags bit n says field n (in declaration order) is set. */
+#define MQ_SET_HANDSHAKE_IDLE_TIMEOUT (1ull << 1)
 #define MQ_SET_IDLE_TIMEOUT (1ull << 2)
 #define MQ_SET_STREAM_RECV_WINDOW (1ull << 6)
 #define MQ_SET_CONN_FLOW_CONTROL_WINDOW (1ull << 8)

@@ -81,11 +81,21 @@ class H3Server:
         cfg.ticket_lifetime = tls.ticket_lifetime
         cfg.early_data = h3.early_data
         cfg.retry = h3.retry
+        cfg.max_handshakes = h3.max_handshakes
+        cfg.handshake_memory = h3.handshake_memory
+        cfg.handshake_timeout_ms = int(h3.handshake_timeout * 1000)
+        cfg.max_connections = h3.max_connections
+        cfg.max_idle_connections = h3.max_idle_connections
         cfg.idle_timeout_ms = int(h3.idle_timeout * 1000)
         cfg.max_streams_bidi = h3.max_concurrent_streams
         cfg.max_udp_payload = h3.max_udp_payload
         cfg.initial_max_data = h3.initial_max_data
         cfg.initial_max_stream_data = h3.initial_max_stream_data
+        cfg.max_window = h3.max_window
+        cfg.max_stream_window = h3.max_stream_window
+        cfg.unread_budget = h3.unread_body_budget
+        cfg.body_timeout_ms = int(h3.body_timeout * 1000)
+        cfg.send_timeout_ms = int(h3.send_timeout * 1000)
         cfg.max_header_size = limits.max_header_size
         cfg.max_header_count = limits.max_header_count
         cfg.send_high_water = SEND_HIGH_WATER
@@ -125,6 +135,8 @@ class H3Server:
         self._fields: list[bytes] = [b""] * 16
         self._tls: dict[int, dict] = {}  # connection handle -> the scope's TLS extension
         self._tls_info = ffi.new("fpy3_h3_tls_info *")
+        self._guard = ffi.new("fpy3_h3_guard *")
+        self._seen = _Seen()
         self.refresh(service.clock)
         self.fd = lib.fpy3_h3_fd(self.srv)  # the UDP socket, or MsQuic's epoll set
         self.loop.add_reader(self.fd, self._on_readable)
@@ -331,8 +343,64 @@ class H3Server:
             parts += (name, b"\0", value, b"\0")
         return b"".join(parts)
 
+    def guard(self):
+        """The native server's defence counters (fpy3_h3_guard: connections, handshakes,
+        Retry, refused, unread body bytes, streams reset at their deadlines)."""
+        lib.fpy3_h3_guard_get(self.srv, self._guard)
+        return self._guard
+
+    def _report(self) -> None:
+        """Once a second: say when handshake pressure turns Retry on or off, and what
+        was refused or reset since the last report."""
+        st = self.guard()
+        seen = self._seen
+        h3 = self.svc.settings.http3
+        if st.pressure != seen.pressure:
+            seen.pressure = st.pressure
+            if st.pressure:
+                logger.warning(
+                    "HTTP/3: handshake pressure (%d connections in their handshake, %.1f MiB;"
+                    " http3.max_handshakes %d, http3.handshake_memory %.1f MiB):"
+                    " new clients must pass a Retry",
+                    st.handshakes,
+                    st.handshake_bytes / 1048576,
+                    h3.max_handshakes,
+                    h3.handshake_memory / 1048576,
+                )
+            else:
+                logger.info("HTTP/3: handshake pressure gone: Retry off")
+        if st.refused != seen.refused:
+            logger.warning(
+                "HTTP/3: refused %d new connection(s): http3.max_connections (%d) reached",
+                st.refused - seen.refused,
+                h3.max_connections,
+            )
+            seen.refused = st.refused
+        if st.idle_closed != seen.idle_closed:
+            logger.info(
+                "HTTP/3: closed %d idle connection(s): http3.max_idle_connections (%d) reached",
+                st.idle_closed - seen.idle_closed,
+                h3.max_idle_connections,
+            )
+            seen.idle_closed = st.idle_closed
+        for what, count, last, key, limit in (
+            ("request", st.body_timeouts, seen.body_timeouts, "body_timeout", h3.body_timeout),
+            ("response", st.send_timeouts, seen.send_timeouts, "send_timeout", h3.send_timeout),
+        ):
+            if count != last:
+                logger.info(
+                    "HTTP/3: reset %d stream(s) whose %s made no progress for %g s (http3.%s)",
+                    count - last,
+                    what,
+                    limit,
+                    key,
+                )
+        seen.body_timeouts, seen.send_timeouts = st.body_timeouts, st.send_timeouts
+
     def refresh(self, clock) -> None:
         """The default fields (Date, Server), from the service's clock each second."""
+        if not self._closed:
+            self._report()
         date = b"date\0" + clock.date + b"\0"
         server_header = self.svc.server_header
         server = b"server\0" + server_header + b"\0" if server_header else b""
@@ -404,6 +472,19 @@ class H3Server:
             )
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
+
+
+class _Seen:
+    """The counters as last reported."""
+
+    __slots__ = ("pressure", "refused", "idle_closed", "body_timeouts", "send_timeouts")
+
+    def __init__(self) -> None:
+        self.pressure = 0
+        self.refused = 0
+        self.idle_closed = 0
+        self.body_timeouts = 0
+        self.send_timeouts = 0
 
 
 def _addr(addr):

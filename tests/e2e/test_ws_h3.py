@@ -213,6 +213,50 @@ def test_h3_websocket_drain_1001(start_server):
     srv.wait_record("ws-hold", "disconnect 1001 ")
 
 
+def _stalled_request_reset(srv) -> int | None:
+    """A POST that sends 10 of its 100 body bytes and stalls: the code it is reset with."""
+
+    async def go():
+        async with kit._h3_connection(srv.host, srv.port, str(srv.cafile), 15) as proto:
+            ex = proto.new_request()
+            headers = kit._request_headers(
+                "POST", "/echo", f"{srv.host}:{srv.port}", [("content-length", "100")]
+            )
+            proto.h3.send_headers(ex.stream_id, headers, end_stream=False)
+            proto.h3.send_data(ex.stream_id, b"x" * 10, end_stream=False)
+            proto.transmit()
+            await ex.done.wait()
+            return ex.reset_code
+
+    return kit._run(go, 20, "stalled request")
+
+
+def test_h3_websocket_outlives_body_timeout(start_server):
+    # A websocket's request stream never ends: http3.body_timeout is not for it.
+    srv = start_server(
+        app="ws_apps:app",
+        config={"http3": {"enabled": True, "body_timeout": 1}, "websocket": {"ping_interval": 0}},
+    )
+
+    async def script(head, send, recv):
+        ex = await head()
+        assert ex.status == 200
+        send(frame(1, b"before"))
+        assert await recv() == (1, b"before")
+        # A plain request opened after the websocket stalls and is reset at its deadline;
+        # by then the websocket has been quiet longer than body_timeout too.
+        assert await asyncio.to_thread(_stalled_request_reset, srv) == 0x10C
+        send(frame(1, b"after"))
+        assert await recv() == (1, b"after")
+        assert ex.reset_code is None, ex.describe()
+        send(frame(8, close_payload(1000)))
+        assert await recv() == (8, close_payload(1000))
+        return True
+
+    _, ok = run_session(srv, "/echo", script, timeout=30)
+    assert ok
+
+
 def test_h3_websocket_large_message_and_deflate(h3ws):
     # 3 MiB is more than the stream's flow-control window: the server must give
     # credit back as it reads. Then one compressed message each way.

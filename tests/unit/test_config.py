@@ -370,6 +370,15 @@ RANGE_ERRORS = [
     ("limits", "max_header_count", 10001, "must be between 1 and 10000, got 10001"),
     ("limits", "max_body_size", -1, "must be at least 0, got -1"),
     ("limits", "max_connections", -1, "must be at least 0, got -1"),
+    ("http3", "handshake_timeout", 0, "must be greater than 0, got 0.0"),
+    ("http3", "body_timeout", -1, "must be at least 0, got -1.0"),
+    ("http3", "send_timeout", -0.5, "must be at least 0, got -0.5"),
+    ("http3", "max_window", 65535, "must be between 65536 and 1099511627776, got 65535"),
+    ("http3", "max_stream_window", 100, "must be between 16384 and 1099511627776, got 100"),
+    ("http3", "unread_body_budget", 1000, "must be between 1048576 and 1099511627776, got 1000"),
+    ("http3", "max_connections", -1, "must be at least 0, got -1"),
+    ("http3", "max_handshakes", -1, "must be between 0 and 1048576, got -1"),
+    ("http3", "handshake_memory", -1, "must be between 0 and 1099511627776, got -1"),
 ]
 
 
@@ -385,6 +394,38 @@ def test_out_of_range_in_file(
 def test_out_of_range_on_command_line(section: str, key: str, value: object, reason: str) -> None:
     message = error(overrides={f"{section}.{key}": value})
     assert message == f"command line: {section}.{key}: {reason}"
+
+
+def test_windows_must_not_start_above_their_growth_limit(tmp_path: Path) -> None:
+    path = write(tmp_path, "[http3]\ninitial_max_stream_data = 8388608\n")
+    assert error(path) == (
+        f"{path}: http3.initial_max_stream_data: http3.max_stream_window (6291456) must be at "
+        "least http3.initial_max_stream_data (8388608)"
+    )
+    message = error(path, overrides={"http3.max_window": 65536})
+    assert message == (
+        "command line: http3.max_window: http3.max_window (65536) must be at least "
+        "http3.initial_max_data (1048576)"
+    )
+    settings = load(path, env={}, overrides={"http3.max_stream_window": 8388608})
+    assert settings.http3.max_stream_window == settings.http3.initial_max_stream_data
+
+
+def test_http3_limits_can_be_turned_off() -> None:
+    settings = load(
+        None,
+        env={},
+        overrides={
+            "http3.body_timeout": 0,
+            "http3.send_timeout": 0,
+            "http3.max_connections": 0,
+            "http3.max_handshakes": 0,
+            "http3.handshake_memory": 0,
+        },
+    )
+    h3 = settings.http3
+    assert (h3.body_timeout, h3.send_timeout, h3.max_connections) == (0, 0, 0)
+    assert (h3.max_handshakes, h3.handshake_memory) == (0, 0)
 
 
 def test_range_edges_are_accepted() -> None:
