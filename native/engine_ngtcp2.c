@@ -97,6 +97,7 @@ struct fpy3_qconn {
     uint64_t lost_packets; /* packets with stream data declared lost (metrics) */
     ng_cred *cred;         /* one reference, dropped in conn_delete */
     int tls_known;         /* the fields below are filled (after the handshake) */
+    uint16_t cipher_suite; /* IANA number, kept once the TLS session is gone */
     uint8_t *peer_certs;   /* the client's chain for fpy3_tls_info; owned, freed in conn_delete */
     size_t peer_certs_len;
     char *peer_name;       /* owned, freed in conn_delete */
@@ -398,19 +399,31 @@ static int cb_recv_tx_key(ngtcp2_conn *conn, ngtcp2_encryption_level level, void
     return qc->b.ac ? 0 : app_fail(qc);
 }
 
+static uint16_t iana_suite(gnutls_cipher_algorithm_t c);
+static void peer_certs_read(fpy3_qconn *qc);
+
 static int cb_handshake_completed(ngtcp2_conn *conn, void *ud)
 {
     fpy3_qconn *qc = ud;
     (void)conn;
     hs_leave(qc);
+    /* Tickets go out once the handshake is complete (GNUTLS_NO_AUTO_SEND_TICKET);
+     * without one (no memory) the client just does a full handshake next time. */
+    if (qc->b.e->cfg.session_tickets)
+        (void)gnutls_session_ticket_send(qc->tls, 1, 0);
+    /* What the scope's TLS extension needs, read now: the session goes after this
+     * packet (tls_release). */
+    qc->cipher_suite = iana_suite(gnutls_cipher_get(qc->tls));
+    if (!qc->tls_known)
+        peer_certs_read(qc);
     qc->hs_done = 1;
     return 0;
 }
 
 /* The handshake is over: its TLS session (some 20 KiB) is not needed any more, as QUIC
- * has no TLS messages after it that a server must read (RFC 9001 6: no KeyUpdate; we
- * ask for no client certificate and issue no tickets) and key updates use ngtcp2's
- * own crypto context. Freed after the packet that completed it was processed, never
+ * has no TLS messages after it that a server must read (RFC 9001 6: no KeyUpdate; the
+ * tickets went out and the client's certificates were read as it completed) and key
+ * updates use ngtcp2's own crypto context. Freed after the packet that completed it was processed, never
  * from inside a TLS callback. */
 static void tls_release(fpy3_qconn *qc)
 {
@@ -549,17 +562,6 @@ static int alpn_hook(gnutls_session_t s, unsigned int htype, unsigned when, unsi
         return GNUTLS_E_NO_APPLICATION_PROTOCOL;
     if (sel.size != qc->b.e->alpnlen || memcmp(sel.data, qc->b.e->alpn, sel.size) != 0)
         return GNUTLS_E_NO_APPLICATION_PROTOCOL;
-    return 0;
-}
-
-/* Tickets go out once the handshake is complete (GNUTLS_NO_AUTO_SEND_TICKET). */
-static int cb_handshake_completed(ngtcp2_conn *conn, void *ud)
-{
-    fpy3_qconn *qc = ud;
-    (void)conn;
-    /* Without a ticket (no memory) the client just does a full handshake next time. */
-    if (qc->b.e->cfg.session_tickets)
-        (void)gnutls_session_ticket_send(qc->tls, 1, 0);
     return 0;
 }
 
@@ -1590,12 +1592,17 @@ static void peer_certs_read(fpy3_qconn *qc)
 static int ng_conn_tls(fpy3_qconn *qc, fpy3_tls_info *out)
 {
     memset(out, 0, sizeof(*out));
-    if (!qc->tls)
+    if (qc->tls) { /* early data, before the handshake completed */
+        out->cipher_suite = iana_suite(gnutls_cipher_get(qc->tls));
+        if (!qc->tls_known && qc->state == QC_ACTIVE &&
+            ngtcp2_conn_get_handshake_completed(qc->conn))
+            peer_certs_read(qc);
+    } else if (qc->tls_known) {
+        out->cipher_suite = qc->cipher_suite; /* read as it completed */
+    } else {
         return -1;
+    }
     out->tls_version = 0x0304; /* QUIC is TLS 1.3 only */
-    out->cipher_suite = iana_suite(gnutls_cipher_get(qc->tls));
-    if (!qc->tls_known && qc->state == QC_ACTIVE && ngtcp2_conn_get_handshake_completed(qc->conn))
-        peer_certs_read(qc);
     out->certs = qc->peer_certs;
     out->certs_len = qc->peer_certs_len;
     out->cert_name = qc->peer_name;

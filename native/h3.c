@@ -166,10 +166,6 @@ struct fpy3_h3_server {
     nghttp3_nv *nv; /* scratch for respond() with many fields; owned here */
     size_t nvcap;
     fpy3_h3_stats stats;
-};
-
-const uint32_t fpy3_h3_rtt_bounds_us[10] = {1000,   5000,   10000,  25000,   50000,
-                                            100000, 250000, 500000, 1000000, 2500000};
 
     /* Request bodies: windows and what waits for the app, worker-wide. */
     uint64_t init_window, init_stream_window, max_window, max_stream_window;
@@ -188,6 +184,9 @@ const uint32_t fpy3_h3_rtt_bounds_us[10] = {1000,   5000,   10000,  25000,   500
     uint64_t idle_closed;
     h3conn *evicted;
 };
+
+const uint32_t fpy3_h3_rtt_bounds_us[10] = {1000,   5000,   10000,  25000,   50000,
+                                            100000, 250000, 500000, 1000000, 2500000};
 
 static uint64_t mono_ns(void)
 {
