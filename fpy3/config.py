@@ -161,6 +161,9 @@ class LimitsSettings:
     max_header_count: int = 100  # else 431
     max_body_size: int = 100 * 1024 * 1024  # bytes, else 413; 0 = unlimited
     max_connections: int = 10000  # per worker; over it new connections get 503; 0 = unlimited
+    # TCP connections per worker with no request in progress; past it the longest idle
+    # are closed; 0 = unlimited.
+    max_idle_connections: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -604,6 +607,7 @@ _CHECKS: dict[str, Callable[[typing.Any], None]] = {
     "limits.max_header_count": _between(1, 10000),
     "limits.max_body_size": _at_least(0),
     "limits.max_connections": _at_least(0),
+    "limits.max_idle_connections": _at_least(0),
     "websocket.max_message_size": _at_least(0),
     "websocket.max_connections": _at_least(0),
     "websocket.ping_interval": _at_least(0),

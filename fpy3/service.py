@@ -68,6 +68,11 @@ class Connection(Protocol):
 
     def on_timeout(self) -> None: ...
 
+    @property
+    def idle_since(self) -> float: ...  # loop time since no request is in progress; 0 = busy
+
+    def close_idle(self) -> None: ...
+
     def drain(self, grace: float) -> None: ...
 
     def kill(self) -> None: ...
@@ -125,6 +130,7 @@ class HTTPService:
         self.max_header_count = limits.max_header_count
         self.max_body_size = limits.max_body_size
         self.max_connections = limits.max_connections
+        self.max_idle = limits.max_idle_connections
         self.header_timeout = settings.http1.header_timeout
         self.keepalive_timeout = settings.http1.keepalive_timeout
         self.body_timeout = settings.http1.body_timeout
@@ -458,6 +464,23 @@ class HTTPService:
 
     # -- the clock ------------------------------------------------------------------------
 
+    def _close_idle(self) -> None:
+        """Past limits.max_idle_connections, the connections idle longest are closed: an
+        idle TLS connection costs some 25 KiB, so a flood of them would otherwise hold
+        that much each until its timeout (QUIC has http3.max_idle_connections)."""
+        idle = [c for c in self.connections if c.idle_since]
+        extra = len(idle) - self.max_idle
+        if extra <= 0:
+            return
+        idle.sort(key=lambda c: c.idle_since)
+        for conn in idle[:extra]:
+            conn.close_idle()
+        logger.info(
+            "closed %d idle connection(s): limits.max_idle_connections (%d) reached",
+            extra,
+            self.max_idle,
+        )
+
     def _tick(self) -> None:
         second = int(time.time())
         if second != self.clock.second:
@@ -477,6 +500,8 @@ class HTTPService:
         ]
         for conn in late:
             conn.on_timeout()
+        if self.max_idle and len(self.connections) > self.max_idle:
+            self._close_idle()
         self._ticker = self.loop.call_later(self._tick_interval, self._tick)
 
 

@@ -166,6 +166,9 @@ class H1Connection(asyncio.Protocol):
         self.resp_chunked = False
         self.responding = False  # a request is being answered
         self.head_sent = False  # its response head is on the wire
+        # Loop time since which no request is in progress (0 while one is): the longest
+        # idle go first past limits.max_idle_connections.
+        self.idle_since = 0.0
         self.writable = Waiter(self.loop)  # the transport drained
         self.write_paused = False
         self.ws: websocket.H1WebSocket | None = None  # once a request asked to upgrade
@@ -192,7 +195,8 @@ class H1Connection(asyncio.Protocol):
             transport.close()
             return
         svc.connections.add(self)
-        self.deadline = self.loop.time() + svc.header_timeout
+        self.deadline = self.idle_since = self.loop.time()
+        self.deadline += svc.header_timeout
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is not None:
             self.tls = tls_extension(sslobj)
@@ -290,6 +294,12 @@ class H1Connection(asyncio.Protocol):
         """The response cannot be completed: close after what was written, so the
         client sees it cut short."""
         self.close()
+
+    def close_idle(self) -> None:
+        """Too many idle connections (limits.max_idle_connections): close this one, which
+        has no request in progress (a keep-alive client just opens another)."""
+        if not self.closed and not self.responding:
+            self.close()
 
     def kill(self) -> None:
         """Drop the connection now, discarding what is not sent yet."""
@@ -410,6 +420,7 @@ class H1Connection(asyncio.Protocol):
         self.resp_chunked = False
         self.responding = True
         self.head_sent = False
+        self.idle_since = 0.0
         if (
             upgrade is not None
             and method == b"GET"
@@ -638,7 +649,8 @@ class H1Connection(asyncio.Protocol):
         if not self.keep_alive:
             self.close()
             return
-        self.deadline = self.loop.time() + self.svc.keepalive_timeout
+        self.idle_since = self.loop.time()
+        self.deadline = self.idle_since + self.svc.keepalive_timeout
         self.header_phase = False
         if self.reading_paused:
             self.resume_reading()

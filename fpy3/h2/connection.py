@@ -309,6 +309,18 @@ class H2Connection(asyncio.Protocol):
 
     # -- timeouts, drain and close ------------------------------------------------------
 
+    @property
+    def idle_since(self) -> float:
+        """Loop time since which no stream is open; 0 while one is."""
+        return 0.0 if self.streams else self.idle_at
+
+    def close_idle(self) -> None:
+        """Too many idle connections (limits.max_idle_connections): GOAWAY and close."""
+        if not self.closed and not self.streams:
+            lib.fpy3_h2_terminate(self.c, NO_ERROR)
+            self._flush()
+            self._close()
+
     def on_timeout(self) -> None:
         """Called by the service clock when ``deadline`` has passed."""
         if self.closed:

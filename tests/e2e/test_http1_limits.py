@@ -243,3 +243,42 @@ def test_idle_connections_dont_leak_slots(start_server):
             c.send(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert c.read_response().status == 200
             c.read_until_close()
+
+
+def test_past_max_idle_connections_the_longest_idle_close(start_server):
+    # A flood of idle connections (no request, or between requests) is cut back to the
+    # limit, oldest first; a connection with a request in progress is left alone.
+    srv = start_server(
+        config={
+            "limits": {"max_idle_connections": 4},
+            "http1": {"header_timeout": 60, "keepalive_timeout": 60},
+        },
+        http=True,
+    )
+    busy = srv.connect(tls=False)
+    busy.send(b"GET /wait-flag?flag=busy HTTP/1.1\r\nHost: x\r\n\r\n")
+    srv.wait_record("busy-started", "started")
+    idle = []
+    for i in range(12):
+        idle.append(srv.connect(tls=i % 2 == 0))
+        if i == 0:
+            # An idle keep-alive connection: it served one request first.
+            idle[0].send(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert idle[0].read_response().status == 200
+    try:
+
+        def open_ones() -> list[int]:
+            return [i for i, c in enumerate(idle) if not c.readable_within(0.01)]
+
+        wait_until(lambda: len(open_ones()) == 4, message=lambda: f"open: {open_ones()}")
+        assert open_ones() == [8, 9, 10, 11]  # the newest stay
+        for i in range(8):
+            assert idle[i].read_until_close() == b""
+        srv.flag("busy")
+        assert busy.read_response().body == b"finished"
+        srv.assert_serving()
+        srv.wait_stderr("limits.max_idle_connections (4) reached")
+    finally:
+        busy.close()
+        for conn in idle:
+            conn.close()
