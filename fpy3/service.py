@@ -131,6 +131,11 @@ class HTTPService:
         self.max_body_size = limits.max_body_size
         self.max_connections = limits.max_connections
         self.max_idle = limits.max_idle_connections
+        # Past max_idle, every idle_batch-th new connection closes the longest idle ones
+        # at once (a flood can open thousands between two ticks); counted, logged per tick.
+        self._idle_batch = max(1, self.max_idle // 32)
+        self._admitted_over = 0
+        self._idle_closed = 0
         self.header_timeout = settings.http1.header_timeout
         self.keepalive_timeout = settings.http1.keepalive_timeout
         self.body_timeout = settings.http1.body_timeout
@@ -464,10 +469,19 @@ class HTTPService:
 
     # -- the clock ------------------------------------------------------------------------
 
+    def admit(self, conn: Connection) -> None:
+        """A TCP connection is ready for requests (after its TLS handshake)."""
+        self.connections.add(conn)
+        if self.max_idle and len(self.connections) > self.max_idle:
+            self._admitted_over += 1
+            if self._admitted_over >= self._idle_batch:
+                self._close_idle()
+
     def _close_idle(self) -> None:
         """Past limits.max_idle_connections, the connections idle longest are closed: an
         idle TLS connection costs some 25 KiB, so a flood of them would otherwise hold
         that much each until its timeout (QUIC has http3.max_idle_connections)."""
+        self._admitted_over = 0
         idle = [c for c in self.connections if c.idle_since]
         extra = len(idle) - self.max_idle
         if extra <= 0:
@@ -475,11 +489,7 @@ class HTTPService:
         idle.sort(key=lambda c: c.idle_since)
         for conn in idle[:extra]:
             conn.close_idle()
-        logger.info(
-            "closed %d idle connection(s): limits.max_idle_connections (%d) reached",
-            extra,
-            self.max_idle,
-        )
+        self._idle_closed += extra
 
     def _tick(self) -> None:
         second = int(time.time())
@@ -502,6 +512,13 @@ class HTTPService:
             conn.on_timeout()
         if self.max_idle and len(self.connections) > self.max_idle:
             self._close_idle()
+        if self._idle_closed:
+            logger.info(
+                "closed %d idle connection(s): limits.max_idle_connections (%d) reached",
+                self._idle_closed,
+                self.max_idle,
+            )
+            self._idle_closed = 0
         self._ticker = self.loop.call_later(self._tick_interval, self._tick)
 
 

@@ -194,9 +194,9 @@ class H1Connection(asyncio.Protocol):
             transport.write(self.listener.error_response(503, "too many connections"))
             transport.close()
             return
-        svc.connections.add(self)
         self.deadline = self.idle_since = self.loop.time()
         self.deadline += svc.header_timeout
+        svc.admit(self)
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is not None:
             self.tls = tls_extension(sslobj)

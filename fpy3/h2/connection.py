@@ -160,10 +160,10 @@ class H2Connection(asyncio.Protocol):
             self._flush()
             self._close()
             return
-        svc.connections.add(self)
         now = self.loop.time()
         self.idle_at = now
         self.deadline = now + 1.0
+        svc.admit(self)
         if svc.draining:
             # Accepted as the drain began (its handshake was under way): the client
             # may have requests on the wire, so the final GOAWAY waits the grace too.
