@@ -10,8 +10,10 @@ throughout (one on a new TLS connection and one on a kept-alive connection, each
 ``--rate`` times a second) and counts those answered 200 with the right body.
 
 Printed per wave: the worker's RSS at its baseline (before the first wave), the peak
-during the wave, RSS ``--settle`` seconds after the wave's last connection closed, and
-the normal clients' success rate during the wave and the settle. The goal (issue 11):
+during the wave, the most connections the worker held at once (open descriptors over its
+baseline; past ``limits.max_idle_connections`` it closes the longest idle) and the peak
+rise per held connection, RSS ``--settle`` seconds after the wave's last connection
+closed, and the normal clients' success rate during the wave and the settle. The goal:
 the peak at most 64 MiB over the baseline and RSS back within 10 MiB of it after the
 settle, with every normal request served.
 
@@ -286,6 +288,10 @@ class RSSSampler:
         self.interval = interval
         self.peak = 0
         self.last = self.proc.memory_info().rss
+        # Open descriptors above the start: the most connections the worker held at once
+        # (past limits.max_idle_connections it closes the longest idle).
+        self.fds_base = self.proc.num_fds()
+        self.fds_peak = 0
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -294,12 +300,15 @@ class RSSSampler:
         while not self.stop.wait(self.interval):
             try:
                 self.last = self.proc.memory_info().rss
+                fds = self.proc.num_fds() - self.fds_base
             except Exception:
                 return
             self.peak = max(self.peak, self.last)
+            self.fds_peak = max(self.fds_peak, fds)
 
     def reset_peak(self) -> None:
         self.peak = self.last
+        self.fds_peak = 0
 
     def close(self) -> None:
         self.stop.set()
@@ -327,6 +336,7 @@ def run_wave(args, sampler: RSSSampler, clients: NormalClients) -> dict:
         flooder.wait(timeout=args.hold + 60)
     flood_secs = time.monotonic() - started
     peak = sampler.peak
+    held = sampler.fds_peak
     clients.tally = after = Tally()
     settle_end = time.monotonic() + args.settle
     while time.monotonic() < settle_end:
@@ -338,6 +348,7 @@ def run_wave(args, sampler: RSSSampler, clients: NormalClients) -> dict:
         "by_server": events.get("closed", {}).get("by_server", 0),
         "flood_secs": flood_secs,
         "peak": peak,
+        "held": held,
         "settled": sampler.last,
         "during": during,
         "after": after,
@@ -422,7 +433,7 @@ def report(args, worker: subprocess.Popen, env_extra: dict[str, str]) -> None:
         print(f"baseline RSS {baseline / MIB:.1f} MiB")
         header = (
             f"{'wave':>4} {'opened':>7} {'failed':>6} {'open s':>6} {'peak MiB':>9} "
-            f"{'+MiB':>6} {'KiB/conn':>8} {'after MiB':>9} {'+MiB':>6}  normal during / after"
+            f"{'+MiB':>6} {'held':>5} {'KiB/held':>8} {'after MiB':>9} {'+MiB':>6}  normal during / after"
         )
         print(header)
         worst_peak = worst_after = 0.0
@@ -439,7 +450,7 @@ def report(args, worker: subprocess.Popen, env_extra: dict[str, str]) -> None:
                     total.errors[k] = total.errors.get(k, 0) + v
             print(
                 f"{n:>4} {w['opened']:>7} {w['failed']:>6} {w['open_secs']:>6.1f} "
-                f"{w['peak'] / MIB:>9.1f} {up:>+6.1f} {up * 1024 / max(1, w['opened']):>8.1f} "
+                f"{w['peak'] / MIB:>9.1f} {up:>+6.1f} {w['held']:>5} {up * 1024 / max(1, w['held']):>8.1f} "
                 f"{w['settled'] / MIB:>9.1f} {left:>+6.1f}  "
                 f"{w['during'].rate()} / {w['after'].rate()}",
                 flush=True,
