@@ -429,7 +429,7 @@ class H1Connection(asyncio.Protocol):
         ):
             websocket.start(self, head)
             return
-        if raw_path.startswith(HTTP01_PREFIX) and self.scheme == "http" and svc.acme_http01:
+        if svc.acme_http01 and self.scheme == "http" and raw_path.startswith(HTTP01_PREFIX):
             if self._acme_http01(method, raw_path):
                 return
         if flags & CHUNKED:
