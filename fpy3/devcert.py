@@ -10,10 +10,11 @@ import contextlib
 import fcntl
 import logging
 import os
-import tempfile
 import time
 
 from fpy3._native import ffi, lib
+
+from .certs import write_atomic
 
 CERT_NAME = "dev-cert.pem"
 KEY_NAME = "dev-key.pem"
@@ -101,22 +102,6 @@ def _usable(cert_path: str, key_path: str, now: float) -> bool:
     return not_before <= now and not_after - now > RENEW_BEFORE_SECONDS
 
 
-def _write_atomic(path: str, data: bytes, mode: int) -> None:
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".")
-    try:
-        with open(fd, "wb") as f:
-            os.fchmod(fd, mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def ensure_dev_cert(state_dir: str) -> tuple[str, str]:
     """(cert_path, key_path) of a usable development pair in state_dir, made if needed.
 
@@ -137,8 +122,8 @@ def ensure_dev_cert(state_dir: str) -> tuple[str, str]:
             return cert_path, key_path
         cert, key = generate_pem(int(now) - BACKDATE_SECONDS, int(now) + VALID_DAYS * 86400)
         # Key first: a crash in between leaves a mismatched pair, which check_pem rejects.
-        _write_atomic(key_path, key, 0o600)
-        _write_atomic(cert_path, cert, 0o644)
+        write_atomic(key_path, key, 0o600)
+        write_atomic(cert_path, cert, 0o644)
         with contextlib.suppress(OSError):
             dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
             try:

@@ -11,10 +11,17 @@ the access log and the counters of any other request.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .http import HTTPCycle
+
+class Request(Protocol):
+    """What a health check needs of a request: its scope and a way to answer it
+    (``fpy3.core.http.HTTPCycle``)."""
+
+    scope: dict
+
+    def reply(self, status: int, headers: list, body: bytes) -> None: ...
+
 
 _READY, _LIVE = 1, 2
 _HEADERS = [
@@ -35,7 +42,7 @@ class Health:
             self.paths[live_path.encode("ascii")] = _LIVE
         self.ready = True  # False once the worker stops taking new work
 
-    def answer(self, cycle: HTTPCycle) -> bool:
+    def answer(self, cycle: Request) -> bool:
         """Answer the request if it is a health check (True), else leave it to the app."""
         kind = self.paths.get(cycle.scope["raw_path"])
         if kind is None:

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ClientDisconnected, ProtocolError
 from .flow import RECV_HIGH_WATER, Waiter
@@ -446,3 +446,135 @@ class WebSocketCycle:
         self.state = DONE
         self._end(1006, "")
         self._denial().fail(exc)
+
+
+_TOO_MANY = b"too many websockets (websocket.max_connections)\n"
+
+
+class StreamWebSocket:
+    """The websocket adapter on one stream of a multiplexed connection (HTTP/2 and
+    HTTP/3 extended CONNECT, RFC 8441 and RFC 9220): what both protocols share. A
+    protocol's class puts its own stream first in its bases (``give_credit``,
+    ``wake_writer``), holds the slots below, routes its stream events to ``on_data``,
+    ``on_end``, ``on_writable`` and ``on_gone``, and supplies ``accept``,
+    ``send_frames``, ``send_end`` and ``cancel``."""
+
+    if not TYPE_CHECKING:  # no slots of its own (the bases' layouts must not clash)
+        __slots__ = ()
+
+    method = "CONNECT"
+
+    # Slots of the protocol's class.
+    svc: Any  # the worker's service: websocket settings and the open count
+    cycle: WebSocketCycle | None
+    http_stream: Any  # a denial goes out as an ordinary response on the same stream
+    paused: bool  # reading paused: credit is held back, the client's window closes
+    counted: bool  # in svc.websockets
+    credit: int
+    closed: bool
+
+    def accept(self, headers: list, flags: int) -> None:
+        raise NotImplementedError
+
+    def give_credit(self) -> None:
+        raise NotImplementedError
+
+    def wake_writer(self) -> None:
+        raise NotImplementedError
+
+    def send_frames(self, data: bytes) -> Awaitable[None] | None:
+        raise NotImplementedError
+
+    def send_end(self) -> None:
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        """Reset the stream (the websocket failed)."""
+        raise NotImplementedError
+
+    def start(self, scope: dict, open_protocol: ProtocolFactory) -> asyncio.Task | None:
+        """Run the app's websocket cycle on this stream, or answer 503 past
+        ``websocket.max_connections``."""
+        svc = self.svc
+        limit = svc.ws.max_connections
+        if limit and svc.websockets >= limit:
+            self.http_stream.write_head(
+                503, [(b"content-length", b"%d" % len(_TOO_MANY))], 0, _TOO_MANY, True
+            )
+            return None
+        svc.websockets += 1
+        self.counted = True
+        cycle = self.cycle = WebSocketCycle(scope, self, svc, svc.ws, open_protocol)
+        return svc.spawn(cycle.run())
+
+    # -- stream events ------------------------------------------------------------------
+
+    def on_data(self, data, n: int) -> None:
+        """``n`` bytes of frames from the client (a view valid until this returns)."""
+        self.credit += n
+        cycle = self.cycle
+        if cycle is not None:
+            cycle.feed_data(data)
+            if cycle.proto is None:
+                return  # not accepted yet: the stream window bounds what waits
+        if not self.paused:
+            self.give_credit()
+
+    def on_end(self) -> None:
+        """The client ended its side: no more frames can come."""
+        self._lost()
+
+    def on_writable(self) -> None:
+        self.wake_writer()
+        self.http_stream.wake_writer()
+
+    def on_gone(self, closed: bool) -> None:
+        """The stream was reset, or (``closed``) is gone in C."""
+        if closed:
+            self.closed = True
+            self.http_stream.closed = True
+        self._lost()
+        self.wake_writer()
+        self.http_stream.wake_writer()
+
+    def _lost(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.svc.websockets -= 1
+        if self.cycle is not None:
+            self.cycle.feed_disconnect()
+
+    # -- what the cycle calls -----------------------------------------------------------
+
+    def http(self) -> HTTPAdapter:
+        return self.http_stream
+
+    def write(self, frames: list[bytes]) -> Awaitable[None] | None:
+        if self.closed:
+            return None
+        return self.send_frames(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+        self.give_credit()
+
+    def finish(self) -> None:
+        if not self.closed:
+            self.send_end()
+
+    def abort(self) -> None:
+        self.cancel()
+        self._lost()
+
+    def cycle_done(self, cycle: WebSocketCycle) -> None:
+        pass
+
+
+def close_stream_websockets(streams) -> None:
+    """The server goes away: close every websocket among ``streams`` with 1001."""
+    for stream in list(streams):
+        if isinstance(stream, StreamWebSocket) and stream.cycle is not None:
+            stream.cycle.server_close(1001)

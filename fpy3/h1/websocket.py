@@ -8,16 +8,14 @@ to the websocket cycle and its frames go straight to the transport.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
+from ..core.http import HTTPAdapter
 from ..core.scope import build_scope
 from ..core.websocket import WebSocketCycle
 from ..wsproto import open_protocol
 from ..wsproto.handshake import accept_key, valid_key
 from .parser import CHUNKED, RequestHead
-
-if TYPE_CHECKING:
-    from .connection import H1Connection
 
 _SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\n"
 _UPGRADE = b"upgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: "
@@ -30,7 +28,38 @@ def _header(headers, name: bytes):
     return None
 
 
-def start(conn: H1Connection, head: RequestHead) -> None:
+class Connection(HTTPAdapter, Protocol):
+    """What the upgrade needs of the HTTP/1.1 connection (``fpy3.h1.connection``): a
+    denial goes out through it as an HTTP adapter."""
+
+    svc: Any  # the worker's service
+    listener: Any  # its listener: prefix()
+    transport: Any
+    scheme: str
+    client: list | None
+    server: list | None
+    tls: dict | None
+    ws: H1WebSocket | None
+    keep_alive: bool
+    head_sent: bool
+    closed: bool
+
+    def reject(self, status: int, reason: str, extra: bytes = b"") -> None: ...
+
+    def take_buffer(self) -> bytes: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def write_waiter(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+def start(conn: Connection, head: RequestHead) -> None:
     """Check the handshake and start the app's websocket cycle on ``conn``."""
     svc = conn.svc
     headers = head.headers
@@ -79,7 +108,7 @@ class H1WebSocket:
 
     method = "GET"
 
-    def __init__(self, conn: H1Connection, key: bytes):
+    def __init__(self, conn: Connection, key: bytes):
         self.conn = conn
         self.key = key
         self.cycle: WebSocketCycle | None = None
@@ -106,7 +135,7 @@ class H1WebSocket:
         if self.cycle is not None:
             self.cycle.feed_data(data)
 
-    def http(self) -> H1Connection:
+    def http(self) -> HTTPAdapter:
         return self.conn
 
     def write(self, frames: list[bytes]):

@@ -7,14 +7,26 @@ until they are framed into the connection's output.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+from typing import Any, Protocol
 
 from ..core.flow import SEND_HIGH_WATER, Waiter
 from ..core.http import HTTPCycle
 from .native import CLOSED, DATA, END, FIN, FORGET, INTERNAL_ERROR, RESET, WRITABLE, ffi, lib
 
-if TYPE_CHECKING:
-    from .connection import H2Connection
+
+class Owner(Protocol):
+    """What a stream needs of the HTTP/2 connection that owns it (``fpy3.h2.connection``)."""
+
+    c: Any  # the native session
+    loop: asyncio.AbstractEventLoop
+    listener: Any  # its listener: header_block()
+    svc: Any  # the worker's service
+    streams: dict[int, Stream]
+
+    def schedule_flush(self) -> None: ...
+
+    def forget(self, stream: Stream) -> None: ...
 
 
 class Stream:
@@ -22,7 +34,7 @@ class Stream:
 
     __slots__ = ("conn", "sid", "closed", "credit", "writable")
 
-    def __init__(self, conn: H2Connection, sid: int):
+    def __init__(self, conn: Owner, sid: int):
         self.conn = conn
         self.sid = sid
         self.closed = False  # CLOSED seen (or the connection is gone)
@@ -76,7 +88,7 @@ class HTTPStream(Stream):
 
     __slots__ = ("cycle", "finished", "ended")
 
-    def __init__(self, conn: H2Connection, sid: int, ended: bool = False):
+    def __init__(self, conn: Owner, sid: int, ended: bool = False):
         # Stream.__init__, inline: one of these per request.
         self.conn = conn
         self.sid = sid

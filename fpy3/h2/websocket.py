@@ -11,84 +11,42 @@ the HTTP core.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
-from ..core.websocket import WebSocketCycle
+from ..core.websocket import StreamWebSocket, WebSocketCycle, close_stream_websockets
 from ..wsproto import open_protocol
 from .native import CANCEL, CLOSED, DATA, END, FIN, WRITABLE, ffi, lib
-from .stream import HTTPStream, Stream
-
-if TYPE_CHECKING:
-    from .connection import H2Connection
-
-_TOO_MANY = b"too many websockets (websocket.max_connections)\n"
+from .stream import HTTPStream, Owner, Stream
 
 
-def start(conn: H2Connection, sid: int, scope: dict) -> asyncio.Task | None:
+def start(conn: Owner, sid: int, scope: dict) -> asyncio.Task | None:
     """Turn an extended CONNECT into a websocket cycle on its stream."""
-    svc = conn.svc
     ws = WebSocketStream(conn, sid)
     conn.streams[sid] = ws
-    limit = svc.ws.max_connections
-    if limit and svc.websockets >= limit:
-        ws.http_stream.write_head(
-            503, [(b"content-length", b"%d" % len(_TOO_MANY))], 0, _TOO_MANY, True
-        )
-        return None
-    svc.websockets += 1
-    ws.counted = True
-    cycle = ws.cycle = WebSocketCycle(scope, ws, svc, svc.ws, open_protocol)
-    return svc.spawn(cycle.run())
+    return ws.start(scope, open_protocol)
 
 
-class WebSocketStream(Stream):
+class WebSocketStream(Stream, StreamWebSocket):
     """The websocket cycle's view of one HTTP/2 stream."""
 
-    __slots__ = ("cycle", "http_stream", "paused", "counted")
+    __slots__ = ("svc", "cycle", "http_stream", "paused", "counted")
 
-    method = "CONNECT"
-
-    def __init__(self, conn: H2Connection, sid: int):
+    def __init__(self, conn: Owner, sid: int):
         super().__init__(conn, sid)
+        self.svc = conn.svc
         self.cycle: WebSocketCycle | None = None
-        # A denial goes out as an ordinary HTTP/2 response on the same stream.
         self.http_stream = HTTPStream(conn, sid)
         self.paused = False
         self.counted = False
 
     def handle(self, kind: int, ev) -> None:
         if kind == DATA:
-            n = ev.len
-            self.credit += n
-            cycle = self.cycle
-            if cycle is not None:
-                cycle.feed_data(ffi.buffer(ev.data, n))  # read before this returns
-                if cycle.proto is None:
-                    return  # not accepted yet: the stream window bounds what waits
-            if not self.paused:
-                self.give_credit()
+            self.on_data(ffi.buffer(ev.data, ev.len), ev.len)  # read before this returns
         elif kind == END:
-            # The client ended its side: no more frames can come.
-            self._lost()
+            self.on_end()
         elif kind == WRITABLE:
-            self.wake_writer()
-            self.http_stream.wake_writer()
+            self.on_writable()
         else:  # RESET or CLOSED
-            if kind == CLOSED:
-                self.closed = True
-                self.http_stream.closed = True
-            self._lost()
-            self.wake_writer()
-            self.http_stream.wake_writer()
-
-    def _lost(self) -> None:
-        if self.counted:
-            self.counted = False
-            self.conn.svc.websockets -= 1
-        if self.cycle is not None:
-            self.cycle.feed_disconnect()
-
-    # -- what the cycle calls ---------------------------------------------------------------
+            self.on_gone(kind == CLOSED)
 
     def accept(self, headers: list, flags: int) -> None:
         if self.closed:
@@ -99,36 +57,16 @@ class WebSocketStream(Stream):
         self.give_credit()  # for bytes that came before the accept
         conn.schedule_flush()
 
-    def http(self) -> HTTPStream:
-        return self.http_stream
-
-    def write(self, frames: list[bytes]):
-        if self.closed:
-            return None
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
+    def send_frames(self, data: bytes):
         return self.send(data, 0)
 
-    def pause_reading(self) -> None:
-        self.paused = True  # credit is held back: the client's window closes
+    def send_end(self) -> None:
+        self.send(b"", FIN)
 
-    def resume_reading(self) -> None:
-        self.paused = False
-        self.give_credit()
-
-    def finish(self) -> None:
-        if not self.closed:
-            self.send(b"", FIN)
-
-    def abort(self) -> None:
+    def cancel(self) -> None:
         self.reset(CANCEL)
-        self._lost()
-
-    def cycle_done(self, cycle: WebSocketCycle) -> None:
-        pass
 
 
-def drain(conn: H2Connection) -> None:
+def drain(conn: Owner) -> None:
     """The server goes away: close every websocket with 1001."""
-    for stream in list(conn.streams.values()):
-        if isinstance(stream, WebSocketStream) and stream.cycle is not None:
-            stream.cycle.server_close(1001)
+    close_stream_websockets(conn.streams.values())

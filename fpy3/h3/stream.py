@@ -7,14 +7,25 @@ into C buffers that live until the peer acknowledges them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+from typing import Any, Protocol
 
 from ..core.flow import SEND_HIGH_WATER, Waiter
 from ..core.http import HTTPCycle
 from .native import CLOSED, DATA, END, H3_INTERNAL_ERROR, RESET, WRITABLE, ffi, lib
 
-if TYPE_CHECKING:
-    from .server import H3Server
+
+class Owner(Protocol):
+    """What a stream needs of the HTTP/3 server that owns it (``fpy3.h3.server``)."""
+
+    srv: Any  # the native server; None once freed
+    loop: asyncio.AbstractEventLoop
+    svc: Any  # the worker's service
+    streams: dict[tuple[int, int], Stream]
+
+    def header_block(self, headers, flags: int) -> bytes: ...
+
+    def schedule_flush(self) -> None: ...
 
 
 class Stream:
@@ -22,7 +33,7 @@ class Stream:
 
     __slots__ = ("server", "conn", "stream", "closed", "credit", "writable")
 
-    def __init__(self, server: H3Server, conn: int, stream: int):
+    def __init__(self, server: Owner, conn: int, stream: int):
         self.server = server
         self.conn = conn
         self.stream = stream
@@ -72,7 +83,7 @@ class HTTPStream(Stream):
 
     __slots__ = ("cycle", "finished")
 
-    def __init__(self, server: H3Server, conn: int, stream: int):
+    def __init__(self, server: Owner, conn: int, stream: int):
         # Stream.__init__, inline: one of these per request.
         self.server = server
         self.conn = conn

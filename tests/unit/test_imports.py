@@ -4,7 +4,8 @@ Every module of ``fpy3`` is read with ``ast`` (nothing is imported) and each imp
 another fpy3 module becomes an edge, including imports inside functions: a lazy import
 still ties the two modules together, it only moves the failure to run time. Importing
 ``a.b.c`` also runs the ``__init__`` of ``a.b`` unless the importer is inside it.
-Imports under ``if TYPE_CHECKING:`` never run and are left out.
+Imports under ``if TYPE_CHECKING:`` count too: a type named across rooms is a tie
+between them as well (a lower room states what it needs as a Protocol).
 """
 
 from __future__ import annotations
@@ -59,20 +60,11 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def _imports(tree: ast.AST):
-    """Import nodes that run, anywhere in the tree (not under ``if TYPE_CHECKING``)."""
+    """Import nodes anywhere in the tree."""
     stack = [tree]
     while stack:
         node = stack.pop()
-        if isinstance(node, ast.If) and _is_type_checking(node.test):
-            stack.extend(node.orelse)
-            continue
         if isinstance(node, ast.Import | ast.ImportFrom):
             yield node
         stack.extend(ast.iter_child_nodes(node))
